@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing; a second run reinstalls nothing unless pyproject.toml changed.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+
+.PHONY: demo test venv slurm-profile bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing into $(VENV) (torch==2.13.0 CPU wheel first, so nothing pulls a CUDA build)"
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,workflow]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ctpo.demo --jobs $(JOBS)
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+# Installs the `slurm` global profile where Snakemake looks for it (~/.config/snakemake/slurm).
+slurm-profile:
+	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<part>"; exit 2; }
+	$(PYTHON) workflow/scripts/install_slurm_profile.py --account "$(ACCOUNT)" --partition "$(PARTITION)" --repo "$(CURDIR)"
+
+clean-demo:
+	rm -rf results/toy figures/toy runs/toy logs/toy .snakemake

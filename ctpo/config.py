@@ -1,0 +1,278 @@
+"""Typed run configuration. Every key and its default exist here once; YAML in `configs/` overrides.
+
+An experiment file (`configs/experiments/<name>.yaml`, also the Snakemake config) names runs as
+(model, method) pairs. `resolve_run(experiment, run, seed)` merges, in order,
+
+    RunConfig defaults  <-  experiment.defaults  <-  configs/models/<model>.yaml
+                        <-  configs/methods/<method>.yaml  <-  experiment.runs.<run>.overrides
+
+onto `OmegaConf.structured(RunConfig)`, so an unknown or mistyped key fails loudly, naming the file.
+The result is a plain, canonically serialised dict (`canonical_json`) that Snakemake can pass as a
+param and `ctpo` entry points read back with `load_run_config`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+METHODS = ("grpo", "gspo", "ctpo", "ctpo_fixed", "full_seq")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file / key and what was expected."""
+
+
+@dataclass
+class LossConfig:
+    """The policy loss (paper Sec. 2-3). `method` selects the importance ratio."""
+
+    method: str = MISSING  # one of METHODS
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    # token / sequence ratios (GRPO, GSPO, full_seq): ratio clipped to [1 - low, 1 + high]
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: Optional[float] = None  # PPO dual clip for A < 0 (verl's clip_ratio_c); None = off
+    # CTPO (Sec. 3.3): log rho_cum clipped to [-eps_low * t^power, eps_high * t^power]
+    eps_low: float = 0.025
+    eps_high: float = 0.05
+    power: float = 0.5
+    fixed_bounds: Optional[List[float]] = None  # ctpo_fixed: rho_cum clipped to [lo, hi] (Table 3: [0.5, 5])
+    dual_clip_c: Optional[float] = None  # CTPO log-space dual clip: loss of A<0 tokens <= -A * exp(c * t^power)
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `kind: toy` builds a tiny Qwen3-architecture model locally (no hub)."""
+
+    name: str = MISSING
+    kind: str = "toy"  # toy | hf
+    path: str = ""  # hf: hub id or local dir (e.g. Qwen/Qwen3-4B); toy: unused
+    dtype: str = "float32"  # float32 | bfloat16
+    # toy architecture (transformers Qwen3Config fields)
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 192
+    max_position_embeddings: int = 1024
+    context_length: int = 1024  # prompt + response tokens must fit; checked before a run starts
+
+
+@dataclass
+class RolloutConfig:
+    """Tool-integrated reasoning rollouts (SimpleTIR style, paper Sec. 4.1)."""
+
+    n: int = 8  # responses per prompt (group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 5  # assistant turns
+    max_prompt_tokens: int = 16000
+    max_response_tokens: int = 8000  # whole trajectory, observations included
+    max_obs_tokens: int = 256  # per observation
+    obs_max_chars: int = 512  # SimpleTIR truncation of the tool output
+    sandbox_timeout_s: float = 10.0
+    sandbox_concurrency: int = 8
+    void_turn_masking: bool = False  # SimpleTIR: mask trajectories with a turn holding neither code nor answer
+    enable_thinking: bool = False
+
+
+@dataclass
+class SFTConfig:
+    """Toy warm start: a short SFT on generated tool-use demonstrations (local backend only)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    n_demos: int = 4000
+
+
+@dataclass
+class TrainConfig:
+    """RL schedule. Batch sizes count prompts, as verl's `data.train_batch_size` and `ppo_mini_batch_size`."""
+
+    backend: str = "local"  # local (CPU toy) | verl (GPU)
+    prompts_per_step: int = 512
+    mini_batch_prompts: int = 32  # optimizer steps per rollout batch = prompts_per_step / mini_batch_prompts
+    micro_batch_size_per_gpu: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    total_steps: int = 305
+    save_freq: int = 20
+    test_freq: int = 20
+    dump_steps: List[int] = field(default_factory=lambda: [50, 100, 150])
+    norm_adv_by_std: bool = True  # GRPO: (R - mean) / std; False: mean-centred only
+    rollout_is: Optional[str] = "sequence"  # rollout-vs-trainer IS correction (verl rollout_correction); None = off
+    rollout_is_threshold: float = 5.0
+    n_gpus: int = 8
+    n_nodes: int = 1
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # parquet in verl's schema
+    val: List[str] = field(default_factory=list)  # validation parquet files used during training
+
+
+@dataclass
+class EvalConfig:
+    """avg@k evaluation (paper: k = 32, T = 0.7, top_p = 1.0)."""
+
+    k: int = 32
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_problems: Optional[int] = None  # cap per benchmark (toy / smoke runs); None = all
+    tp_size: int = 1
+
+
+@dataclass
+class WandbConfig:
+    project: str = "ctpo-repro"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online when a key is configured, else offline) | online | offline | disabled
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run (one method, one model, one seed) needs."""
+
+    experiment: str = MISSING
+    run: str = MISSING
+    seed: int = 0
+    label: str = "toy"  # toy | paper: toy-scale results are labelled toy everywhere
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad key '{key}': {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
+
+
+def load_experiment(path: str | Path) -> dict:
+    """The experiment file as a plain dict (also what Snakemake's `configfile` holds)."""
+    return OmegaConf.to_container(_load_yaml(Path(path)), resolve=True)
+
+
+def resolve_run(experiment: dict, run: str, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
+    """Resolve one run's config from an experiment dict; returns a plain dict of RunConfig."""
+    runs = experiment.get("runs") or {}
+    if run not in runs:
+        raise ConfigError(f"experiment '{experiment.get('experiment')}': unknown run '{run}' (have: {sorted(runs)})")
+    spec = runs[run]
+    for key in ("model", "method"):
+        if key not in spec:
+            raise ConfigError(f"experiment runs.{run}: missing key '{key}'")
+    cfg = OmegaConf.structured(RunConfig)
+    cfg = _merge(cfg, experiment.get("defaults") or {}, "experiment.defaults")
+    model_file = config_dir / "models" / f"{spec['model']}.yaml"
+    cfg = _merge(cfg, {"model": _load_yaml(model_file)}, str(model_file))
+    method_file = config_dir / "methods" / f"{spec['method']}.yaml"
+    cfg = _merge(cfg, {"loss": _load_yaml(method_file)}, str(method_file))
+    cfg = _merge(cfg, spec.get("overrides") or {}, f"experiment runs.{run}.overrides")
+    cfg = _merge(
+        cfg,
+        {"experiment": experiment["experiment"], "run": run, "seed": int(seed), "label": experiment.get("label", "toy")},
+        "experiment",
+    )
+    if "wandb" in experiment:
+        cfg = _merge(cfg, {"wandb": experiment["wandb"]}, "experiment.wandb")
+    out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    validate_run_config(out)
+    return out
+
+
+def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
+    """A resolved run config (file or dict) as a typed, read-only RunConfig object."""
+    if isinstance(path_or_dict, dict):
+        data, source = path_or_dict, "run config"
+    else:
+        p = Path(path_or_dict)
+        source = str(p)
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+        else:
+            data = OmegaConf.to_container(_load_yaml(p), resolve=True)
+    cfg = _merge(OmegaConf.structured(RunConfig), data, source)
+    validate_run_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), source)
+    obj = OmegaConf.to_object(cfg)
+    return obj
+
+
+def validate_run_config(cfg: dict, source: str = "run config") -> None:
+    """Checks that span keys; raises ConfigError naming the key."""
+    loss, train, rollout, model = cfg["loss"], cfg["train"], cfg["rollout"], cfg["model"]
+    if loss["method"] not in METHODS:
+        raise ConfigError(f"{source}: loss.method must be one of {METHODS}, got '{loss['method']}'")
+    if loss["method"] == "ctpo_fixed" and not loss.get("fixed_bounds"):
+        raise ConfigError(f"{source}: loss.fixed_bounds [lo, hi] is required for method ctpo_fixed")
+    fb = loss.get("fixed_bounds")
+    if fb is not None and (len(fb) != 2 or not 0 < fb[0] < 1 < fb[1]):
+        raise ConfigError(f"{source}: loss.fixed_bounds must be [lo, hi] with 0 < lo < 1 < hi, got {fb}")
+    if train["prompts_per_step"] % train["mini_batch_prompts"] != 0:
+        raise ConfigError(
+            f"{source}: train.prompts_per_step ({train['prompts_per_step']}) must be divisible by "
+            f"train.mini_batch_prompts ({train['mini_batch_prompts']})"
+        )
+    if train["backend"] not in ("local", "verl"):
+        raise ConfigError(f"{source}: train.backend must be 'local' or 'verl', got '{train['backend']}'")
+    total = rollout["max_prompt_tokens"] + rollout["max_response_tokens"]
+    if total > model["context_length"]:
+        raise ConfigError(
+            f"{source}: rollout.max_prompt_tokens + rollout.max_response_tokens = {total} exceeds "
+            f"model.context_length ({model['context_length']})"
+        )
+
+
+def effective_batch_sizes(cfg: RunConfig) -> dict:
+    """The batch arithmetic a user should see before anything starts (printed by the trainers)."""
+    t, r = cfg.train, cfg.rollout
+    return {
+        "prompts_per_step": t.prompts_per_step,
+        "responses_per_step": t.prompts_per_step * r.n,
+        "mini_batch_prompts": t.mini_batch_prompts,
+        "mini_batch_responses": t.mini_batch_prompts * r.n,
+        "optimizer_steps_per_rollout": t.prompts_per_step // t.mini_batch_prompts,
+    }
+
+
+def canonical_json(cfg: dict) -> str:
+    """Stable serialisation: sorted keys, no whitespace. Snakemake params use this (reruns on change)."""
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(canonical_json(cfg).encode()).hexdigest()[:16]

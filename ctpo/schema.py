@@ -1,0 +1,85 @@
+"""One place for metric names and the results/ layout. Both training backends, evaluation,
+diagnostics and reports use these names, so figures never care which backend ran.
+
+results/ layout (paths relative to the repository root; {exp} is the experiment name):
+
+  results/{exp}/configs/{run}/seed{seed}.json           resolved RunConfig (canonical JSON)        rule run_config
+  results/{exp}/train/{run}/seed{seed}/metrics.jsonl    one row per RL step (TRAIN_KEYS)            rule train
+  results/{exp}/train/{run}/seed{seed}/provenance.json  git commit, dirty, config hash, versions     rule train
+  results/{exp}/train/{run}/seed{seed}/done.json        done marker: final step, saved steps, ids   rule train
+  results/{exp}/eval/{run}/seed{seed}/step{step}/{bench}.parquet    per-sample records (EVAL_COLUMNS)  rule eval
+  results/{exp}/eval/{run}/seed{seed}/step{step}/{bench}.json       summary + provenance (EVAL_META)   rule eval
+  results/{exp}/diagnostics/{run}/seed{seed}/step{step}.parquet     per-position bins (DIAG_COLUMNS)    rule diagnostics
+  results/{exp}/diagnostics/{run}/seed{seed}/step{step}.json        sigma_hat, R^2, totals              rule diagnostics
+  results/{exp}/table1.json                             Monte-Carlo bias/variance study             rule table1
+  results/{exp}/tables/table{1,2,3}.{md,tex}            tables                                      rule tables
+  figures/{exp}/figure{1,2}.{pdf,png}                   figures                                     rule figures
+
+Outside results/ (never Snakemake outputs, never committed):
+
+  runs/{exp}/{run}/seed{seed}/checkpoints/step{step}/   checkpoints (local: ours; verl: global_step_N)
+  runs/{exp}/{run}/seed{seed}/rollouts/step{step}.npz   rollout dumps for diagnostics (ROLLOUT_ARRAYS)
+  runs/{exp}/{run}/seed{seed}/wandb_run_id              W&B run id, reused on resume
+"""
+from __future__ import annotations
+
+# ---------------------------------------------------------------- per-step training metrics (metrics.jsonl)
+STEP = "step"
+REWARD_MEAN = "train/reward_mean"
+ACCURACY = "train/accuracy"  # fraction of responses with reward 1
+CLIP_FRAC = "ctpo/clip_frac"  # fraction of model tokens whose ratio is outside its bounds (see losses.py)
+CLIP_FRAC_LOW = "ctpo/clip_frac_low"  # ... below the lower bound with A < 0
+CLIP_FRAC_HIGH = "ctpo/clip_frac_high"  # ... above the upper bound with A > 0
+RESPONSE_LENGTH = "train/response_length_mean"  # tokens per response, observations included
+MODEL_TOKENS = "train/model_tokens_mean"  # model-generated tokens per response
+TURNS = "train/turns_mean"
+TOOL_CALLS = "train/tool_calls_mean"
+ENTROPY = "actor/entropy"
+GRAD_NORM = "actor/grad_norm"
+PG_LOSS = "actor/pg_loss"
+LOG_RATIO_MEAN = "ctpo/log_ratio_mean"  # per-token log r_t over model tokens
+LOG_RATIO_ABS_MAX = "ctpo/log_ratio_abs_max"
+LOG_RHO_CUM_MEAN = "ctpo/log_rho_cum_mean"
+LOG_RHO_CUM_STD = "ctpo/log_rho_cum_std"
+STEP_TIME_S = "time/step_s"
+VAL_PREFIX = "val/"  # val/{benchmark}/avg_at_k when a validation ran at this step
+
+TRAIN_KEYS = (
+    STEP, REWARD_MEAN, ACCURACY, CLIP_FRAC, CLIP_FRAC_LOW, CLIP_FRAC_HIGH, RESPONSE_LENGTH, MODEL_TOKENS,
+    TURNS, TOOL_CALLS, ENTROPY, GRAD_NORM, PG_LOSS, LOG_RATIO_MEAN, LOG_RATIO_ABS_MAX,
+    LOG_RHO_CUM_MEAN, LOG_RHO_CUM_STD, STEP_TIME_S,
+)
+
+# ---------------------------------------------------------------- rollout dumps (runs/.../rollouts/step{N}.npz)
+# old_log_prob, log_prob: float32 (N, T), log-probs of each response token under the behaviour policy and
+#   under the policy the loss saw at that response's mini-batch update; response_mask: int8 (N, T),
+#   1 = model token, 0 = observation / padding; advantages: float32 (N,).
+ROLLOUT_ARRAYS = ("old_log_prob", "log_prob", "response_mask", "advantages")
+
+# ---------------------------------------------------------------- evaluation records
+EVAL_COLUMNS = {
+    "problem_id": "str",
+    "sample_index": "int64",
+    "ground_truth": "str",
+    "extracted_answer": "str",  # "" when extraction failed
+    "extraction_failed": "bool",
+    "correct": "bool",
+    "turns": "int64",
+    "tool_calls": "int64",
+    "response_length": "int64",  # tokens, observations included
+}
+# The sidecar JSON holds: experiment, run, seed, step, benchmark, label, k, n_problems, avg_at_k,
+# pass_at_k {k: value}, ci95 [lo, hi], extraction_failure_rate, and provenance: checkpoint, backend,
+# backend_version, torch_version, tp_size, dtype, sampling {temperature, top_p, max_tokens, max_turns},
+# prompt_template_hash, benchmark_sha256, git_commit.
+
+# ---------------------------------------------------------------- diagnostics (per position bin)
+DIAG_COLUMNS = (
+    "t_lo",  # first position in the bin (1-based model-token index)
+    "t_hi",  # last position in the bin
+    "t_mid",
+    "n_tokens",  # model tokens that fell in the bin
+    "std_log_rho_cum",  # empirical std of log rho_cum over sequences alive at t (pooled in the bin)
+    "clip_rate_fixed",  # fraction with rho_cum outside [0.5, 5]
+    "clip_rate_adaptive",  # fraction with log rho_cum outside [-eps_low t^p, eps_high t^p]
+)

@@ -1,0 +1,97 @@
+"""Tokenizers behind one small interface: `encode(str) -> list[int]`, `decode(ids) -> str`,
+`eos_token_id`, `pad_token_id`, `vocab_size`, `save(dir)`.
+
+- `CharTokenizer`: the toy model's tokenizer, built locally (no hub): one id per printable ASCII
+  character plus Qwen3's chat special tokens, each a single id, so the Qwen3 chat format renders
+  identically for the toy model and for Qwen3.
+- `HFTokenizer`: wraps a transformers tokenizer (Qwen3 on GPU) with the same interface.
+
+The chat format itself (system prompt, template strings) lives in `configs/tir/`, rendered by
+`ctpo.agent.template`; tokenizers only map text to ids.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Qwen3's chat special tokens (same strings as the Qwen3 tokenizer's added tokens).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+PAD = "<|endoftext|>"
+EOS = "<|im_end|>"
+_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+TOKENIZER_FILE = "ctpo_char_tokenizer.json"
+
+
+class CharTokenizer:
+    """Character-level tokenizer: specials first, then '\\n' and printable ASCII. Unknown chars map to '?'."""
+
+    def __init__(self) -> None:
+        self.vocab = list(SPECIAL_TOKENS) + list(_CHARS)
+        self._id = {tok: i for i, tok in enumerate(self.vocab)}
+        self.pad_token_id = self._id[PAD]
+        self.eos_token_id = self._id[EOS]
+        self.vocab_size = len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        i, n = 0, len(text)
+        while i < n:
+            if text[i] == "<":
+                for sp in SPECIAL_TOKENS:
+                    if text.startswith(sp, i):
+                        ids.append(self._id[sp])
+                        i += len(sp)
+                        break
+                else:
+                    ids.append(self._id["<"])
+                    i += 1
+                continue
+            ids.append(self._id.get(text[i], self._id["?"]))
+            i += 1
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids if 0 <= i < self.vocab_size)
+
+    def save(self, directory: str | Path) -> None:
+        from ctpo.io import write_json
+
+        write_json(Path(directory) / TOKENIZER_FILE, {"kind": "char", "vocab": self.vocab})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CharTokenizer":
+        path = Path(directory) / TOKENIZER_FILE
+        data = json.loads(path.read_text())
+        tok = cls()
+        if data.get("vocab") != tok.vocab:
+            raise ValueError(f"{path}: vocabulary differs from this version's CharTokenizer")
+        return tok
+
+
+class HFTokenizer:
+    """A transformers tokenizer (e.g. Qwen3) behind the same interface. Imported lazily."""
+
+    def __init__(self, name_or_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        self.eos_token_id = self._tok.convert_tokens_to_ids(EOS)
+        self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> None:
+        self._tok.save_pretrained(str(directory))
+
+
+def load_tokenizer(directory_or_name: str | Path):
+    """CharTokenizer if the directory holds ours, else a transformers tokenizer."""
+    p = Path(directory_or_name)
+    if (p / TOKENIZER_FILE).is_file():
+        return CharTokenizer.load(p)
+    return HFTokenizer(str(directory_or_name))
