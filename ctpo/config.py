@@ -83,6 +83,7 @@ class RolloutConfig:
     sandbox_concurrency: int = 8
     void_turn_masking: bool = False  # SimpleTIR: mask trajectories with a turn holding neither code nor answer
     enable_thinking: bool = False
+    template: str = "qwen3_tir"  # configs/tir/<template>.yaml: system prompt and chat format
 
 
 @dataclass
