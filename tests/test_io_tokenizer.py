@@ -1,0 +1,44 @@
+"""Atomic writes lose nothing; the toy tokenizer round-trips Qwen3's chat format."""
+import pytest
+
+from ctpo import io
+from ctpo.tokenizer import CharTokenizer, load_tokenizer
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    p = tmp_path / "out.txt"
+    io.write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert p.read_text() == "old"
+    assert [f.name for f in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_jsonl_append_and_read(tmp_path):
+    p = tmp_path / "m.jsonl"
+    io.append_jsonl(p, [{"step": 1, "x": 0.5}])
+    io.append_jsonl(p, [{"step": 2, "x": 1.5}])
+    assert io.read_jsonl(p) == [{"step": 1, "x": 0.5}, {"step": 2, "x": 1.5}]
+
+
+def test_sha256_matches_hashlib(tmp_path):
+    import hashlib
+
+    p = tmp_path / "b.bin"
+    data = bytes(range(256)) * 5000
+    p.write_bytes(data)
+    assert io.sha256_file(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_char_tokenizer_round_trip_and_specials_are_single_ids(tmp_path):
+    tok = CharTokenizer()
+    text = "<|im_start|>user\nCompute 12*34.<|im_end|>\n<|im_start|>assistant\n```python\nprint(12*34)\n```"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids[0] == tok.encode("<|im_start|>")[0] and len(tok.encode("<|im_start|>")) == 1
+    assert tok.encode("<|im_end|>") == [tok.eos_token_id]
+    assert tok.encode("a<b") == [tok.encode("a")[0], tok.encode("<")[0], tok.encode("b")[0]]
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).encode(text) == ids
