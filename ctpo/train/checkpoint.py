@@ -1,0 +1,100 @@
+"""Local-backend checkpoints: `<workdir>/checkpoints/step{N}/` holds
+
+    policy/              HF `save_pretrained` + tokenizer (loadable by ctpo.agent.load_policy)
+    trainer_state.pt     optimizer state, RNG states (python, numpy, torch), data cursor, step,
+                         and the run's resume fingerprint
+
+A checkpoint directory is built under a temporary name and renamed into place, so `step{N}/`
+exists only when complete; a SIGKILL mid-save leaves a `.step{N}.*` temp dir that is ignored
+(and cleaned up on the next save). Checkpoints live outside Snakemake outputs (see ctpo.schema).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "trainer_state.pt"
+POLICY_DIR = "policy"
+_STEP_RE = re.compile(r"^step(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the weights that a resumed run needs to continue bit-for-bit."""
+
+    step: int  # RL steps completed
+    consumed_prompts: int  # data cursor: prompts drawn so far (epoch = consumed // n_train)
+    optimizer: dict | None  # torch optimizer state_dict (None at step 0: fresh AdamW)
+    rng: dict  # python / numpy / torch RNG states
+    fingerprint: str  # hash of the config minus the schedule length; resume refuses a mismatch
+
+
+def capture_rng() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(states: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def checkpoint_dir(workdir: str | Path, step: int) -> Path:
+    return Path(workdir) / "checkpoints" / f"step{step}"
+
+
+def list_checkpoints(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints under `<workdir>/checkpoints/`, ascending."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and (d / STATE_FILE).is_file() and (d / POLICY_DIR / "config.json").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def save_checkpoint(workdir: str | Path, model, tokenizer, state: TrainerState) -> Path:
+    """Write step{state.step}/ atomically; returns its path."""
+    import torch
+
+    final = checkpoint_dir(workdir, state.step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(".step*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        model.save_pretrained(str(tmp / POLICY_DIR), safe_serialization=True)
+        tokenizer.save(tmp / POLICY_DIR)
+        torch.save(state.__dict__, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_trainer_state(workdir: str | Path, step: int) -> TrainerState:
+    import torch
+
+    path = checkpoint_dir(workdir, step) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trainer state missing")
+    # weights_only=False: the file holds RNG tuples and numpy arrays we wrote ourselves
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    return TrainerState(**data)
