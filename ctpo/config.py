@@ -133,6 +133,7 @@ class EvalConfig:
     top_p: float = 1.0
     max_problems: Optional[int] = None  # cap per benchmark (toy / smoke runs); None = all
     tp_size: int = 1
+    chunk_size: int = 256  # (problem, sample) pairs per batched agent-loop call; the resume unit; part of the seeding
 
 
 @dataclass
