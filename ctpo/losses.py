@@ -1,0 +1,396 @@
+"""Importance-ratio policy losses (paper Sec. 2-3): CTPO and the GRPO / GSPO / full-sequence baselines.
+
+All functions are pure and work on per-token tensors of shape (B, T): B responses, T response positions.
+`response_mask` (B, T) is 1 (or True) for model-generated tokens and 0 for padding and tool-observation
+tokens. Inputs may be bf16 / fp16; everything is computed in fp32.
+
+How gradients are built. Each loss is a per-token surrogate whose *value* is the clipped objective and
+whose *gradient* with respect to `log_prob[i, t]` flows through the current token only, exactly as the
+released CTPO code does with `S.detach() + log_prob - log_prob.detach()`. For every method the per-token
+loss is
+
+    loss_t = max(-A_t * w_t, -A_t * clip(w_t))         (PPO / GRPO clipped surrogate, sign flipped)
+    loss_t = min(loss_t, -A_t * cap_t)   if A_t < 0    (dual clip, optional)
+
+with w_t the method's importance weight (token ratio r_t, GSPO's s_i, CTPO's rho_cum_t, the full
+sequence ratio). Its derivative is d loss_t / d log_prob_t = -A_t * w_t when the unclipped branch is the
+one taken and 0 otherwise. We compute the value and that derivative in closed form under `no_grad` and
+attach the derivative with a one-tensor autograd node (`_attach_grad`), which saves memory and time over
+differentiating the whole expression; the tests check it against autograd of the textbook expressions
+and of verl's own losses.
+
+One clip-fraction definition for every method (paper Fig. 2: "the fraction of tokens whose
+method-specific IS ratio exceeds the corresponding clipping threshold"), over model tokens:
+
+    CLIP_FRAC      = #{w_t outside [lo_t, hi_t]}            / #model tokens
+    CLIP_FRAC_LOW  = #{w_t < lo_t and A_t < 0}              / #model tokens   (clip active, no gradient)
+    CLIP_FRAC_HIGH = #{w_t > hi_t and A_t > 0}              / #model tokens   (clip active, no gradient)
+
+so CLIP_FRAC >= LOW + HIGH; the rest are out-of-range tokens where the min() keeps the unclipped term.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ctpo import schema
+from ctpo.config import LossConfig
+
+LOG_RATIO_CLAMP = 20.0  # per-token |log r_t| clamp (verl, released CTPO)
+LOG_WEIGHT_CAP = 10.0  # cumulative / sequence log-weight capped before exp (released CTPO, verl GSPO)
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _AttachGrad(torch.autograd.Function):
+    """Returns `value` (B, T); the backward pass gives d out / d log_prob = grad_coef (elementwise)."""
+
+    @staticmethod
+    def forward(ctx, log_prob: Tensor, value: Tensor, grad_coef: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(grad_coef)
+        ctx.lp_dtype = log_prob.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        (grad_coef,) = ctx.saved_tensors
+        return (grad_out * grad_coef).to(ctx.lp_dtype), None, None
+
+
+def _attach_grad(log_prob: Tensor, value: Tensor, grad_coef: Tensor) -> Tensor:
+    if log_prob.requires_grad and torch.is_grad_enabled():
+        return _AttachGrad.apply(log_prob, value, grad_coef)
+    return value
+
+
+def _check_shapes(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor) -> None:
+    shape = log_prob.shape
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob: expected shape (B, T), got {tuple(shape)}")
+    for name, x in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask)):
+        if x.shape != shape:
+            raise ValueError(f"{name}: expected shape {tuple(shape)} like log_prob, got {tuple(x.shape)}")
+
+
+def _masked_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, clamp: bool = True) -> Tensor:
+    """log r_t = log pi_theta - log pi_old over model tokens, 0 elsewhere; (B, T) fp32, detached."""
+    lr = log_prob.detach().float() - old_log_prob.detach().float()
+    if clamp:
+        lr = lr.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.where(mask, lr, 0.0)
+
+
+def _surrogate(adv: Tensor, w: Tensor, w_clip: Tensor, mask: Tensor, grad_ok: Optional[Tensor],
+               dual_cap: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Clipped surrogate value and its derivative wrt log_prob_t; all (B, T) fp32, 0 where masked.
+
+    w: importance weight, w_clip: the clipped weight, grad_ok: where d w / d log_prob_t = w (False where a
+    clamp on the log weight cut the gradient), dual_cap: per-token weight cap applied when A < 0 (or None).
+    """
+    loss1 = -adv * w  # -A * w
+    loss = torch.maximum(loss1, -adv * w_clip)  # max(-A w, -A clip(w))
+    unclipped = loss == loss1  # gradient flows through -A * w
+    if dual_cap is not None:
+        cap = -adv * dual_cap  # -A * c  (only binding for A < 0)
+        capped = (adv < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        unclipped &= ~capped
+    keep = unclipped & mask
+    if grad_ok is not None:
+        keep &= grad_ok
+    grad = torch.where(keep, loss1, 0.0)  # d loss_t / d log_prob_t = -A_t * w_t (Prop. 1 term)
+    return torch.where(mask, loss, 0.0), grad
+
+
+def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, below: Tensor, above: Tensor) -> dict:
+    """Clip fractions (see module docstring) and log-ratio statistics over model tokens; 0-d fp32 tensors."""
+    n = mask.sum().clamp(min=1).float()
+    abs_max = log_r.abs().max() if log_r.numel() else torch.zeros((), device=log_r.device)
+    below = below & mask
+    above = above & mask
+    mean_cum = log_rho_cum.sum() / n
+    centred = torch.where(mask, log_rho_cum - mean_cum, 0.0)
+    return {
+        schema.CLIP_FRAC: (below | above).sum() / n,
+        schema.CLIP_FRAC_LOW: (below & (adv < 0)).sum() / n,
+        schema.CLIP_FRAC_HIGH: (above & (adv > 0)).sum() / n,
+        schema.LOG_RATIO_MEAN: log_r.sum() / n,
+        schema.LOG_RATIO_ABS_MAX: abs_max,
+        schema.LOG_RHO_CUM_MEAN: mean_cum,
+        schema.LOG_RHO_CUM_STD: (centred.square().sum() / n).sqrt(),
+    }
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, batch_num_tokens: Optional[Union[Tensor, float]] = None,
+             global_batch_size: Optional[Union[Tensor, float]] = None) -> Tensor:
+    """Reduce a per-token loss (B, T) to a scalar.
+
+    token-mean:          sum_{i,t} m l / N_tokens        (N_tokens = batch_num_tokens or mask.sum())
+    seq-mean-token-mean: sum_i [sum_t m l / sum_t m] / N_seqs   (N_seqs = global_batch_size or #non-empty rows)
+    seq-mean-token-sum:  sum_i [sum_t m l] / N_seqs
+    Passing the global token / sequence count of a mini-batch makes micro-batch accumulation exact (verl's
+    global_batch_info). Empty batches give 0, not NaN.
+    """
+    m = mask.to(loss_mat.dtype)
+    if mode == "token-mean":
+        denom = m.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * m).sum() / denom
+    if mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {AGG_MODES}, got '{mode}'")
+    tokens = m.sum(dim=-1)  # (B,)
+    seq = (loss_mat * m).sum(dim=-1)  # (B,) token-sum
+    if mode == "seq-mean-token-mean":
+        seq = seq / tokens.clamp(min=1)
+    denom = (tokens > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
+    return seq.sum() / denom
+
+
+# ----------------------------------------------------------------------------- CTPO (Sec. 3)
+
+
+def cumulative_log_ratio(log_prob: Tensor, old_log_prob: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """log rho_cum_t = sum_{t' <= t, model tokens} clamp(log pi_theta - log pi_old, -20, 20)   (Sec. 3.1).
+
+    Args: log_prob, old_log_prob (B, T); response_mask (B, T), 1 = model token.
+    Returns: log_rho_cum (B, T) fp32 (differentiable in log_prob; 0 before the first model token and carried
+    unchanged over tool tokens), t (B, T) fp32, the 1-based count of model tokens up to and including this
+    one (0 where masked). Tool tokens neither add to the sum nor count as positions.
+    """
+    mask = response_mask.bool()
+    lr = (log_prob.float() - old_log_prob.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lr = torch.where(mask, lr, 0.0)  # tool / padding tokens add nothing
+    log_rho_cum = torch.cumsum(lr, dim=-1)  # log prod_{t'<=t} r_t'
+    t = torch.where(mask, torch.cumsum(mask.float(), dim=-1), 0.0)  # position among model tokens
+    return log_rho_cum, t
+
+
+def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                      eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
+                      fixed_bounds: Optional[Sequence[float]] = None,
+                      dual_clip_c: Optional[float] = None) -> tuple[Tensor, dict]:
+    """Per-token CTPO loss (B, T) and metrics; see `ctpo_loss`."""
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        adv = advantages.float()
+        log_r = _masked_log_ratio(log_prob, old_log_prob, mask)  # log r_t, clamped to [-20, 20]
+        s = torch.cumsum(log_r, dim=-1)  # S_t = log rho_cum_t (value only; detached)
+        t = torch.cumsum(mask, dim=-1, dtype=torch.float32)  # 1-based model-token position
+        log_w = s.clamp(max=LOG_WEIGHT_CAP)  # released: log ratio capped at 10 before exp
+        t_p = t.pow(power)  # t^p
+        if fixed_bounds is None:  # position-adaptive: [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
+            lo, hi = -eps_low * t_p, eps_high * t_p
+            log_w_clip = torch.minimum(torch.maximum(log_w, lo), hi)
+        else:  # Table 3 ablation: rho_cum in [lo, hi]
+            lo, hi = math.log(fixed_bounds[0]), math.log(fixed_bounds[1])
+            log_w_clip = log_w.clamp(lo, hi)
+        w = log_w.exp()  # rho_cum_t
+        cap = None if dual_clip_c is None else (dual_clip_c * t_p).exp_()  # loss(A<0) <= -A exp(c t^p)
+        value, grad = _surrogate(adv, w, log_w_clip.exp(), mask, s <= LOG_WEIGHT_CAP, cap)
+        metrics = _metrics(adv, mask, log_r, s, log_w < log_w_clip, log_w > log_w_clip)
+    return _attach_grad(log_prob, value, grad), metrics
+
+
+def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+              eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
+              fixed_bounds: Optional[Sequence[float]] = None, dual_clip_c: Optional[float] = None,
+              loss_agg_mode: str = "token-mean", batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+    """CTPO loss (paper Eq. J_CTPO, Sec. 3.3), negated for minimisation.
+
+        loss = agg_t  max(-A_t rho_cum_t, -A_t clip(rho_cum_t, e^{-eps_low t^p}, e^{eps_high t^p}))
+
+    Args:
+        old_log_prob, log_prob, advantages, response_mask: (B, T); advantages broadcast per token as in verl.
+        eps_low, eps_high, power: position-adaptive log-space bounds [-eps_low t^p, eps_high t^p].
+        fixed_bounds: (lo, hi) clips rho_cum to [lo, hi] instead (Table 3 ablation: (0.5, 5)).
+        dual_clip_c: for A < 0 the token loss is capped at -A exp(c t^p) (released CTPO, c = 0.05).
+        loss_agg_mode, batch_num_tokens, global_batch_size: see `agg_loss`.
+    Returns: scalar loss; metrics dict (schema names -> 0-d tensors).
+    Gradient: d loss / d log_prob_t = -A_t rho_cum_t / N where the unclipped branch is taken, else 0
+    (Proposition 1's estimator); rho_cum's value is capped at e^10.
+    """
+    loss_mat, metrics = ctpo_token_losses(old_log_prob, log_prob, advantages, response_mask, eps_low, eps_high,
+                                          power, fixed_bounds, dual_clip_c)
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
+
+
+# ----------------------------------------------------------------------------- baselines (Sec. 2)
+
+
+def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
+                             clip_ratio_c: Optional[float] = None) -> tuple[Tensor, dict]:
+    """Per-token PPO / GRPO loss (B, T): max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)), dual clip -A c."""
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        adv = advantages.float()
+        raw = log_prob.detach().float() - old_log_prob.detach().float()
+        log_r = torch.where(mask, raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0)
+        r = log_r.exp()  # r_t = pi_theta / pi_old
+        r_clip = r.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
+        value, grad = _surrogate(adv, r, r_clip, mask, raw.abs() <= LOG_RATIO_CLAMP, cap)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), r < r_clip, r > r_clip)
+    return _attach_grad(log_prob, value, grad), metrics
+
+
+def token_ratio_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                     clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: Optional[float] = None,
+                     loss_agg_mode: str = "token-mean", batch_num_tokens=None,
+                     global_batch_size=None) -> tuple[Tensor, dict]:
+    """GRPO / PPO token-ratio loss (paper Eq. J_GRPO); with clip_ratio_c = 3 it equals verl's `vanilla`."""
+    loss_mat, metrics = token_ratio_token_losses(old_log_prob, log_prob, advantages, response_mask,
+                                                 clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
+
+
+def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                      clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4) -> tuple[Tensor, dict]:
+    """Per-token GSPO loss (B, T) in its token-gradient form s_{i,t} = sg[s_i] pi_t / sg[pi_t].
+
+    s_i = exp(mean_{model tokens} log r_t) (length-normalised sequence ratio, GSPO Eq. 7), capped at e^10;
+    value max(-A s_i, -A clip(s_i, 1-eps_low, 1+eps_high)) on every model token of row i; gradient
+    -A s_i per token, so seq-mean-token-mean aggregation gives GSPO's gradient s_i A_i / |y_i| sum_t grad log pi_t.
+    Per-token log ratios are not clamped before the mean (as verl's `gspo`).
+    """
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        adv = advantages.float()
+        log_r = _masked_log_ratio(log_prob, old_log_prob, mask, clamp=False)
+        lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)  # |y_i|, (B, 1)
+        log_s = (log_r.sum(dim=-1, keepdim=True) / lengths).expand_as(log_r)  # (1/|y_i|) sum_t log r_t
+        s = log_s.clamp(max=LOG_WEIGHT_CAP).exp()  # s_i
+        s_clip = s.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+        value, grad = _surrogate(adv, s, s_clip, mask, log_s <= LOG_WEIGHT_CAP, None)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), s < s_clip, s > s_clip)
+    return _attach_grad(log_prob, value, grad), metrics
+
+
+def gspo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+              clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4, loss_agg_mode: str = "seq-mean-token-mean",
+              batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+    """GSPO loss (paper Eq. J_GSPO); equals verl's `gspo` on the same tensors and aggregation."""
+    loss_mat, metrics = gspo_token_losses(old_log_prob, log_prob, advantages, response_mask,
+                                          clip_ratio_low, clip_ratio_high)
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
+
+
+def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                          clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
+                          clip_ratio_c: Optional[float] = None) -> tuple[Tensor, dict]:
+    """Per-token full-sequence-ratio loss (B, T): weight rho_seq = prod_{model t} r_t on every token of a row.
+
+    Clip [1-eps_low, 1+eps_high] in ratio space, PPO dual clip -A c for A < 0 (optional); value capped at e^10;
+    gradient -A rho_seq through the current token (the unbiased, high-variance estimator of Table 1).
+    """
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        adv = advantages.float()
+        log_r = _masked_log_ratio(log_prob, old_log_prob, mask)
+        log_seq = log_r.sum(dim=-1, keepdim=True).expand_as(log_r)  # log rho_seq, (B, T)
+        w = log_seq.clamp(max=LOG_WEIGHT_CAP).exp()
+        w_clip = w.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
+        value, grad = _surrogate(adv, w, w_clip, mask, log_seq <= LOG_WEIGHT_CAP, cap)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), w < w_clip, w > w_clip)
+    return _attach_grad(log_prob, value, grad), metrics
+
+
+def full_seq_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                  clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: Optional[float] = None,
+                  loss_agg_mode: str = "token-mean", batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+    """Full-sequence ratio loss (rho_seq = prod_t r_t, Sec. 2.2 / Table 1)."""
+    loss_mat, metrics = full_seq_token_losses(old_log_prob, log_prob, advantages, response_mask,
+                                              clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
+
+
+# ----------------------------------------------------------------------------- advantages and dispatch
+
+
+def group_advantages(rewards: Tensor, groups: Union[int, Tensor, Sequence], response_mask: Tensor,
+                     norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages A_i = (R_i - mean_group R) / (std_group R + eps), broadcast to model tokens.
+
+    Args:
+        rewards: (B,) scalar reward per response.
+        groups: group size G (rows i*G .. i*G+G-1 share a prompt) or (B,) group ids of any hashable kind.
+        response_mask: (B, T).
+        norm_by_std: divide by the group's (unbiased) std; False = mean-centred only (Dr. GRPO).
+    Returns: (B, T) fp32, A_i on model tokens and 0 elsewhere. A group of one response gets A = R (as verl:
+    mean 0, std 1).
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+    b = r.shape[0]
+    if response_mask.dim() != 2 or response_mask.shape[0] != b:
+        raise ValueError(f"response_mask: expected shape ({b}, T) for {b} rewards, got {tuple(response_mask.shape)}")
+    if isinstance(groups, int):
+        if groups < 1 or b % groups != 0:
+            raise ValueError(f"groups: group size {groups} must be >= 1 and divide the batch size {b}")
+        ids = torch.arange(b) // groups
+    else:
+        labels = groups.tolist() if isinstance(groups, Tensor) else list(groups)
+        if len(labels) != b:
+            raise ValueError(f"groups: expected {b} group ids, got {len(labels)}")
+        index = {}
+        ids = torch.tensor([index.setdefault(g, len(index)) for g in labels], dtype=torch.long)
+    n_groups = int(ids.max()) + 1 if b else 0
+    count = torch.zeros(n_groups).index_add_(0, ids, torch.ones(b))
+    mean = torch.zeros(n_groups).index_add_(0, ids, r) / count
+    sq = torch.zeros(n_groups).index_add_(0, ids, (r - mean[ids]).square())
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    single = count == 1
+    mean = torch.where(single, 0.0, mean)
+    std = torch.where(single, 1.0, std)
+    adv = r - mean[ids]
+    if norm_by_std:
+        adv = adv / (std[ids] + eps)
+    return adv.to(response_mask.device)[:, None] * response_mask.float()
+
+
+def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        cfg: LossConfig, rollout_is_weights: Optional[Tensor] = None, batch_num_tokens=None,
+                        global_batch_size=None) -> tuple[Tensor, dict]:
+    """Policy loss for `cfg.method` (grpo | gspo | ctpo | ctpo_fixed | full_seq), aggregated by cfg.loss_agg_mode.
+
+    rollout_is_weights (B, T), optional, multiplies the per-token loss (rollout-vs-trainer correction, as verl).
+    Returns (scalar loss, metrics with schema names).
+    """
+    loss_mat, metrics = policy_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg)
+    if rollout_is_weights is not None:
+        loss_mat = loss_mat * rollout_is_weights.float()
+    loss = agg_loss(loss_mat, response_mask, cfg.loss_agg_mode, batch_num_tokens, global_batch_size)
+    return loss, metrics
+
+
+def policy_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        cfg: LossConfig) -> tuple[Tensor, dict]:
+    """Per-token loss (B, T) and metrics for `cfg.method` (shared by `compute_policy_loss` and the verl plugin)."""
+    m = cfg.method
+    args = (old_log_prob, log_prob, advantages, response_mask)
+    if m == "grpo":
+        return token_ratio_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+    if m == "gspo":
+        return gspo_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high)
+    if m == "ctpo":
+        return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, None, cfg.dual_clip_c)
+    if m == "ctpo_fixed":
+        if not cfg.fixed_bounds or len(cfg.fixed_bounds) != 2:
+            raise ValueError(f"loss.fixed_bounds: method ctpo_fixed needs [lo, hi], got {cfg.fixed_bounds}")
+        return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, tuple(cfg.fixed_bounds),
+                                 cfg.dual_clip_c)
+    if m == "full_seq":
+        return full_seq_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+    raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")
