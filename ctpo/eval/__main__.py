@@ -1,0 +1,187 @@
+"""avg@k evaluation of one checkpoint on one benchmark through the TIR agent loop.
+
+    python -m ctpo.eval --config results/toy/configs/toy_ctpo/seed0.json \\
+        --checkpoint runs/toy/toy_ctpo/seed0/checkpoints/step10/policy \\
+        --benchmark data/toy/toy_arith.parquet --step 10 \\
+        --out results/toy/eval/toy_ctpo/seed0/step10/toy_arith.parquet [--backend auto|hf|vllm]
+
+Writes `<out>` (per-sample records, columns `ctpo.schema.EVAL_COLUMNS`) and `<out>.json` beside it
+(scores + provenance; keys listed in ctpo/schema.py), both atomically. k, temperature, top_p,
+max_problems, tp_size and chunk_size come from cfg.eval; turn / token limits and the template from
+cfg.rollout; seeds from (cfg.seed, step, benchmark). Finished chunks are kept in
+`<out stem>.partial.parquet`, so a rerun after an interruption draws only what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ctpo.config import config_hash, load_run_config
+from ctpo.eval import backend as B
+from ctpo.eval import metrics, runner
+from ctpo.io import sha256_file, write_json, write_parquet
+
+log = logging.getLogger("ctpo.eval")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ctpo.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="resolved run config (.json from rule run_config)")
+    p.add_argument("--checkpoint", required=True, help="policy directory (HF save_pretrained) or hub id")
+    p.add_argument("--benchmark", required=True, help="benchmark parquet in verl's schema")
+    p.add_argument("--step", required=True, type=int, help="training step of the checkpoint")
+    p.add_argument("--out", required=True, help="results/{exp}/eval/{run}/seed{seed}/step{N}/{bench}.parquet")
+    p.add_argument("--backend", default="auto", choices=B.BACKENDS)
+    return p.parse_args(argv)
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_suffix(".json")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str) -> dict:
+    """What changes scores (rllm#12, open-r1#674), recorded with every result."""
+    import torch
+
+    from ctpo.agent import template_hash
+    from ctpo.provenance import git_state, hardware
+
+    git = git_state()
+    return {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": B.weights_sha256(args.checkpoint),
+        "backend": backend,
+        "backend_version": B.backend_version(backend),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "tp_size": cfg.eval.tp_size,
+        "dtype": cfg.model.dtype,
+        "sampling": {
+            "temperature": cfg.eval.temperature,
+            "top_p": cfg.eval.top_p,
+            "max_tokens": cfg.rollout.max_response_tokens,
+            "max_turns": cfg.rollout.max_turns,
+            "max_obs_tokens": cfg.rollout.max_obs_tokens,
+            "enable_thinking": cfg.rollout.enable_thinking,
+        },
+        "prompt_template": cfg.rollout.template,
+        "prompt_template_hash": template_hash(cfg.rollout.template),
+        "benchmark_file": str(args.benchmark),
+        "benchmark_sha256": benchmark_sha,
+        "chunk_size": cfg.eval.chunk_size,
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "config_hash": config_hash(cfg_dict),
+        "hardware": hardware(),
+    }
+
+
+def log_to_wandb(cfg, summary: dict) -> None:
+    """Eval metrics to W&B only when the run is online; one eval run per (run, seed, step, benchmark)."""
+    import tempfile
+
+    from ctpo.tracking import resolve_mode, run_id_for
+
+    if resolve_mode(cfg.wandb.mode) != "online":
+        return
+    bench, step = summary["benchmark"], summary["step"]
+    prefix = f"eval/{bench}/"
+    try:
+        import wandb
+
+        with tempfile.TemporaryDirectory() as wdir:
+            run = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity, mode="online", dir=wdir,
+                group=f"{cfg.experiment}/{cfg.loss.method}", job_type="eval",
+                name=f"{cfg.run}-seed{cfg.seed}-eval-step{step}-{bench}",
+                id=run_id_for(cfg.experiment, f"{cfg.run}/eval/step{step}/{bench}", cfg.seed), resume="allow",
+                config={"eval": summary["provenance"], "train_step": step, "label": summary["label"]},
+            )
+            run.log({
+                prefix + "avg_at_k": summary["avg_at_k"],
+                prefix + "ci95_lo": summary["ci95"][0],
+                prefix + "ci95_hi": summary["ci95"][1],
+                prefix + "extraction_failure_rate": summary["extraction_failure_rate"],
+                **{prefix + f"pass_at_{j}": v for j, v in summary["pass_at_k"].items()},
+                "train_step": step,
+            })
+            run.finish()
+    except Exception as e:  # tracking is never required
+        print(f"warning: wandb logging of eval metrics failed ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    cfg = load_run_config(args.config)
+    cfg_dict = asdict(cfg)
+    out = Path(args.out)
+    bench = Path(args.benchmark).stem
+    seed_parts = (cfg.seed, args.step, bench)
+    seed_everything(runner.derive_seed(*seed_parts))
+    t0 = time.time()
+
+    problems = runner.load_benchmark(args.benchmark, cfg.eval.max_problems)
+    backend = B.resolve_backend(args.backend)
+    benchmark_sha = sha256_file(args.benchmark)
+    prov = eval_provenance(cfg, cfg_dict, args, backend, benchmark_sha)
+    fp = runner.fingerprint({
+        "checkpoint": prov["checkpoint"], "checkpoint_sha256": prov["checkpoint_sha256"], "backend": backend,
+        "benchmark_sha256": benchmark_sha, "problems": [p.problem_id for p in problems], "k": cfg.eval.k,
+        "eval": cfg_dict["eval"], "rollout": cfg_dict["rollout"], "seed_parts": seed_parts,
+        "template": prov["prompt_template_hash"], "dtype": cfg.model.dtype,
+    })
+    log.info("%s: %d problems x k=%d on %s (%s), checkpoint %s", bench, len(problems), cfg.eval.k,
+             backend, prov["backend_version"], args.checkpoint)
+
+    from ctpo.agent import SamplingParams, run_episodes
+    from ctpo.reward import score
+
+    generator, tokenizer = B.build_generator(backend, args.checkpoint, cfg)
+
+    def rollout(questions: list[str], seed: int) -> list:
+        params = SamplingParams(
+            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.rollout.max_response_tokens, seed=seed,
+        )
+        return run_episodes(generator, tokenizer, questions, cfg.rollout, params)
+
+    plan = runner.EvalPlan(problems, cfg.eval.k, cfg.eval.chunk_size, seed_parts, fp)
+    partial = runner.partial_path(out)
+    records = runner.evaluate(plan, rollout, score, partial)
+    summary = metrics.summarize(records, cfg.eval.k, source=str(out), seed=runner.derive_seed(*seed_parts, "ci"))
+    summary.update({
+        "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "step": args.step,
+        "benchmark": bench, "label": cfg.label,
+        "turns_mean": float(records["turns"].mean()),
+        "tool_calls_mean": float(records["tool_calls"].mean()),
+        "response_length_mean": float(records["response_length"].mean()),
+        "wall_s": round(time.time() - t0, 3),
+        "provenance": prov,
+    })
+    write_parquet(out, records)
+    write_json(sidecar_path(out), summary)
+    partial.unlink(missing_ok=True)
+    log.info("%s step %d: avg@%d = %.4f  95%% CI [%.4f, %.4f]  extraction failures %.1f%%", bench, args.step,
+             cfg.eval.k, summary["avg_at_k"], *summary["ci95"], 100 * summary["extraction_failure_rate"])
+    log_to_wandb(cfg, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Generation backends for evaluation and what identifies them in provenance.
+
+`hf`: transformers on CPU (or one GPU) through `ctpo.agent.HFGenerator`; `vllm`: `ctpo.agent`'s
+VLLMGenerator (imported lazily, GPU only). `auto` picks vllm when CUDA and vllm are both available.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import importlib.util
+from pathlib import Path
+
+from ctpo.io import sha256_file
+
+BACKENDS = ("auto", "hf", "vllm")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(requested: str) -> str:
+    """'hf' or 'vllm' for a requested backend; asking for vllm where it cannot run is an error."""
+    if requested not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got '{requested}'")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if requested == "auto":
+        return "vllm" if has_vllm and cuda_available() else "hf"
+    if requested == "vllm" and not has_vllm:
+        raise ValueError("--backend vllm: the vllm package is not installed (GPU environment: pip install '.[gpu]')")
+    if requested == "vllm" and not cuda_available():
+        raise ValueError("--backend vllm: no CUDA device is available")
+    return requested
+
+
+def backend_version(backend: str) -> str | None:
+    """Version of the package that generates: transformers (hf) or vllm."""
+    try:
+        return md.version("vllm" if backend == "vllm" else "transformers")
+    except md.PackageNotFoundError:
+        return None
+
+
+def weights_sha256(checkpoint: str | Path) -> str | None:
+    """sha256 over the weight files of a local checkpoint directory (name and content of each, sorted);
+    None for a hub id or a directory without weight files."""
+    p = Path(checkpoint)
+    if not p.is_dir():
+        return None
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(p).as_posix()}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def build_generator(backend: str, checkpoint: str, cfg):
+    """(generator, tokenizer) for `checkpoint` (local policy dir or hub id). cfg: RunConfig."""
+    if backend == "vllm":
+        from ctpo.agent import VLLMGenerator
+        from ctpo.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(checkpoint)
+        generator = VLLMGenerator(
+            checkpoint,
+            tokenizer=tokenizer,
+            tensor_parallel_size=cfg.eval.tp_size,
+            dtype=cfg.model.dtype,
+            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens,
+        )
+        return generator, tokenizer
+    from ctpo.agent import HFGenerator, load_policy
+
+    device = "cuda" if cuda_available() else "cpu"
+    model, tokenizer = load_policy(checkpoint, device=device, dtype=cfg.model.dtype)
+    return HFGenerator(model, tokenizer, device=device), tokenizer
