@@ -1,0 +1,65 @@
+"""`VLLMGenerator`: the `Generator` interface on vLLM (GPU). vllm is imported inside `__init__` only.
+
+Token ids in, token ids + log-probs out (`TokensPrompt`): no text round trip, so ids match the
+trainer's exactly. Log-probs use vLLM's `processed_logprobs` mode (after temperature; with the
+paper's top_p = 1 this is `softmax(logits / T)`, the same convention as `HFGenerator`).
+"""
+from __future__ import annotations
+
+from ctpo.agent.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenOutput, SamplingParams
+
+
+class VLLMGenerator:
+    def __init__(
+        self,
+        model_path: str,
+        tp_size: int = 1,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.6,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        from vllm import LLM  # lazy: GPU environments only
+
+        self.llm = LLM(
+            model=model_path,
+            tensor_parallel_size=tp_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, stop: list[str]) -> list[GenOutput]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        sps = [
+            VSamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop=list(stop),
+                include_stop_str_in_output=True,
+                logprobs=0,  # the sampled token's log-prob only
+                seed=None if params.seed is None else params.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
+            if c.finish_reason == "length":
+                reason = FINISH_LENGTH
+            elif c.stop_reason is None or isinstance(c.stop_reason, int):
+                reason = FINISH_EOS  # eos or a stop token id
+            else:
+                reason = FINISH_STOP
+            results.append(GenOutput(ids, lps, reason))
+        return results
