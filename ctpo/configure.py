@@ -1,0 +1,159 @@
+"""Experiment-level planning for the workflow, and the `python -m ctpo.configure` writer.
+
+The Snakemake rules (`workflow/rules/*.smk`) call these functions at parse time; none of them imports
+Snakemake, so the plan is testable on its own:
+
+- `resolve_runs(experiment)`        every (run, seed) -> resolved RunConfig dict (`ctpo.config.resolve_run`)
+- `check_experiment(experiment)`    cross-key checks the JSON schema cannot express (names, steps)
+- `saved_steps(run_cfg)`            checkpoint steps: every `train.save_freq` up to `total_steps`, plus `total_steps`
+- `eval_targets(experiment, runs)`  the (run, seed, step, benchmark) evaluations the tables and figures need
+- `warmstart_config(experiment, seed)`  the toy SFT's config, independent of any method's loss
+
+CLI (atomic writes through `ctpo.io`):
+
+    python -m ctpo.configure --json '<canonical json>' --out results/{exp}/configs/{run}/seed{seed}.json
+    python -m ctpo.configure --checksums data/toy/*.parquet --out results/{exp}/data/toy.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ctpo.config import ConfigError, LossConfig, resolve_run
+from ctpo.io import sha256_file, write_json
+
+# The warm start trains no policy loss; its config carries the LossConfig defaults under this method
+# so that it is a valid RunConfig while no method file (configs/methods/*.yaml) can change it.
+WARMSTART_RUN = "sft"
+WARMSTART_LOSS_METHOD = "grpo"
+
+
+def resolve_runs(experiment: dict) -> dict[tuple[str, int], dict]:
+    """{(run, seed): resolved run config} for every run in `experiment['runs']` and every seed."""
+    return {
+        (run, int(seed)): resolve_run(experiment, run, int(seed))
+        for run in experiment["runs"]
+        for seed in experiment["seeds"]
+    }
+
+
+def saved_steps(run_cfg: dict) -> list[int]:
+    """Steps with a checkpoint: save_freq, 2 * save_freq, ... <= total_steps, and total_steps itself."""
+    total, freq = run_cfg["train"]["total_steps"], run_cfg["train"]["save_freq"]
+    return sorted(set(range(freq, total + 1, freq)) | {total})
+
+
+def final_step(run_cfg: dict) -> int:
+    return int(run_cfg["train"]["total_steps"])
+
+
+def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict]) -> None:
+    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training."""
+    runs = set(experiment["runs"])
+    benchmarks = set(experiment["data"]["benchmarks"])
+    ev = experiment["evaluation"]
+    for key in ("table2_runs", "table3_runs", "figure2_runs"):
+        for run in ev[key]:
+            if run not in runs:
+                raise ConfigError(f"experiment evaluation.{key}: unknown run '{run}' (have: {sorted(runs)})")
+    for bench in list(ev["table2_benchmarks"]) + [ev["figure2_benchmark"]]:
+        if bench not in benchmarks:
+            raise ConfigError(
+                f"experiment evaluation: benchmark '{bench}' is not in data.benchmarks ({sorted(benchmarks)})"
+            )
+    diag = experiment["diagnostics"]
+    if diag["run"] not in runs:
+        raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
+    for seed in experiment["seeds"]:
+        dumped = set(resolved[(diag["run"], int(seed))]["train"]["dump_steps"])
+        missing = sorted(set(diag["steps"]) - dumped)
+        if missing:
+            raise ConfigError(
+                f"experiment diagnostics.steps: steps {missing} are not in train.dump_steps {sorted(dumped)} "
+                f"of run '{diag['run']}'"
+            )
+
+
+def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> list[tuple[str, int, int, str]]:
+    """Sorted, de-duplicated (run, seed, step, benchmark) evaluations:
+
+    Tables 2-3: the final checkpoint of every table run on every `table2_benchmarks` entry.
+    Figure 2:   `figure2_benchmark` at every saved step of every `figure2_runs` entry.
+    """
+    ev = experiment["evaluation"]
+    out: set[tuple[str, int, int, str]] = set()
+    for seed in (int(s) for s in experiment["seeds"]):
+        for run in list(ev["table2_runs"]) + list(ev["table3_runs"]):
+            for bench in ev["table2_benchmarks"]:
+                out.add((run, seed, final_step(resolved[(run, seed)]), bench))
+        for run in ev["figure2_runs"]:
+            for step in saved_steps(resolved[(run, seed)]):
+                out.add((run, seed, step, ev["figure2_benchmark"]))
+    return sorted(out)
+
+
+def warmstart_config(experiment: dict, seed: int) -> dict:
+    """The toy SFT warm start's config: the first local-backend run's config with the method-specific parts
+    (`run`, `loss`) replaced, so editing one method never retrains the shared warm start.
+
+    Every local-backend run must use the same model (they all start from this one checkpoint)."""
+    local = {}
+    for run in experiment["runs"]:
+        cfg = resolve_run(experiment, run, seed)
+        if cfg["train"]["backend"] == "local":
+            local[run] = cfg
+    if not local:
+        raise ConfigError(f"experiment '{experiment['experiment']}': no run uses train.backend local; no warm start")
+    models = {json.dumps(c["model"], sort_keys=True) for c in local.values()}
+    if len(models) > 1:
+        raise ConfigError(
+            f"experiment '{experiment['experiment']}': local-backend runs {sorted(local)} use different models; "
+            "the toy warm start is shared per seed, so they must agree"
+        )
+    cfg = dict(next(iter(local.values())))
+    cfg["run"] = WARMSTART_RUN
+    cfg["loss"] = asdict(LossConfig(method=WARMSTART_LOSS_METHOD))
+    return cfg
+
+
+def checksum_manifest(files: list[str]) -> dict:
+    """{path: {sha256, bytes}} for each file; a missing file is an error naming it."""
+    out = {}
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise ConfigError(f"{f}: expected a data file, not found")
+        out[str(f)] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return {"files": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctpo.configure", description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--json", help="a JSON document (a resolved run config or the experiment config)")
+    src.add_argument("--checksums", nargs="+", metavar="FILE", help="write a sha256 manifest of these files")
+    ap.add_argument("--out", required=True, help="output .json path (written atomically)")
+    args = ap.parse_args(argv)
+    try:
+        if args.json is not None:
+            try:
+                obj = json.loads(args.json)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--json: expected a JSON document ({e})") from None
+            if not isinstance(obj, dict):
+                raise ConfigError("--json: expected a JSON object at the top level")
+        else:
+            obj = checksum_manifest(args.checksums)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(args.out, obj)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+# Figure 1 diagnostics on the rollout dumps the trainer wrote (runs/.../rollouts/step{N}.npz).
+
+
+rule diagnostics:
+    input:
+        unpack(get_diag_inputs),
+    output:
+        bins=P["diag"],
+        summary=P["diag_json"],
+    params:
+        dump=lambda wc: f"{P['workdir'].format(run=wc.run, seed=wc.seed)}/rollouts/step{wc.step}.npz",
+        bin_width=config["diagnostics"]["bin_width"],
+        bounds=" ".join(str(b) for b in config["diagnostics"]["fixed_bounds"]),
+    log:
+        f"{L}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.log",
+    benchmark:
+        f"{B}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.tsv"
+    conda:
+        ENV_CPU
+    resources:
+        **get_resources("cpu"),
+    shell:
+        "python -m ctpo.diagnostics --dump {params.dump} --config {input.config} --bin-width {params.bin_width} "
+        "--fixed-bounds {params.bounds} --out {output.bins} > {log} 2>&1"

@@ -1,0 +1,34 @@
+# avg@k evaluation of one checkpoint on one benchmark. Which (run, seed, step, benchmark) tuples run
+# is planned by ctpo.configure.eval_targets from the experiment's `evaluation:` section.
+
+
+rule eval:
+    input:
+        unpack(get_eval_inputs),
+    output:
+        records=P["eval"],
+        summary=P["eval_json"],
+    params:
+        checkpoint=get_checkpoint_dir,
+        benchmark=lambda wc: benchmark_file(wc.bench),
+    log:
+        f"{L}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.log",
+    benchmark:
+        f"{B}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.tsv"
+    conda:
+        ENV_ACCEL
+    resources:
+        **get_resources("eval"),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m ctpo.eval --config {input.config} --checkpoint {params.checkpoint} "
+        "--benchmark {params.benchmark} --step {wildcards.step} --out {output.records} > {log} 2>&1"
+
+
+rule table2:
+    input:
+        table_evals(config["evaluation"]["table2_runs"]),
+
+
+rule table3_ablation:
+    input:
+        table_evals(config["evaluation"]["table3_runs"]),

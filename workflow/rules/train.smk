@@ -1,0 +1,75 @@
+# Toy warm start, RL training per (run, seed), verl -> HF merge. Training is idempotent: its only
+# output is the done marker (written last); checkpoints, rollout dumps and the W&B run id live in
+# runs/ (never an output, never deleted here), so a rerun, a retry or a SLURM requeue resumes.
+
+
+rule warmstart:
+    input:
+        config=ancient(P["sft_config"]),
+        data=ancient(get_data_marker()),
+    output:
+        P["sft_done"],
+    params:
+        workdir=P["sft_workdir"],
+    log:
+        f"{L}/warmstart/seed{{seed}}.log",
+    benchmark:
+        f"{B}/warmstart/seed{{seed}}.tsv"
+    conda:
+        ENV_CPU
+    resources:
+        **get_resources("cpu"),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m ctpo.train.sft --config {input.config} --out {params.workdir} "
+        "--done {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        unpack(get_train_inputs),
+    output:
+        P["train_done"],
+    params:
+        results=lambda wc, output: os.path.dirname(output[0]),
+        workdir=P["workdir"],
+        init=get_init_arg,
+    log:
+        f"{L}/train/{{run}}/seed{{seed}}.log",
+    benchmark:
+        f"{B}/train/{{run}}/seed{{seed}}.tsv"
+    conda:
+        ENV_ACCEL
+    resources:
+        **get_resources("train"),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m ctpo.train --config {input.config} --results {params.results} "
+        "--workdir {params.workdir} {params.init} > {log} 2>&1"
+
+
+rule merge:
+    input:
+        train=ancient(P["train_done"]),
+    output:
+        P["merged"],
+    params:
+        workdir=P["workdir"],
+    log:
+        f"{L}/merge/{{run}}/seed{{seed}}/step{{step}}.log",
+    benchmark:
+        f"{B}/merge/{{run}}/seed{{seed}}/step{{step}}.tsv"
+    conda:
+        ENV_ACCEL
+    resources:
+        **get_resources("merge"),
+    shell:
+        "python -m ctpo.train.verl_backend merge --workdir {params.workdir} --step {wildcards.step} "
+        "--done {output} > {log} 2>&1"
+
+
+for _run in RUNS:
+
+    rule:
+        name:
+            f"run_{_run}"
+        input:
+            train_done_files([_run]),
