@@ -87,29 +87,36 @@ def _masked_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, clam
 
 
 def _surrogate(adv: Tensor, w: Tensor, w_clip: Tensor, mask: Tensor, grad_ok: Optional[Tensor],
-               dual_cap: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+               dual_cap: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Clipped surrogate value and its derivative wrt log_prob_t; all (B, T) fp32, 0 where masked.
 
     w: importance weight, w_clip: the clipped weight, grad_ok: where d w / d log_prob_t = w (False where a
     clamp on the log weight cut the gradient), dual_cap: per-token weight cap applied when A < 0 (or None).
+    Returns (value, grad, capped): capped (B, T) bool marks tokens where the dual clip binds (None if off).
     """
     loss1 = -adv * w  # -A * w
     loss = torch.maximum(loss1, -adv * w_clip)  # max(-A w, -A clip(w))
     unclipped = loss == loss1  # gradient flows through -A * w
+    capped = None
     if dual_cap is not None:
         cap = -adv * dual_cap  # -A * c  (only binding for A < 0)
-        capped = (adv < 0) & (loss > cap)
+        capped = (adv < 0) & (loss > cap) & mask
         loss = torch.where(capped, cap, loss)
         unclipped &= ~capped
     keep = unclipped & mask
     if grad_ok is not None:
         keep &= grad_ok
     grad = torch.where(keep, loss1, 0.0)  # d loss_t / d log_prob_t = -A_t * w_t (Prop. 1 term)
-    return torch.where(mask, loss, 0.0), grad
+    return torch.where(mask, loss, 0.0), grad, capped
 
 
-def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, below: Tensor, above: Tensor) -> dict:
-    """Clip fractions (see module docstring) and log-ratio statistics over model tokens; 0-d fp32 tensors."""
+def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, below: Tensor, above: Tensor,
+             capped: Optional[Tensor]) -> dict:
+    """Clip fractions (see module docstring), dual-clip fraction and log-ratio statistics over model tokens.
+
+    log_r, log_rho_cum: (B, T) per-token and cumulative log ratios (0 where masked); below / above: (B, T)
+    bool, weight outside its bounds; capped: (B, T) bool where the dual clip binds, or None. Values: 0-d fp32.
+    """
     n = mask.sum().clamp(min=1).float()
     abs_max = log_r.abs().max() if log_r.numel() else torch.zeros((), device=log_r.device)
     below = below & mask
@@ -120,6 +127,7 @@ def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, belo
         schema.CLIP_FRAC: (below | above).sum() / n,
         schema.CLIP_FRAC_LOW: (below & (adv < 0)).sum() / n,
         schema.CLIP_FRAC_HIGH: (above & (adv > 0)).sum() / n,
+        schema.DUAL_CLIP_FRAC: (capped.sum() / n) if capped is not None else torch.zeros((), device=n.device),
         schema.LOG_RATIO_MEAN: log_r.sum() / n,
         schema.LOG_RATIO_ABS_MAX: abs_max,
         schema.LOG_RHO_CUM_MEAN: mean_cum,
@@ -195,8 +203,8 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
             log_w_clip = log_w.clamp(lo, hi)
         w = log_w.exp()  # rho_cum_t
         cap = None if dual_clip_c is None else (dual_clip_c * t_p).exp_()  # loss(A<0) <= -A exp(c t^p)
-        value, grad = _surrogate(adv, w, log_w_clip.exp(), mask, s <= LOG_WEIGHT_CAP, cap)
-        metrics = _metrics(adv, mask, log_r, s, log_w < log_w_clip, log_w > log_w_clip)
+        value, grad, capped = _surrogate(adv, w, log_w_clip.exp(), mask, s <= LOG_WEIGHT_CAP, cap)
+        metrics = _metrics(adv, mask, log_r, s, log_w < log_w_clip, log_w > log_w_clip, capped)
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -239,8 +247,8 @@ def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages:
         r = log_r.exp()  # r_t = pi_theta / pi_old
         r_clip = r.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
         cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
-        value, grad = _surrogate(adv, r, r_clip, mask, raw.abs() <= LOG_RATIO_CLAMP, cap)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), r < r_clip, r > r_clip)
+        value, grad, capped = _surrogate(adv, r, r_clip, mask, raw.abs() <= LOG_RATIO_CLAMP, cap)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), r < r_clip, r > r_clip, capped)
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -272,8 +280,8 @@ def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
         log_s = (log_r.sum(dim=-1, keepdim=True) / lengths).expand_as(log_r)  # (1/|y_i|) sum_t log r_t
         s = log_s.clamp(max=LOG_WEIGHT_CAP).exp()  # s_i
         s_clip = s.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
-        value, grad = _surrogate(adv, s, s_clip, mask, log_s <= LOG_WEIGHT_CAP, None)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), s < s_clip, s > s_clip)
+        value, grad, capped = _surrogate(adv, s, s_clip, mask, log_s <= LOG_WEIGHT_CAP, None)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), s < s_clip, s > s_clip, capped)
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -303,8 +311,8 @@ def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Te
         w = log_seq.clamp(max=LOG_WEIGHT_CAP).exp()
         w_clip = w.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
         cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
-        value, grad = _surrogate(adv, w, w_clip, mask, log_seq <= LOG_WEIGHT_CAP, cap)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), w < w_clip, w > w_clip)
+        value, grad, capped = _surrogate(adv, w, w_clip, mask, log_seq <= LOG_WEIGHT_CAP, cap)
+        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), w < w_clip, w > w_clip, capped)
     return _attach_grad(log_prob, value, grad), metrics
 
 

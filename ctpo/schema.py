@@ -30,6 +30,7 @@ ACCURACY = "train/accuracy"  # fraction of responses with reward 1
 CLIP_FRAC = "ctpo/clip_frac"  # fraction of model tokens whose ratio is outside its bounds (see losses.py)
 CLIP_FRAC_LOW = "ctpo/clip_frac_low"  # ... below the lower bound with A < 0
 CLIP_FRAC_HIGH = "ctpo/clip_frac_high"  # ... above the upper bound with A > 0
+DUAL_CLIP_FRAC = "ctpo/dual_clip_frac"  # model tokens with A < 0 whose loss the dual clip caps
 RESPONSE_LENGTH = "train/response_length_mean"  # tokens per response, observations included
 MODEL_TOKENS = "train/model_tokens_mean"  # model-generated tokens per response
 TURNS = "train/turns_mean"

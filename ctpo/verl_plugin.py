@@ -1,0 +1,159 @@
+"""verl 0.9.1 adapter: registers `ctpo`, `ctpo_fixed` and `full_seq` as verl policy losses.
+
+Importing this module (verl does so for `actor_rollout_ref.model.external_lib=ctpo.verl_plugin`, and Hydra
+does so when it instantiates `CTPOPolicyLossConfig`) adds the three names to verl's `POLICY_LOSS_REGISTRY`
+with verl's exact `PolicyLossFn` signature. `vanilla` (GRPO) and `gspo` stay verl's own.
+
+Hyperparameters. verl's config dataclasses are frozen and `PolicyLossConfig` has no CTPO fields, so the
+CTPO knobs live on a `PolicyLossConfig` subclass, selected by overriding the node's `_target_`:
+
+    actor_rollout_ref.actor.policy_loss._target_=ctpo.verl_plugin.CTPOPolicyLossConfig
+    actor_rollout_ref.actor.policy_loss.loss_mode=ctpo
+    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (eps_high, power, fixed_bounds, dual_clip_c alike)
+
+`verl_overrides(loss_cfg)` produces these strings from our `LossConfig`. The token/sequence-ratio clip
+range (`clip_ratio_low/high/c`) stays on verl's actor config, as for `vanilla`.
+
+Per-token losses come from `ctpo.losses`; rollout IS weights multiply them and verl's own `agg_loss`
+aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
+`actor/pg_clipfrac` (clipped branch active), `actor/pg_clipfrac_lower` (dual clip active), `actor/ppo_kl`,
+plus the `ctpo/*` names of `ctpo.schema`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from verl.trainer.ppo import core_algos
+from verl.workers.config import PolicyLossConfig
+
+from ctpo import schema
+from ctpo.config import LossConfig
+from ctpo.losses import policy_token_losses
+
+REGISTERED = ("ctpo", "ctpo_fixed", "full_seq")
+_PREFIX = "actor_rollout_ref.actor"
+
+
+@dataclass
+class CTPOPolicyLossConfig(PolicyLossConfig):
+    """verl's PolicyLossConfig plus the CTPO knobs (meanings and defaults: ctpo.config.LossConfig)."""
+
+    eps_low: float = LossConfig.eps_low
+    eps_high: float = LossConfig.eps_high
+    power: float = LossConfig.power
+    fixed_bounds: Optional[list[float]] = LossConfig.fixed_bounds
+    dual_clip_c: Optional[float] = LossConfig.dual_clip_c
+
+
+def _loss_config(method: str, loss_agg_mode: str, config: Any) -> LossConfig:
+    """Our LossConfig from verl's actor config (ActorConfig dataclass)."""
+    if config is None:
+        raise ValueError(f"loss_mode={method}: verl passed no actor config")
+    pl = config.policy_loss
+    ratio = dict(clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
+                 clip_ratio_c=config.clip_ratio_c)
+    if method not in ("ctpo", "ctpo_fixed"):
+        return LossConfig(method=method, loss_agg_mode=loss_agg_mode, **ratio)
+    if not isinstance(pl, CTPOPolicyLossConfig):
+        raise ValueError(
+            f"{_PREFIX}.policy_loss._target_: loss_mode={method} needs "
+            f"ctpo.verl_plugin.CTPOPolicyLossConfig (got {type(pl).__name__}); see ctpo.verl_plugin.verl_overrides"
+        )
+    fixed = None if pl.fixed_bounds is None else [float(x) for x in pl.fixed_bounds]
+    if (method == "ctpo") != (fixed is None):
+        raise ValueError(f"{_PREFIX}.policy_loss.fixed_bounds: must be null for loss_mode=ctpo and [lo, hi] for "
+                         f"ctpo_fixed, got {fixed} with loss_mode={method}")
+    return LossConfig(method=method, loss_agg_mode=loss_agg_mode, eps_low=pl.eps_low, eps_high=pl.eps_high,
+                      power=pl.power, fixed_bounds=fixed, dual_clip_c=pl.dual_clip_c, **ratio)
+
+
+def _verl_loss(method: str):
+    def loss_fn(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Optional[Any] = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg = _loss_config(method, loss_agg_mode, config)
+        loss_mat, metrics = policy_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg)
+        if rollout_is_weights is not None:
+            loss_mat = loss_mat * rollout_is_weights
+        loss = core_algos.agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
+                                   **config.global_batch_info)
+        out = {
+            "actor/pg_clipfrac": metrics[schema.CLIP_FRAC_LOW] + metrics[schema.CLIP_FRAC_HIGH],
+            "actor/pg_clipfrac_lower": metrics[schema.DUAL_CLIP_FRAC],
+            "actor/ppo_kl": -metrics[schema.LOG_RATIO_MEAN],
+        }
+        out.update(metrics)
+        return loss, out
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{method}"
+    loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={method} (ctpo.losses.policy_token_losses + verl agg_loss)."
+    return loss_fn
+
+
+def register() -> None:
+    """Register our losses; a name held by another module's function is an error, ours is replaced (re-import)."""
+    for name in REGISTERED:
+        existing = core_algos.POLICY_LOSS_REGISTRY.get(name)
+        if existing is not None and getattr(existing, "__module__", None) != __name__:
+            raise RuntimeError(
+                f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by "
+                f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', '?')}"
+            )
+        core_algos.POLICY_LOSS_REGISTRY.pop(name, None)
+        core_algos.register_policy_loss(name)(_verl_loss(name))
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in x) + "]"
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def verl_overrides(loss_cfg: LossConfig) -> list[str]:
+    """Hydra override strings (for verl's `ppo_trainer` config) that select and parameterise `loss_cfg.method`."""
+    m = loss_cfg.method
+    agg = [f"{_PREFIX}.loss_agg_mode={loss_cfg.loss_agg_mode}"]
+    ratio = [f"{_PREFIX}.clip_ratio_low={_fmt(loss_cfg.clip_ratio_low)}",
+             f"{_PREFIX}.clip_ratio_high={_fmt(loss_cfg.clip_ratio_high)}"]
+    if m in ("grpo", "full_seq"):
+        if loss_cfg.clip_ratio_c is None:
+            raise ValueError(f"loss.clip_ratio_c: verl's {m} loss always applies the PPO dual clip; set it "
+                             "(verl's default is 3.0)")
+        ratio.append(f"{_PREFIX}.clip_ratio_c={_fmt(loss_cfg.clip_ratio_c)}")
+    if m == "grpo":
+        return [f"{_PREFIX}.policy_loss.loss_mode=vanilla", *ratio, *agg]
+    if m == "gspo":
+        return [f"{_PREFIX}.policy_loss.loss_mode=gspo", *ratio, *agg]
+    lib = ["actor_rollout_ref.model.external_lib=ctpo.verl_plugin"]
+    if m == "full_seq":
+        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=full_seq", *ratio, *agg]
+    if m in ("ctpo", "ctpo_fixed"):
+        if m == "ctpo_fixed" and not loss_cfg.fixed_bounds:
+            raise ValueError("loss.fixed_bounds: method ctpo_fixed needs [lo, hi]")
+        fixed = loss_cfg.fixed_bounds if m == "ctpo_fixed" else None
+        pl = f"{_PREFIX}.policy_loss"
+        return [
+            *lib,
+            f"{pl}._target_={__name__}.{CTPOPolicyLossConfig.__name__}",
+            f"{pl}.loss_mode={m}",
+            f"+{pl}.eps_low={_fmt(loss_cfg.eps_low)}",
+            f"+{pl}.eps_high={_fmt(loss_cfg.eps_high)}",
+            f"+{pl}.power={_fmt(loss_cfg.power)}",
+            f"+{pl}.fixed_bounds={_fmt(fixed)}",
+            f"+{pl}.dual_clip_c={_fmt(loss_cfg.dual_clip_c)}",
+            *agg,
+        ]
+    raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")
+
+
+register()
