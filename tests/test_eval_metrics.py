@@ -176,3 +176,20 @@ def test_aggregate_seeds_gives_student_t_interval():
 def test_metrics_module_does_not_import_torch():
     code = "import sys, ctpo.eval.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_load_eval_checks_records_against_sidecar(tmp_path):
+    import json
+
+    recs = _records({"a": [True, False], "b": [True, True]})
+    path = tmp_path / "aime25.parquet"
+    recs.to_parquet(path)
+    (tmp_path / "aime25.json").write_text(json.dumps({"k": 2, "avg_at_k": 0.75}))
+    loaded, side = M.load_eval(path)
+    assert len(loaded) == 4 and side["k"] == 2
+    (tmp_path / "aime25.json").write_text(json.dumps({"k": 2, "avg_at_k": 0.5}))
+    with pytest.raises(M.EvalDataError, match=r"aime25\.json: avg_at_k 0\.5 does not match"):
+        M.load_eval(path)
+    (tmp_path / "aime25.json").write_text(json.dumps({"k": 3, "avg_at_k": 0.75}))
+    with pytest.raises(M.EvalDataError, match=r"aime25\.parquet: expected exactly k=3"):
+        M.load_eval(path)

@@ -246,3 +246,149 @@ def test_derive_seed_is_stable_and_distinct():
     digest = hashlib.sha256(b"0|10|aime25|3|0").digest()
     assert runner.derive_seed(0, 10, "aime25", "3", 0) == int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
     assert len({runner.derive_seed(s, 10, "aime25") for s in range(50)}) == 50
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+
+
+def _tiny_policy(directory: Path) -> Path:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    ))
+    model.save_pretrained(str(directory))
+    tok.save(directory)
+    return directory
+
+
+def _run_config(path: Path) -> Path:
+    from ctpo.config import load_experiment, resolve_run
+
+    cfg = resolve_run(load_experiment(REPO_ROOT / "configs" / "experiments" / "toy.yaml"), "toy_ctpo", 0)
+    cfg["eval"].update(k=2, max_problems=2, chunk_size=3)
+    cfg["rollout"].update(max_turns=2, max_response_tokens=20)
+    cfg["wandb"]["mode"] = "offline"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_cli_writes_records_and_provenance_sidecar(tmp_path):
+    from ctpo.agent import template_hash
+    from ctpo.eval.__main__ import main
+
+    policy = _tiny_policy(tmp_path / "policy")
+    config = _run_config(tmp_path / "seed0.json")
+    bench = _write_verl(tmp_path / "toy_arith.parquet", [_verl_row(q, a, i) for i, (q, a) in enumerate(QUESTIONS.items())])
+    out = tmp_path / "results" / "step10" / "toy_arith.parquet"
+    argv = ["--config", str(config), "--checkpoint", str(policy), "--benchmark", str(bench), "--step", "10",
+            "--out", str(out), "--backend", "hf"]
+    proc = subprocess.run([sys.executable, "-m", "ctpo.eval", *argv], capture_output=True, text=True,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"}, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    recs = pd.read_parquet(out)
+    assert list(recs.columns) == list(EVAL_COLUMNS)
+    assert sorted(zip(recs.problem_id, recs.sample_index)) == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]
+    assert (recs.response_length <= 20 * 2 + 2 * 32).all() and (recs.turns >= 1).all()
+    side = json.loads(out.with_suffix(".json").read_text())
+    for key in ("experiment", "run", "seed", "step", "benchmark", "label", "k", "n_problems", "avg_at_k",
+                "pass_at_k", "ci95", "extraction_failure_rate", "provenance"):
+        assert key in side, key
+    assert (side["experiment"], side["run"], side["step"], side["benchmark"], side["label"]) == (
+        "toy", "toy_ctpo", 10, "toy_arith", "toy")
+    assert side["k"] == 2 and side["n_problems"] == 2
+    assert side["avg_at_k"] == pytest.approx(recs.correct.mean())
+    assert side["extraction_failure_rate"] == pytest.approx(recs.extraction_failed.mean())
+    prov = side["provenance"]
+    weights = (policy / "model.safetensors").read_bytes()
+    expected_ckpt = hashlib.sha256(f"model.safetensors:{hashlib.sha256(weights).hexdigest()}\n".encode()).hexdigest()
+    assert prov["checkpoint"] == str(policy) and prov["checkpoint_sha256"] == expected_ckpt
+    assert prov["benchmark_sha256"] == hashlib.sha256(bench.read_bytes()).hexdigest()
+    import importlib.metadata as md
+
+    assert prov["backend"] == "hf" and prov["backend_version"] == md.version("transformers")
+    assert prov["torch_version"].split("+")[0] == md.version("torch").split("+")[0]
+    assert prov["tp_size"] == 1 and prov["dtype"] == "float32"
+    assert prov["sampling"]["temperature"] == 0.7 and prov["sampling"]["top_p"] == 1.0
+    assert prov["sampling"]["max_tokens"] == 20 and prov["sampling"]["max_turns"] == 2
+    assert prov["prompt_template_hash"] == template_hash("toy_tir")
+    assert prov["git_commit"] and len(prov["git_commit"]) == 40
+    assert not runner.partial_path(out).exists()
+
+    # the same evaluation in this process draws the same records (seeded per chunk, not by process)
+    again = tmp_path / "again" / "toy_arith.parquet"
+    assert main([*argv[:-4], "--out", str(again), "--backend", "hf"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(again), recs)
+
+
+def test_backend_choice_on_cpu():
+    from ctpo.eval.backend import resolve_backend
+
+    assert resolve_backend("auto") == "hf"
+    with pytest.raises(ValueError, match="--backend vllm"):
+        resolve_backend("vllm")
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        resolve_backend("tpu")
+
+
+def test_wandb_is_not_touched_when_offline(monkeypatch):
+    import wandb
+
+    from ctpo.config import load_run_config
+    from ctpo.eval.__main__ import log_to_wandb
+
+    def boom(*a, **k):
+        raise AssertionError("wandb.init called while offline")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_run_config(json.loads(_run_config_text()))
+    for mode in ("auto", "offline", "disabled"):
+        cfg.wandb.mode = mode
+        log_to_wandb(cfg, {"benchmark": "toy_arith", "step": 10})  # returns before any wandb call
+
+
+def _run_config_text() -> str:
+    from ctpo.config import load_experiment, resolve_run
+
+    return json.dumps(resolve_run(load_experiment(REPO_ROOT / "configs" / "experiments" / "toy.yaml"), "toy_ctpo", 0))
+
+
+def test_wandb_online_logs_eval_metrics_under_benchmark_prefix(monkeypatch):
+    import wandb
+
+    from ctpo.config import load_run_config
+    from ctpo.eval.__main__ import log_to_wandb
+
+    seen = {}
+
+    class FakeRun:
+        def log(self, metrics):
+            seen["metrics"] = metrics
+
+        def finish(self):
+            seen["finished"] = True
+
+    def fake_init(**kwargs):
+        seen["init"] = kwargs
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    cfg = load_run_config(json.loads(_run_config_text()))
+    cfg.wandb.mode = "online"
+    summary = {"benchmark": "toy_arith", "step": 10, "label": "toy", "avg_at_k": 0.25, "ci95": [0.1, 0.4],
+               "extraction_failure_rate": 0.5, "pass_at_k": {"1": 0.25, "4": 0.5}, "provenance": {"backend": "hf"}}
+    log_to_wandb(cfg, summary)
+    assert seen["init"]["job_type"] == "eval" and seen["init"]["mode"] == "online"
+    assert seen["metrics"] == {
+        "eval/toy_arith/avg_at_k": 0.25, "eval/toy_arith/ci95_lo": 0.1, "eval/toy_arith/ci95_hi": 0.4,
+        "eval/toy_arith/extraction_failure_rate": 0.5, "eval/toy_arith/pass_at_1": 0.25,
+        "eval/toy_arith/pass_at_4": 0.5, "train_step": 10,
+    }
+    assert seen["finished"]

@@ -68,10 +68,10 @@ def build_generator(backend: str, checkpoint: str, cfg):
         tokenizer = load_tokenizer(checkpoint)
         generator = VLLMGenerator(
             checkpoint,
-            tokenizer=tokenizer,
-            tensor_parallel_size=cfg.eval.tp_size,
+            tp_size=cfg.eval.tp_size,
             dtype=cfg.model.dtype,
             max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens,
+            seed=cfg.seed,
         )
         return generator, tokenizer
     from ctpo.agent import HFGenerator, load_policy

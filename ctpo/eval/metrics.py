@@ -13,7 +13,9 @@ Uncertainty is over problems: a percentile bootstrap that resamples problems wit
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -225,3 +227,25 @@ def summarize(records: pd.DataFrame, k: int, source: str, n_boot: int = N_BOOT, 
         "ci95": bootstrap_ci(c / k, n_boot=n_boot, seed=seed),
         "extraction_failure_rate": float(records["extraction_failed"].astype(bool).mean()),
     }
+
+
+def load_eval(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(records, sidecar) of one evaluation `{bench}.parquet` + `{bench}.json`, checked: k samples per problem
+    (k from the sidecar) and the sidecar's avg@k equal to the records' (a stale or mixed-up pair fails)."""
+    path = Path(path)
+    side_path = path.with_suffix(".json")
+    for p in (path, side_path):
+        if not p.is_file():
+            raise EvalDataError(f"{p}: evaluation output not found")
+    records = pd.read_parquet(path)
+    sidecar = json.loads(side_path.read_text())
+    if "k" not in sidecar or "avg_at_k" not in sidecar:
+        raise EvalDataError(f"{side_path}: expected keys 'k' and 'avg_at_k'")
+    k = int(sidecar["k"])
+    check_k_samples(records, k, str(path))
+    recomputed = avg_at_k(correct_counts(records)["c"].to_numpy(), k)
+    if not math.isclose(recomputed, float(sidecar["avg_at_k"]), abs_tol=1e-9):
+        raise EvalDataError(
+            f"{side_path}: avg_at_k {sidecar['avg_at_k']} does not match its records ({recomputed}); rerun the evaluation"
+        )
+    return records, sidecar
