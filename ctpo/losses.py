@@ -121,7 +121,7 @@ def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, belo
     abs_max = log_r.abs().max() if log_r.numel() else torch.zeros((), device=log_r.device)
     below = below & mask
     above = above & mask
-    mean_cum = log_rho_cum.sum() / n
+    mean_cum = torch.where(mask, log_rho_cum, 0.0).sum() / n  # cumsum carries values onto masked slots
     centred = torch.where(mask, log_rho_cum - mean_cum, 0.0)
     return {
         schema.CLIP_FRAC: (below | above).sum() / n,
