@@ -1,0 +1,122 @@
+"""`CtpoTirAgentLoop`: the TIR loop inside verl's multi-turn rollout (agent name `ctpo_tir`).
+
+Enable with `actor_rollout_ref.rollout.agent.agent_loop_config_path=configs/verl/agent_loop.yaml` and
+`actor_rollout_ref.rollout.agent.default_agent_loop=ctpo_tir` (or a dataset column `agent_name`).
+The YAML entry's `rollout` mapping holds `RolloutConfig` fields (the verl backend writes the run's
+resolved `rollout` section there; unknown keys raise).
+
+Generation goes through verl's async server manager (token ids in, token ids + log-probs out); the
+turn rule, observations and infra retries are `ctpo.agent.turns` (the same code as the CPU loop).
+The response budget is `min(rollout.max_response_tokens, verl rollout.response_length)`.
+Trajectories that SimpleTIR masks (finish "void" with `void_turn_masking`) and trajectories whose
+sandbox infrastructure failed (finish "infra") get an all-zero `response_mask`: they add nothing to
+the loss. `extra_fields` carries finish_reason, tool_calls, infra_failures and void for metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from uuid import uuid4
+
+from omegaconf import OmegaConf
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+
+from ctpo.agent.loop import sandbox_runner
+from ctpo.agent.template import load_template, render_prompt
+from ctpo.agent.turns import EpisodeState, execute_with_retry
+from ctpo.config import ConfigError, RolloutConfig
+
+MASKED_FINISHES = ("void", "infra")
+
+
+def rollout_config_from(overrides) -> RolloutConfig:
+    """RolloutConfig defaults <- `overrides` (dict / DictConfig / None); unknown keys raise ConfigError."""
+    base = OmegaConf.structured(RolloutConfig)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(dict(overrides or {})))
+    except Exception as e:
+        raise ConfigError(f"configs/verl/agent_loop.yaml: bad 'rollout' entry: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def question_from_messages(messages) -> str:
+    """The last user message's text (verl's `raw_prompt` is a list of chat messages)."""
+    for m in reversed(list(messages)):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                return "".join(c.get("text", "") for c in content if isinstance(c, dict))
+    raise ValueError("raw_prompt: no user message with text content")
+
+
+@register("ctpo_tir")
+class CtpoTirAgentLoop(AgentLoopBase):
+    def __init__(self, *args, tools=None, rollout=None, sandbox=None, **kwargs):
+        """args/kwargs: verl's AgentLoopBase arguments (trainer_config, server_manager, tokenizer, ...).
+        rollout: RolloutConfig overrides. sandbox: optional `run_many` object (tests); tools: unused,
+        the loop runs code itself."""
+        super().__init__(*args, **kwargs)
+        self.cfg = rollout_config_from(rollout)
+        self.template = load_template(self.cfg.template)
+        self.response_length = self.rollout_config.response_length
+        self.run_batch = sandbox_runner(self.cfg, sandbox)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
+        question = question_from_messages(kwargs["raw_prompt"])
+        prompt_ids = self._encode(render_prompt(question, self.cfg.template, enable_thinking=self.cfg.enable_thinking))
+        state = EpisodeState.from_rollout_config(prompt_ids, self.cfg)
+        state.max_response_tokens = min(self.cfg.max_response_tokens, self.response_length)
+        await run_turns(state, self, sampling_params, uuid4().hex)
+        mask = list(state.response_mask)
+        if state.finish_reason in MASKED_FINISHES:
+            mask = [0] * len(mask)
+        return AgentLoopOutput(
+            prompt_ids=state.prompt_ids,
+            response_ids=state.response_ids,
+            response_mask=mask,
+            response_logprobs=state.response_logprobs,
+            num_turns=1 + state.turns + state.tool_calls,  # user + assistant + tool messages
+            metrics={},
+            extra_fields={
+                "finish_reason": state.finish_reason,
+                "tool_calls": state.tool_calls,
+                "infra_failures": state.infra_failures,
+                "void": int(state.finish_reason == "void"),
+            },
+        )
+
+
+async def run_turns(state: EpisodeState, agent: CtpoTirAgentLoop, sampling_params: dict, request_id: str) -> None:
+    """Drive one episode: generate a turn with `agent.server_manager`, run its code, repeat."""
+    loop = asyncio.get_running_loop()
+    eos = agent.tokenizer.eos_token_id
+    while state.live and state.turns < state.max_turns:
+        budget = state.remaining
+        sp = dict(sampling_params)
+        sp.update(max_tokens=budget, stop=list(agent.template.stop), include_stop_str_in_output=True, logprobs=True)
+        out = await agent.server_manager.generate(request_id=request_id, prompt_ids=state.context_ids(), sampling_params=sp)
+        ids = list(out.token_ids)[:budget]
+        if out.log_probs is None:
+            raise RuntimeError("the rollout server returned no log-probs: set actor_rollout_ref.rollout.calculate_log_probs=True")
+        lps = list(out.log_probs)[: len(ids)]
+        if len(out.token_ids) >= budget:
+            finish = "length"
+        elif ids and ids[-1] == eos:
+            finish = "eos"
+        else:
+            finish = "stop"
+        text = agent.tokenizer.decode(ids, skip_special_tokens=False)
+        code = state.add_model_turn(ids, lps, finish, text)
+        if code is None:
+            continue
+        results, _ = await loop.run_in_executor(
+            None, execute_with_retry, [agent.template.code_prelude + code], agent.run_batch
+        )
+        state.add_tool_result(results[0], agent.template, agent._encode)
+    if state.live:
+        state.finish_reason = "max_turns"

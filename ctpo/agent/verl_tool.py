@@ -1,0 +1,80 @@
+"""`PythonSandboxTool`: verl `BaseTool` running a Python program in ctpo's sandbox.
+
+Configured through `actor_rollout_ref.rollout.multi_turn.tool_config_path=configs/verl/tool_config.yaml`.
+Same observation text and infra-retry rule as the TIR loop (`ctpo.agent.turns`). An infrastructure
+failure that persists after retries is never shown to the model as an error: the response is empty
+and the metrics carry `infra_failure = 1`.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from verl.tools.base_tool import BaseTool
+from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
+
+from ctpo.agent.template import load_template
+from ctpo.agent.turns import execute_with_retry, format_observation
+from ctpo.config import ConfigError
+
+DEFAULT_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "code_interpreter",
+        "description": "Run a Python program in a sandbox and return what it prints.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "The Python program to run."}},
+            "required": ["code"],
+        },
+    },
+}
+CONFIG_KEYS = {"type": str, "template": str, "timeout_s": (int, float), "obs_max_chars": int, "concurrency": int}
+
+
+def check_tool_config(config: dict) -> dict:
+    """The tool's `config` block: every key in CONFIG_KEYS, nothing else (one-line errors)."""
+    for key, kind in CONFIG_KEYS.items():
+        if key not in config:
+            raise ConfigError(f"tool_config: PythonSandboxTool config is missing key '{key}'")
+        if not isinstance(config[key], kind):
+            raise ConfigError(f"tool_config: PythonSandboxTool config key '{key}' has the wrong type")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"tool_config: PythonSandboxTool config has unknown key(s) {unknown}")
+    return config
+
+
+class PythonSandboxTool(BaseTool):
+    def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None = None, sandbox=None) -> None:
+        """config: see CONFIG_KEYS. sandbox: an object with `run_many(codes, timeout_s=...)` (default: the
+        module-level `ctpo.sandbox.run_many`)."""
+        self._schema = tool_schema or OpenAIFunctionToolSchema.model_validate(DEFAULT_SCHEMA)
+        super().__init__(check_tool_config(dict(config)), self._schema)
+        self.template = load_template(config["template"])
+        self.timeout_s = float(config["timeout_s"])
+        if sandbox is not None:
+            self._run_batch = lambda codes: sandbox.run_many(codes, timeout_s=self.timeout_s)
+        else:
+            from ctpo.sandbox import run_many
+
+            self._run_batch = lambda codes: run_many(
+                codes, concurrency=config["concurrency"], timeout_s=self.timeout_s
+            )
+
+    def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:
+        return self._schema
+
+    async def execute(self, instance_id: str, parameters: dict[str, Any], **kwargs) -> tuple[ToolResponse, float, dict]:
+        code = parameters.get("code") if isinstance(parameters, dict) else None
+        if not isinstance(code, str) or not code.strip():
+            return ToolResponse(text="Error: parameter 'code' must be a non-empty string"), 0.0, {"status": "error"}
+        loop = asyncio.get_running_loop()
+        results, attempts = await loop.run_in_executor(
+            None, execute_with_retry, [self.template.code_prelude + code], self._run_batch
+        )
+        r = results[0]
+        metrics = {"status": r.status, "attempts": attempts[0], "infra_failure": int(r.status == "infra")}
+        if r.status == "infra":
+            return ToolResponse(text=""), 0.0, metrics
+        return ToolResponse(text=format_observation(r, self.template, self.config["obs_max_chars"])), 0.0, metrics
