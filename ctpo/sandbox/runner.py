@@ -1,0 +1,307 @@
+"""Run one untrusted Python program in a fresh, isolated sandbox (`run_code`).
+
+Host side of `_child.py` (read its docstring for what happens inside). Each call:
+  - starts `python -I _child.py SPEC` in a new session, with a fixed minimal environment (no secrets);
+  - the child enters new mount/net/ipc/uts/pid namespaces (+ a user namespace when we are not root),
+    makes the whole mount tree read-only, mounts a private tmpfs work dir, drops privileges, sets
+    rlimits (CPU, address space, processes, open files, file size) and runs the code;
+  - the host enforces the wall-clock timeout by killing the namespace init (every process inside dies
+    with it and is reaped inside), caps captured stdout/stderr at `max_output_bytes` each, and maps
+    the end to one status: ok | error | timeout | memory | infra.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+_CHILD = str(Path(__file__).with_name("_child.py"))
+_SANDBOX_UID = 65534  # nobody: the uid user code runs as when the host is root
+_KILL_GRACE_S = 5.0
+_MEMORY_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+# A fixed environment: nothing from the host (API keys, tokens, cloud credentials) reaches the code.
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp/work",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MPLBACKEND": "Agg",
+}
+log = logging.getLogger(__name__)
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation (namespaces) cannot be set up here and `allow_unisolated` was not given."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of one execution. `status` is exactly one of ok | error | timeout | memory | infra.
+
+    ok: exit 0. error: nonzero exit or a fatal signal. timeout: wall clock or CPU-time limit hit.
+    memory: MemoryError / address-space limit. infra: the sandbox itself failed (never the code's fault).
+    `exit_code` is the exit status (negative signal number if killed), None for timeout/infra.
+    """
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    timed_out: bool
+    truncated: bool
+    wall_s: float
+    status: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Limits:
+    timeout_s: float
+    memory_mb: int
+    max_output_bytes: int
+    nproc: int
+    nofile: int
+    fsize_mb: int
+    disk_mb: int
+
+
+def _validate(code: object, lim: _Limits) -> None:
+    if not isinstance(code, str):
+        raise TypeError(f"run_code: code must be str, got {type(code).__name__}")
+    for name in ("timeout_s", "memory_mb", "max_output_bytes", "nproc", "nofile", "fsize_mb", "disk_mb"):
+        if not getattr(lim, name) > 0:
+            raise ValueError(f"run_code: {name} must be > 0, got {getattr(lim, name)!r}")
+
+
+def _host_mode() -> str:
+    return "root" if os.geteuid() == 0 else "userns"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(mode: str) -> str:
+    """Run a trivial program isolated; '' if it works, else the reason (cached per process)."""
+    lim = _Limits(10.0, 512, 4096, 16, 64, 1, 1)
+    res = _execute("print(7 * 6)", lim, mode)
+    if res.status == "ok" and res.stdout.strip() == "42":
+        return ""
+    return res.detail or f"probe returned status={res.status} stdout={res.stdout[:100]!r}"
+
+
+def isolation_mode(allow_unisolated: bool = False, isolation: str = "auto") -> str:
+    """The mode run_code will use: 'root' | 'userns' | 'none'. Raises SandboxUnavailable (fails closed)."""
+    if isolation not in ("auto", "root", "userns", "none"):
+        raise ValueError(f"run_code: isolation must be auto|root|userns|none, got {isolation!r}")
+    if isolation == "none" and not allow_unisolated:
+        raise SandboxUnavailable("isolation='none' requires allow_unisolated=True")
+    mode = _host_mode() if isolation == "auto" else isolation
+    if mode == "none":
+        return mode
+    reason = _probe(mode)
+    if not reason:
+        return mode
+    if not allow_unisolated:
+        raise SandboxUnavailable(
+            f"cannot isolate untrusted code ({mode} namespaces): {reason}. "
+            "Enable user namespaces (sysctl user.max_user_namespaces) or pass allow_unisolated=True."
+        )
+    msg = f"SANDBOX NOT ISOLATED: {reason}; running untrusted code with rlimits only (no network/fs isolation)"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    log.warning(msg)
+    return "none"
+
+
+def run_code(
+    code: str,
+    timeout_s: float = 10.0,
+    *,
+    memory_mb: int = 2048,
+    max_output_bytes: int = 1 << 20,
+    allow_unisolated: bool = False,
+    nproc: int = 256,
+    nofile: int = 256,
+    fsize_mb: int = 64,
+    disk_mb: int = 256,
+    isolation: str = "auto",
+) -> ExecResult:
+    """Execute `code` (a Python program, like `python -c`) in a fresh sandbox; never raises for bad code.
+
+    timeout_s: wall clock; CPU time is limited to ceil(timeout_s) + 1 s. memory_mb: address space.
+    max_output_bytes: cap per stream (excess is read and dropped; `truncated` is set).
+    nproc/nofile/fsize_mb: rlimits. disk_mb: size of the private tmpfs work dir.
+    isolation: 'auto' (root mode as root, else user namespaces), or force 'root'|'userns'|'none'.
+    Raises SandboxUnavailable when isolation is impossible and allow_unisolated is False.
+    """
+    lim = _Limits(float(timeout_s), memory_mb, max_output_bytes, nproc, nofile, fsize_mb, disk_mb)
+    _validate(code, lim)
+    return _execute(code, lim, isolation_mode(allow_unisolated, isolation))
+
+
+def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int) -> str:
+    import json
+
+    hide = sorted({"/root", os.path.expanduser("~")})
+    return json.dumps({
+        "mode": mode, "status_fd": status_fd, "uid": _SANDBOX_UID, "hide": hide, "workdir": workdir,
+        "cpu_s": math.ceil(lim.timeout_s) + 1, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
+        "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
+    })
+
+
+class _Capture:
+    """Bytes from one stream, keeping the first `cap` and counting the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.buf, self.dropped = cap, bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - len(self.buf)
+        self.buf += data[:room]
+        self.dropped += max(0, len(data) - room)
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", errors="replace")
+
+
+def _execute(code: str, lim: _Limits, mode: str) -> ExecResult:
+    t0 = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="ctpo-sbx-") if mode == "none" else ""
+    try:
+        return _execute_in(code, lim, mode, workdir, t0)
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float) -> ExecResult:
+    status_r, status_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", _CHILD, _spec(lim, mode, workdir, status_w)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=_ENV, cwd="/", start_new_session=True, pass_fds=(status_w,),
+            preexec_fn=None, close_fds=True,
+        )
+    except OSError as e:
+        os.close(status_r)
+        return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra", f"cannot start sandbox: {e}")
+    finally:
+        os.close(status_w)
+    return _drive(proc, status_r, code.encode("utf-8", "surrogatepass"), lim, t0)
+
+
+def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0: float) -> ExecResult:
+    """Feed stdin, capture output, enforce the wall clock, reap; then classify the end."""
+    out, err, status = _Capture(lim.max_output_bytes), _Capture(lim.max_output_bytes), bytearray()
+    readers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: None}
+    stdin_fd, pending = proc.stdin.fileno(), memoryview(code)
+    for fd in (*readers, stdin_fd):
+        os.set_blocking(fd, False)
+    deadline, timed_out, kill_at = t0 + lim.timeout_s, False, None
+    try:
+        while readers:
+            now = time.monotonic()
+            if not timed_out and now >= deadline:
+                timed_out, kill_at = True, now + _KILL_GRACE_S
+                _kill(proc, status)
+            if kill_at is not None and now >= kill_at:
+                break  # something outside the namespace kept a pipe open; give up reading
+            wait = (kill_at if timed_out else deadline) - now
+            wfds = [stdin_fd] if pending is not None else []
+            ready_r, ready_w, _ = select.select(list(readers), wfds, [], max(0.0, wait))
+            if ready_w:
+                try:
+                    pending = pending[os.write(stdin_fd, pending[: 1 << 16]) :]
+                except (BrokenPipeError, BlockingIOError):
+                    pending = pending if not pending else pending[len(pending) :]
+                if not pending:
+                    proc.stdin.close()
+                    pending = None
+            for fd in ready_r:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    del readers[fd]
+                elif readers[fd] is None:
+                    status += data
+                else:
+                    readers[fd].add(data)
+    finally:
+        if pending is not None:
+            proc.stdin.close()
+        os.close(status_r)
+        try:
+            proc.wait(timeout=_KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    wall = time.monotonic() - t0
+    res = _classify(status.decode("utf-8", "replace"), proc.returncode, timed_out, out, err, lim)
+    exit_code, st, detail = res
+    truncated = bool(out.dropped or err.dropped)
+    if truncated:
+        detail = (detail + "; " if detail else "") + f"output capped at {lim.max_output_bytes} bytes per stream"
+    return ExecResult(out.text(), err.text(), exit_code, timed_out, truncated, wall, st, detail)
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill(proc: subprocess.Popen, status: bytearray) -> None:
+    """Timeout: kill the namespace init (all inside die and are reaped by it; W reaps it), else the group."""
+    pids = [int(line[2:]) for line in status.decode().splitlines() if line.startswith("P ")]
+    if pids:
+        try:
+            os.kill(pids[0], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    else:
+        _killpg(proc.pid)
+
+
+def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: _Limits):
+    """(exit_code, status, detail) from the child's report; every end maps to exactly one status."""
+    lines = status.splitlines()
+    fails = [ln[2:] for ln in lines if ln.startswith("F ")]
+    ends = [ln.split() for ln in lines if ln.startswith("X ")]
+    if fails:
+        return None, "infra", f"sandbox setup failed: {fails[0]}"
+    if timed_out:
+        return None, "timeout", f"wall-clock limit of {lim.timeout_s:g} s exceeded; process tree killed"
+    if not ends or ends[0][1] != "1":
+        tail = err.text().strip().splitlines()[-1:] or [""]
+        return None, "infra", f"sandbox exited ({returncode}) without running the code: {tail[0][:200]}"
+    _, _, mem, how, val, rss_kb = ends[0]
+    val, mem = int(val), mem == "1"
+    last = (err.text().strip().splitlines() or [""])[-1]
+    if how == "signal":
+        name = signal.Signals(val).name if val in signal.Signals._value2member_map_ else str(val)
+        if val == signal.SIGXCPU:
+            return -val, "timeout", f"CPU-time limit of {math.ceil(lim.timeout_s) + 1} s exceeded (SIGXCPU)"
+        big = int(rss_kb) * 1024 >= (lim.memory_mb << 20) // 2
+        if mem or (val in _MEMORY_SIGNALS and big):
+            return -val, "memory", f"killed by {name} near the {lim.memory_mb} MB address-space limit"
+        return -val, "error", f"killed by signal {name}"
+    if mem or (val != 0 and last.split(":")[0].endswith("MemoryError")):
+        return val, "memory", f"MemoryError (address-space limit {lim.memory_mb} MB)"
+    if val == 0:
+        return 0, "ok", ""
+    return val, "error", f"exit code {val}" + (f": {last[:200]}" if last else "")
