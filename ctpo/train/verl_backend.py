@@ -1,0 +1,407 @@
+"""The GPU training backend: our RunConfig -> `python -m verl.trainer.main_ppo` (verl 0.9.1) with the
+paper's setup (arXiv 2605.07331, Sec. 4.1; the authors' released launcher), run as a child process.
+
+    python -m ctpo.train.verl_backend command --config C.json --results R --workdir W   # print the command
+    python -m ctpo.train.verl_backend run     --config C.json --results R --workdir W   # train
+    python -m ctpo.train.verl_backend merge   --workdir W --step N --done M.json        # FSDP -> HF
+
+Layout (W = runs/{exp}/{run}/seed{seed}, R = results/{exp}/train/{run}/seed{seed}):
+  W/checkpoints/global_step_N/actor   verl's FSDP checkpoints (`trainer.default_local_dir`), resume_mode=auto
+  W/checkpoints/latest_checkpointed_iteration.txt   the step count that decides "done" (not the exit code)
+  W/verl_logs/attempt{K}.jsonl        verl's file logger, one file per launch (verl truncates its file)
+  W/rollout_dumps/step{N}/*.npz       per-rank shards written by ctpo.verl_plugin (env CTPO_DUMP_DIR/_STEPS)
+  W/rollouts/step{N}.npz              merged dumps (ctpo.schema.ROLLOUT_ARRAYS) for the diagnostics
+  W/wandb_run_id, W/wandb/            W&B run id (reused on requeue: WANDB_RUN_ID + WANDB_RESUME=allow)
+  W/hf/step{N}/                       merged HF model for evaluation (`merge_checkpoint`)
+  R/metrics.jsonl, R/provenance.json, R/done.json
+
+Preemption: SIGTERM / SIGUSR1 / SIGINT are forwarded to verl's process group; verl has no signal-time
+save, so a preempted job loses the steps since its last checkpoint (at most save_freq - 1 = 19 steps,
+~hours at paper scale) and, on requeue, resumes from `latest_checkpointed_iteration.txt`. A checkpoint at
+an epoch boundary can resume into zero steps (verl issues 5725/7401): 40,315 prompts / 512 = 78 steps
+per epoch and saves every 20 steps never coincide before step 305 (lcm(20, 78) = 780).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ctpo.config import REPO_ROOT, RunConfig, load_run_config
+from ctpo.io import write_json, write_text
+
+VERL_MAIN = "verl.trainer.main_ppo"
+PLUGIN_MODULE = "ctpo.verl_plugin"
+AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml
+AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"
+TOOL_CONFIG = REPO_ROOT / "configs" / "verl" / "tool_config.yaml"
+REWARD_FILE = REPO_ROOT / "ctpo" / "reward.py"
+REWARD_FN = "compute_score"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+ROLLOUT_TP = 1  # paper: vLLM tensor parallel 1 per rollout replica
+GPU_MEMORY_UTILIZATION = 0.6  # paper: vLLM KV-cache share of GPU memory
+_RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
+
+
+class VerlRunError(RuntimeError):
+    """A verl run that ended without reaching its final step; the message names the workdir."""
+
+
+def _q(path: str | Path) -> str:
+    """A Hydra-quoted absolute path (survives '=', ',', spaces)."""
+    return '"' + str(Path(path).resolve()).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _b(x: bool) -> str:
+    return "true" if x else "false"
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / "checkpoints"
+
+
+def ray_temp_dir(workdir: str | Path) -> Path:
+    """`<workdir>/ray` when short enough for Ray's socket paths, else /tmp/ctpo-ray-<hash of workdir>."""
+    p = Path(workdir).resolve() / "ray"
+    if len(str(p)) <= _RAY_TMP_MAX:
+        return p
+    return Path("/tmp") / f"ctpo-ray-{hashlib.sha256(str(p).encode()).hexdigest()[:10]}"
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    """verl's `trainer.experiment_name` = the W&B run name (as ctpo.tracking names local runs)."""
+    return f"{cfg.run}-seed{cfg.seed}"
+
+
+def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
+    """Hydra overrides for everything but the loss (the paper's setup, values from `cfg`)."""
+    t, r, m = cfg.train, cfg.rollout, cfg.model
+    if not cfg.data.val:
+        raise ValueError("run config: data.val must name at least one validation parquet for the verl backend")
+    val = "[" + ",".join(_q(v) for v in cfg.data.val) + "]"
+    ckpt = checkpoint_dir(workdir).resolve()
+    a, ro = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    return [
+        # algorithm: GRPO advantages, no KL anywhere, sequence-level rollout IS (verl rollout_correction)
+        "algorithm.adv_estimator=grpo",
+        f"algorithm.norm_adv_by_std_in_grpo={_b(t.norm_adv_by_std)}",
+        "algorithm.use_kl_in_reward=false",
+        f"algorithm.rollout_correction.rollout_is={t.rollout_is if t.rollout_is else 'null'}",
+        f"algorithm.rollout_correction.rollout_is_threshold={float(t.rollout_is_threshold)}",
+        "algorithm.rollout_correction.rollout_is_batch_normalize=false",
+        "algorithm.rollout_correction.bypass_mode=false",
+        # data: DeepScaleR train, benchmark val, long prompts filtered (never truncated)
+        f"data.train_files={_q(cfg.data.train)}",
+        f"data.val_files={val}",
+        f"data.train_batch_size={t.prompts_per_step}",
+        f"data.max_prompt_length={r.max_prompt_tokens}",
+        f"data.max_response_length={r.max_response_tokens}",
+        "data.filter_overlong_prompts=true",
+        "data.truncation=error",
+        "data.return_raw_chat=true",
+        f"data.seed={cfg.seed}",
+        f"+data.apply_chat_template_kwargs.enable_thinking={_b(r.enable_thinking)}",
+        # model + our plugin (registers the ctpo losses in every worker at import)
+        f"actor_rollout_ref.model.path={m.path}",
+        f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
+        "actor_rollout_ref.model.use_remove_padding=true",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=true",
+        # actor: PPO batch sizes in prompts (verl multiplies by rollout.n), lr constant, no KL / entropy
+        f"{a}.ppo_mini_batch_size={t.mini_batch_prompts}",
+        f"{a}.ppo_micro_batch_size_per_gpu={t.micro_batch_size_per_gpu}",
+        f"{a}.ppo_epochs=1",
+        f"{a}.optim.lr={float(t.lr)}",
+        f"{a}.optim.lr_scheduler_type=constant",
+        f"{a}.optim.lr_warmup_steps_ratio=0.0",
+        f"{a}.optim.weight_decay={float(t.weight_decay)}",
+        f"{a}.optim.clip_grad={float(t.grad_clip)}",
+        f"{a}.grad_clip={float(t.grad_clip)}",
+        f"{a}.use_kl_loss=false",
+        f"{a}.kl_loss_coef=0.0",
+        f"{a}.entropy_coeff=0.0",
+        f"{a}.fsdp_config.param_offload=true",
+        f"{a}.fsdp_config.optimizer_offload=true",
+        f"{a}.checkpoint.save_contents=[model,optimizer,extra]",
+        # rollout: vLLM async server, TP 1, behaviour log-probs for rollout IS
+        f"{ro}.name=vllm",
+        f"{ro}.mode=async",
+        f"{ro}.tensor_model_parallel_size={ROLLOUT_TP}",
+        f"{ro}.gpu_memory_utilization={GPU_MEMORY_UTILIZATION}",
+        f"{ro}.calculate_log_probs=true",
+        f"{ro}.n={r.n}",
+        f"{ro}.temperature={float(r.temperature)}",
+        f"{ro}.top_p={float(r.top_p)}",
+        f"{ro}.seed={cfg.seed}",
+        f"{ro}.log_prob_micro_batch_size_per_gpu={t.micro_batch_size_per_gpu}",
+        f"{ro}.val_kwargs.n={cfg.eval.k}",
+        f"{ro}.val_kwargs.temperature={float(cfg.eval.temperature)}",
+        f"{ro}.val_kwargs.top_p={float(cfg.eval.top_p)}",
+        f"{ro}.val_kwargs.do_sample=true",
+        # multi-turn TIR: our agent loop and sandbox tool
+        f"{ro}.multi_turn.enable=true",
+        f"{ro}.multi_turn.max_assistant_turns={r.max_turns}",
+        f"{ro}.multi_turn.max_user_turns={r.max_turns}",
+        f"{ro}.multi_turn.max_tool_response_length={r.max_obs_tokens}",
+        f"{ro}.multi_turn.tool_config_path={_q(TOOL_CONFIG)}",
+        f"{ro}.agent.agent_loop_config_path={_q(AGENT_LOOP_CONFIG)}",
+        f"{ro}.agent.default_agent_loop={AGENT_LOOP_NAME}",
+        # reward: math-verify based scorer
+        f"reward.custom_reward_function.path={_q(REWARD_FILE)}",
+        f"reward.custom_reward_function.name={REWARD_FN}",
+        # trainer: 1 node x 8 GPUs, 305 steps, save + validate every 20, resume from our workdir
+        f"trainer.nnodes={t.n_nodes}",
+        f"trainer.n_gpus_per_node={t.n_gpus}",
+        f"trainer.total_training_steps={t.total_steps}",
+        f"trainer.save_freq={t.save_freq}",
+        f"trainer.test_freq={t.test_freq}",
+        "trainer.val_before_train=false",
+        "trainer.resume_mode=auto",
+        f"trainer.default_local_dir={_q(ckpt)}",
+        f"trainer.project_name={cfg.wandb.project}",
+        f"trainer.experiment_name={experiment_name(cfg)}",
+        f"trainer.logger={_loggers(cfg)}",
+        # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash)
+        f"+ray_kwargs.ray_init._temp_dir={_q(ray_temp_dir(workdir))}",
+        "+ray_kwargs.ray_init.include_dashboard=false",
+    ]
+
+
+def _loggers(cfg: RunConfig) -> str:
+    from ctpo.tracking import resolve_mode
+
+    loggers = ["console", "file"]  # file: verl's FileLogger -> VERL_FILE_LOGGER_PATH (our metrics source)
+    if resolve_mode(cfg.wandb.mode) != "disabled":
+        loggers.append("wandb")
+    return "[" + ",".join(loggers) + "]"
+
+
+def build_command(cfg: RunConfig, results_dir: str | Path, workdir: str | Path) -> list[str]:
+    """argv of the verl run: `python -m verl.trainer.main_ppo <overrides>` (loss from ctpo.verl_plugin)."""
+    from ctpo.verl_plugin import verl_overrides
+
+    del results_dir  # verl writes nothing into results/; we convert after the run (`finalize`)
+    return [sys.executable, "-m", VERL_MAIN, *paper_overrides(cfg, workdir), *verl_overrides(cfg.loss)]
+
+
+def format_command(argv: list[str]) -> str:
+    """Shell-quoted, one override per line (what `--print-command` shows)."""
+    head = " ".join(shlex.quote(a) for a in argv[:3])
+    return " \\\n    ".join([head, *(shlex.quote(a) for a in argv[3:])]) + "\n"
+
+
+# ----------------------------------------------------------------------------- W&B and environment
+
+
+def wandb_run_id(cfg: RunConfig, workdir: str | Path) -> str:
+    """The run's W&B id: read from `<workdir>/wandb_run_id`, else derived from (experiment, run, seed) and stored."""
+    from ctpo.tracking import RUN_ID_FILE, run_id_for
+
+    f = Path(workdir) / RUN_ID_FILE
+    if f.is_file():
+        rid = f.read_text().strip()
+        if rid:
+            return rid
+    rid = run_id_for(cfg.experiment, cfg.run, cfg.seed)
+    write_text(f, rid + "\n")
+    return rid
+
+
+def next_attempt(workdir: str | Path) -> int:
+    logs = Path(workdir) / "verl_logs"
+    return 1 + len(list(logs.glob("attempt*.jsonl"))) if logs.is_dir() else 1
+
+
+def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None = None) -> dict:
+    """Environment of the verl process: W&B resume, file-logger path, rollout-dump contract, no foreign Ray."""
+    from ctpo.tracking import resolve_mode
+
+    workdir = Path(workdir).resolve()
+    env = dict(os.environ if base is None else base)
+    env.pop("RAY_ADDRESS", None)  # never attach to somebody else's cluster
+    env["WANDB_RUN_ID"] = wandb_run_id(cfg, workdir)
+    env["WANDB_RESUME"] = "allow"
+    env["WANDB_RUN_GROUP"] = f"{cfg.experiment}/{cfg.loss.method}"
+    env["WANDB_DIR"] = str(workdir)
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode != "disabled":
+        env["WANDB_MODE"] = mode
+    if cfg.wandb.entity:
+        env["WANDB_ENTITY"] = cfg.wandb.entity
+    env["VERL_FILE_LOGGER_PATH"] = str(workdir / "verl_logs" / f"attempt{attempt}.jsonl")
+    env["CTPO_DUMP_DIR"] = str(workdir / "rollout_dumps")
+    env["CTPO_DUMP_STEPS"] = ",".join(str(s) for s in cfg.train.dump_steps)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def latest_step(workdir: str | Path) -> int:
+    """verl's last saved step (0 when none): the only evidence of progress we trust."""
+    f = checkpoint_dir(workdir) / LATEST_FILE
+    if not f.is_file():
+        return 0
+    text = f.read_text().strip()
+    if not text.isdigit():
+        raise VerlRunError(f"{f}: expected an integer step, got {text!r}")
+    return int(text)
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    d = checkpoint_dir(workdir)
+    steps = []
+    for p in d.glob("global_step_*") if d.is_dir() else []:
+        tail = p.name.removeprefix("global_step_")
+        if tail.isdigit() and (p / "actor").is_dir():
+            steps.append(int(tail))
+    return sorted(steps)
+
+
+def run_verl(argv: list[str], env: dict, log_path: Path | None = None) -> int:
+    """Run verl in its own process group; forward SIGTERM/SIGUSR1/SIGINT to that group; return its exit code."""
+    out = open(log_path, "ab") if log_path is not None else None
+    try:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out is not None:
+            out.close()
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, command: list[str]) -> dict:
+    """After verl: metrics.jsonl, rollout npz, provenance.json, then done.json (only if the step count says so)."""
+    from dataclasses import asdict
+
+    from ctpo.provenance import provenance
+    from ctpo.train.verl_dumps import convert_dumps
+    from ctpo.train.verl_metrics import convert_logs
+
+    results_dir, workdir = Path(results_dir), Path(workdir)
+    final = latest_step(workdir)
+    if final < cfg.train.total_steps:
+        raise VerlRunError(
+            f"{checkpoint_dir(workdir) / LATEST_FILE}: last saved step {final} < train.total_steps "
+            f"{cfg.train.total_steps}; the run is not done (rerun to resume)"
+        )
+    n_rows = convert_logs(sorted((workdir / "verl_logs").glob("attempt*.jsonl")), results_dir / "metrics.jsonl")
+    dumped = convert_dumps(workdir / "rollout_dumps", workdir / "rollouts", cfg.train.dump_steps)
+    cfg_dict = asdict(cfg)
+    prov = provenance(cfg_dict)
+    prov.update({"backend": "verl", "command": command, "workdir": str(workdir)})
+    write_json(results_dir / "provenance.json", prov)
+    done = {
+        "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "backend": "verl",
+        "final_step": final, "total_steps": cfg.train.total_steps, "saved_steps": saved_steps(workdir),
+        "metrics_rows": n_rows, "rollout_dumps": dumped, "wandb_run_id": wandb_run_id(cfg, workdir),
+        "config_hash": prov["config_hash"], "attempts": next_attempt(workdir) - 1,
+    }
+    write_json(results_dir / "done.json", done)
+    return done
+
+
+def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False) -> int:
+    """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs."""
+    workdir = Path(workdir)
+    argv = build_command(cfg, results_dir, workdir)
+    if print_command:
+        sys.stdout.write(format_command(argv))
+        return 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    if latest_step(workdir) < cfg.train.total_steps:
+        attempt = next_attempt(workdir)
+        env = run_env(cfg, workdir, attempt)
+        (workdir / "verl_logs").mkdir(parents=True, exist_ok=True)
+        write_text(workdir / "verl_logs" / f"attempt{attempt}.cmd", format_command(argv))
+        print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)
+        rc = run_verl(argv, env)
+        if rc != 0 and latest_step(workdir) < cfg.train.total_steps:
+            print(f"[ctpo] verl exited with {rc} at saved step {latest_step(workdir)}; rerun to resume", file=sys.stderr)
+            return rc if rc > 0 else 128 - rc
+    finalize(cfg, results_dir, workdir, argv)
+    return 0
+
+
+# ----------------------------------------------------------------------------- merging (FSDP -> HF)
+
+
+def merge_command(workdir: str | Path, step: int, target_dir: str | Path) -> list[str]:
+    """verl's model merger on `global_step_{step}/actor` -> an HF dir (weights, config, tokenizer)."""
+    actor = checkpoint_dir(workdir) / f"global_step_{step}" / "actor"
+    return [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+            "--local_dir", str(actor), "--target_dir", str(target_dir)]
+
+
+def hf_dir(workdir: str | Path, step: int) -> Path:
+    return Path(workdir) / "hf" / f"step{step}"
+
+
+def merge_checkpoint(workdir: str | Path, step: int) -> Path:
+    """Merge step `step` to `<workdir>/hf/step{step}` (written to a temp dir, renamed when complete)."""
+    import shutil
+
+    actor = checkpoint_dir(workdir) / f"global_step_{step}" / "actor"
+    if not actor.is_dir():
+        have = saved_steps(workdir)
+        raise FileNotFoundError(f"{actor}: no verl checkpoint for step {step} (saved steps: {have})")
+    target = hf_dir(workdir, step)
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(merge_command(workdir, step, tmp), check=True)
+    if not (tmp / "config.json").is_file():
+        raise VerlRunError(f"{tmp}: verl's model merger wrote no config.json")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ctpo.train.verl_backend", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("command", "run"):
+        s = sub.add_parser(name, help=f"{name} the verl training run of a resolved run config")
+        s.add_argument("--config", required=True, help="resolved run config (.json or .yaml)")
+        s.add_argument("--results", required=True, help="results/{exp}/train/{run}/seed{seed}")
+        s.add_argument("--workdir", required=True, help="runs/{exp}/{run}/seed{seed}")
+    m = sub.add_parser("merge", help="merge global_step_N/actor to <workdir>/hf/stepN, then write the marker")
+    m.add_argument("--workdir", required=True)
+    m.add_argument("--step", type=int, required=True)
+    m.add_argument("--done", required=True, help="marker JSON written (atomically) after the merge")
+    return p
+
+
+def cli(args: list[str] | None = None) -> int:
+    a = _parser().parse_args(args)
+    if a.cmd == "merge":
+        out = merge_checkpoint(a.workdir, a.step)
+        write_json(a.done, {"workdir": str(a.workdir), "step": a.step, "hf_dir": str(out)})
+        return 0
+    cfg = load_run_config(a.config)
+    return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

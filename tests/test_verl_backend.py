@@ -1,0 +1,309 @@
+"""The verl launcher: the composed verl config carries the paper's setup; metrics / dump conversion;
+W&B id stability; done only by step count; signal forwarding; print-command and merge commands."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctpo import schema
+from ctpo.config import load_experiment, load_run_config, resolve_run
+from ctpo.train import verl_backend as vb
+from ctpo.train.verl_dumps import DumpError, convert_dumps
+from ctpo.train.verl_metrics import convert_logs
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = load_experiment(ROOT / "configs" / "experiments" / "paper.yaml")
+RUNS = {"grpo": "qwen3_4b_grpo", "gspo": "qwen3_4b_gspo", "ctpo": "qwen3_4b_ctpo", "ctpo_fixed": "qwen3_14b_ctpo_fixed"}
+
+
+def _cfg(method: str, seed: int = 0):
+    return load_run_config(resolve_run(PAPER, RUNS[method], seed))
+
+
+def _compose(overrides: list[str]):
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("ppo_trainer", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    """method -> (RunConfig, composed verl DictConfig, workdir) for the four paper methods."""
+    out = {}
+    for method in RUNS:
+        cfg = _cfg(method)
+        wd = tmp_path_factory.mktemp(method) / "runs" / "paper" / RUNS[method] / "seed0"
+        argv = vb.build_command(cfg, tmp_path_factory.mktemp("results"), wd)
+        assert argv[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
+        out[method] = (cfg, _compose(argv[3:]), wd)
+    return out
+
+
+# the paper's values, written out here independently of configs/ (paper Sec. 4.1 + authors' launcher)
+PAPER_LOSS = {
+    "grpo": {"loss_mode": "vanilla", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "loss_agg_mode": "token-mean"},
+    "gspo": {"loss_mode": "gspo", "clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"},
+    "ctpo": {"loss_mode": "ctpo", "eps_low": 0.025, "eps_high": 0.05, "power": 0.5, "fixed_bounds": None,
+             "dual_clip_c": 0.05, "loss_agg_mode": "token-mean"},
+    "ctpo_fixed": {"loss_mode": "ctpo_fixed", "fixed_bounds": [0.5, 5.0], "power": 0.5, "dual_clip_c": 0.05,
+                   "loss_agg_mode": "token-mean"},
+}
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_composed_verl_config_has_the_paper_setup(composed, method):
+    cfg, c, wd = composed[method]
+    a, ro, d, t, alg = c.actor_rollout_ref.actor, c.actor_rollout_ref.rollout, c.data, c.trainer, c.algorithm
+    model = "Qwen/Qwen3-14B" if "14b" in RUNS[method] else "Qwen/Qwen3-4B"
+    assert c.actor_rollout_ref.model.path == model
+    assert c.actor_rollout_ref.model.external_lib == "ctpo.verl_plugin"
+    assert d.train_files == str((ROOT / "data/deepscaler/train.parquet").resolve())
+    assert list(d.val_files) == [str(ROOT / f"data/benchmarks/{b}.parquet") for b in ("aime25", "aime26")]
+    assert (d.train_batch_size, ro.n, a.ppo_mini_batch_size, a.ppo_micro_batch_size_per_gpu) == (512, 8, 32, 1)
+    assert (d.max_prompt_length, d.max_response_length) == (16000, 8000)
+    assert d.filter_overlong_prompts is True and d.truncation == "error"
+    assert d.apply_chat_template_kwargs.enable_thinking is False
+    assert a.optim.lr == pytest.approx(1e-6) and a.optim.lr_scheduler_type == "constant"
+    assert a.optim.lr_warmup_steps_ratio == 0.0 and a.optim.clip_grad == 1.0 and a.grad_clip == 1.0
+    assert a.use_kl_loss is False and a.kl_loss_coef == 0.0 and a.entropy_coeff == 0.0
+    assert alg.use_kl_in_reward is False and alg.adv_estimator == "grpo" and alg.norm_adv_by_std_in_grpo is True
+    assert a.fsdp_config.param_offload is True and a.fsdp_config.optimizer_offload is True
+    assert (ro.name, ro.mode, ro.tensor_model_parallel_size) == ("vllm", "async", 1)
+    assert ro.gpu_memory_utilization == 0.6 and ro.calculate_log_probs is True
+    assert ro.multi_turn.enable is True
+    assert (ro.multi_turn.max_assistant_turns, ro.multi_turn.max_user_turns) == (5, 5)
+    assert ro.multi_turn.tool_config_path == str(ROOT / "configs/verl/tool_config.yaml")
+    assert ro.agent.agent_loop_config_path == str(ROOT / "configs/verl/agent_loop.yaml")
+    assert ro.agent.default_agent_loop == "ctpo_tir"
+    assert (ro.val_kwargs.n, ro.val_kwargs.temperature, ro.val_kwargs.top_p, ro.val_kwargs.do_sample) == (32, 0.7, 1.0, True)
+    rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
+    assert (rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.bypass_mode) == (
+        "sequence", 5.0, False, False)
+    assert c.reward.custom_reward_function.path == str(ROOT / "ctpo/reward.py")
+    assert c.reward.custom_reward_function.name == "compute_score"
+    assert (t.nnodes, t.n_gpus_per_node, t.total_training_steps) == (1, 8, 305)
+    assert (t.save_freq, t.test_freq, t.val_before_train, t.resume_mode) == (20, 20, False, "auto")
+    assert t.default_local_dir == str((wd / "checkpoints").resolve())
+    assert "console" in t.logger and "file" in t.logger
+    assert t.experiment_name == f"{RUNS[method]}-seed0" and t.project_name == "ctpo-repro"
+    ray_tmp = c.ray_kwargs.ray_init._temp_dir
+    assert len(ray_tmp) <= 32 and c.ray_kwargs.ray_init.include_dashboard is False
+    # loss: on the composed config and on the dataclass verl's workers build from it
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = omega_conf_to_dataclass(a)
+    for key, want in PAPER_LOSS[method].items():
+        if key == "loss_agg_mode":
+            assert actor.loss_agg_mode == want
+        elif key in ("clip_ratio_low", "clip_ratio_high"):
+            assert getattr(actor, key) == pytest.approx(want)
+        else:
+            got = getattr(actor.policy_loss, key)
+            if got is not None and not isinstance(got, (str, int, float)):
+                got = [float(x) for x in got]
+            assert got == want, key
+
+
+@pytest.mark.parametrize("method", ["grpo", "ctpo"])
+def test_composed_config_passes_verl_validation(composed, method):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    _, c, _ = composed[method]
+    assert not need_reference_policy(c) and not need_critic(c)  # no KL: no reference model; GRPO: no critic
+    validate_config(c, use_reference_policy=False, use_critic=False)
+
+
+def test_typo_in_an_override_fails_composition():
+    from hydra.errors import ConfigCompositionException
+
+    argv = vb.build_command(_cfg("ctpo"), "/tmp/r", "/tmp/w")
+    with pytest.raises(ConfigCompositionException):
+        _compose([*argv[3:], "actor_rollout_ref.actor.ppo_mini_batchsize=32"])
+
+
+def test_seed_and_norm_adv_follow_the_run_config():
+    d = resolve_run(PAPER, "qwen3_4b_grpo", 3)
+    d["train"]["norm_adv_by_std"] = False
+    c = _compose(vb.build_command(load_run_config(d), "/tmp/r", "/tmp/w")[3:])
+    assert c.data.seed == 3 and c.actor_rollout_ref.rollout.seed == 3
+    assert c.algorithm.norm_adv_by_std_in_grpo is False
+
+
+def test_print_command_is_one_override_per_line_and_round_trips(capsys, tmp_path):
+    cfg = _cfg("ctpo")
+    assert vb.main(cfg, tmp_path / "r", tmp_path / "w", print_command=True) == 0
+    out = capsys.readouterr().out
+    lines = out.rstrip("\n").split(" \\\n    ")
+    argv = vb.build_command(cfg, tmp_path / "r", tmp_path / "w")
+    assert len(lines) == len(argv) - 2  # the first line holds python -m verl.trainer.main_ppo
+    assert shlex.split(out.replace("\\\n", " ")) == argv
+    assert not (tmp_path / "w").exists()  # printing creates nothing
+
+
+def test_command_cli_prints_the_same_command(tmp_path):
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(resolve_run(PAPER, "qwen3_4b_gspo", 0)))
+    res = subprocess.run(
+        [sys.executable, "-m", "ctpo.train.verl_backend", "command", "--config", str(cfg_path),
+         "--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert res.returncode == 0, res.stderr
+    argv = shlex.split(res.stdout.replace("\\\n", " "))
+    assert argv[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=gspo" in argv
+
+
+def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
+    cfg = _cfg("ctpo", seed=1)
+    want = hashlib.sha256(b"paper/qwen3_4b_ctpo/seed1").hexdigest()[:16]
+    assert vb.wandb_run_id(cfg, tmp_path / "a") == want
+    assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == want
+    assert vb.wandb_run_id(cfg, tmp_path / "b") == want  # a fresh workdir derives the same id
+    (tmp_path / "a" / "wandb_run_id").write_text("kept-from-before\n")  # a stored id always wins
+    env = vb.run_env(cfg, tmp_path / "a", attempt=2, base={"RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline"})
+    assert env["WANDB_RUN_ID"] == "kept-from-before" and env["WANDB_RESUME"] == "allow"
+    assert env["WANDB_RUN_GROUP"] == "paper/ctpo" and "RAY_ADDRESS" not in env
+    assert env["VERL_FILE_LOGGER_PATH"].endswith("verl_logs/attempt2.jsonl")
+    assert env["CTPO_DUMP_STEPS"] == "50,100,150"
+
+
+def _log(path: Path, records: list[tuple[int, dict]], cut_last: bool = False) -> None:
+    text = "".join(json.dumps({"step": s, "data": d}) + "\n" for s, d in records)
+    if cut_last:
+        text = text[:-15]  # a kill mid-write
+    path.write_text(text)
+
+
+def test_metrics_conversion_maps_verl_keys_and_later_attempts_win(tmp_path):
+    a1, a2, out = tmp_path / "attempt1.jsonl", tmp_path / "attempt2.jsonl", tmp_path / "metrics.jsonl"
+    step = lambda r, kl, clip: {"critic/rewards/mean": r, "actor/ppo_kl": kl, "actor/pg_clipfrac": clip,  # noqa: E731
+                                "response_length/mean": 900.0 + r, "training/num_turns/mean": 3.0,
+                                "actor/entropy": 0.4, "actor/grad_norm": 0.2, "actor/pg_loss": -0.01,
+                                "timing_s/step": 120.0, "training/global_step": 0}
+    _log(a1, [(1, step(0.1, 0.002, 0.01)), (2, step(0.2, -0.004, 0.02)),
+              (2, {"val-core/math-ai/aime25/acc/mean@32": 0.25, "val-core/math-ai/aime25/reward/mean@32": 0.3,
+                   "val-aux/math-ai/aime25/reward/std@32": 0.1, "val-core/math-ai/aime26/reward/mean@32": 0.125}),
+              (3, step(0.3, 0.0, 0.03))], cut_last=True)
+    d3 = step(0.35, 0.001, 0.5)
+    d3.update({schema.CLIP_FRAC: 0.07, schema.CLIP_FRAC_LOW: 0.03, schema.LOG_RATIO_MEAN: -0.5})  # from our plugin
+    _log(a2, [(3, d3), (4, step(0.4, 0.003, 0.04))])
+    assert convert_logs([a1, a2], out) == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert set(schema.TRAIN_KEYS) <= set(r)
+    r1, r2, r3 = rows[0], rows[1], rows[2]
+    assert r1[schema.REWARD_MEAN] == 0.1 and r1[schema.RESPONSE_LENGTH] == 900.1
+    assert r1[schema.LOG_RATIO_MEAN] == -0.002  # -ppo_kl
+    assert r1[schema.CLIP_FRAC] == 0.01 and r1[schema.CLIP_FRAC_LOW] is None
+    assert r1[schema.TURNS] == 3.0 and r1[schema.ENTROPY] == 0.4 and r1[schema.GRAD_NORM] == 0.2
+    assert r1[schema.PG_LOSS] == -0.01 and r1[schema.STEP_TIME_S] == 120.0 and r1[schema.TOOL_CALLS] is None
+    assert r2["val/aime25/avg_at_k"] == 0.25 and r2["val/aime26/avg_at_k"] == 0.125  # acc first, else reward
+    assert "val/aime25/avg_at_k" not in r1
+    assert r3[schema.REWARD_MEAN] == 0.35  # the re-trained step from attempt 2 replaces attempt 1's
+    assert r3[schema.CLIP_FRAC] == 0.07 and r3[schema.CLIP_FRAC_LOW] == 0.03 and r3[schema.LOG_RATIO_MEAN] == -0.5
+
+
+def test_rollout_dump_shards_merge_to_schema_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    shards = []
+    for i, (n, T) in enumerate([(2, 5), (3, 7)]):
+        mask = (rng.random((n, T)) < 0.8).astype(np.int64)
+        mask[:, 0] = 0  # an observation first: the first model token is not at 0
+        mask[0, 1] = 1
+        adv_seq = rng.normal(size=n)
+        arrays = {"old_log_prob": rng.normal(size=(n, T)), "log_prob": rng.normal(size=(n, T)),
+                  "response_mask": mask, "advantages": np.repeat(adv_seq[:, None], T, axis=1)}
+        (tmp_path / "dumps" / "step50").mkdir(parents=True, exist_ok=True)
+        np.savez(tmp_path / "dumps" / "step50" / f"rank{i}.npz", **arrays)
+        shards.append((arrays, adv_seq))
+    assert convert_dumps(tmp_path / "dumps", tmp_path / "rollouts", [50, 100]) == [50]
+    with np.load(tmp_path / "rollouts" / "step50.npz") as z:
+        assert set(z.files) == set(schema.ROLLOUT_ARRAYS)
+        assert z["log_prob"].shape == (5, 7) and z["response_mask"].dtype == np.int8
+        row = 0
+        for arrays, adv_seq in shards:
+            n, T = arrays["response_mask"].shape
+            for j in range(n):
+                for t in range(7):
+                    want_mask = arrays["response_mask"][j, t] if t < T else 0
+                    want_lp = np.float32(arrays["log_prob"][j, t]) if t < T else 0.0
+                    assert z["response_mask"][row, t] == want_mask and z["log_prob"][row, t] == want_lp
+                assert z["advantages"][row] == np.float32(adv_seq[j])
+                row += 1
+    np.savez(tmp_path / "dumps" / "step50" / "rank9.npz", log_prob=np.zeros((1, 2)))
+    with pytest.raises(DumpError, match=r"rank9\.npz: missing arrays"):
+        convert_dumps(tmp_path / "dumps", tmp_path / "rollouts", [50])
+
+
+def _fake_checkpoints(wd: Path, steps: list[int], latest: int) -> None:
+    for s in steps:
+        (wd / "checkpoints" / f"global_step_{s}" / "actor").mkdir(parents=True)
+    (wd / "checkpoints" / "latest_checkpointed_iteration.txt").write_text(str(latest))
+
+
+def test_done_only_when_the_step_count_says_so(tmp_path):
+    cfg = _cfg("grpo")
+    wd, res = tmp_path / "w", tmp_path / "r"
+    _fake_checkpoints(wd, [280, 300], latest=300)
+    (wd / "verl_logs").mkdir(parents=True)
+    _log(wd / "verl_logs" / "attempt1.jsonl", [(300, {"critic/rewards/mean": 0.5})])
+    with pytest.raises(vb.VerlRunError, match=r"last saved step 300 < train.total_steps 305"):
+        vb.finalize(cfg, res, wd, ["verl"])
+    assert not (res / "done.json").exists()
+    _fake_checkpoints(wd, [305], latest=305)
+    done = vb.finalize(cfg, res, wd, ["verl"])
+    on_disk = json.loads((res / "done.json").read_text())
+    assert on_disk["final_step"] == done["final_step"] == 305
+    assert on_disk["saved_steps"] == [280, 300, 305] and on_disk["attempts"] == 1
+    assert json.loads((res / "provenance.json").read_text())["command"] == ["verl"]
+    assert (res / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_signals_are_forwarded_to_the_child_process_group(tmp_path):
+    marker = tmp_path / "got"
+    child = textwrap.dedent(f"""
+        import os, signal, sys, time
+        def h(signum, frame):
+            open({str(marker)!r}, "w").write(str(signum)); sys.exit(0)
+        signal.signal(signal.SIGUSR1, h)
+        os.kill(os.getppid(), signal.SIGUSR1)  # as if the scheduler signalled the launcher
+        time.sleep(30)
+        sys.exit(3)
+    """)
+    before = signal.getsignal(signal.SIGUSR1)
+    rc = vb.run_verl([sys.executable, "-c", child], env=dict(os.environ))
+    assert rc == 0 and marker.read_text() == str(int(signal.SIGUSR1))
+    assert signal.getsignal(signal.SIGUSR1) is before  # our handler is removed after the run
+
+
+def test_merge_command_and_missing_checkpoint(tmp_path):
+    cmd = vb.merge_command(tmp_path, 40, tmp_path / "hf" / "step40")
+    assert cmd[1:] == ["-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
+                       str(tmp_path / "checkpoints" / "global_step_40" / "actor"), "--target_dir",
+                       str(tmp_path / "hf" / "step40")]
+    _fake_checkpoints(tmp_path, [20], latest=20)
+    with pytest.raises(FileNotFoundError, match=r"global_step_40/actor: no verl checkpoint for step 40 \(saved steps: \[20\]\)"):
+        vb.merge_checkpoint(tmp_path, 40)
+
+
+def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):
+    deep = tmp_path / ("x" * 80) / "runs" / "paper" / "qwen3_14b_ctpo_fixed" / "seed0"
+    p = vb.ray_temp_dir(deep)
+    assert len(str(p)) <= 32 and p == vb.ray_temp_dir(deep)  # stable per workdir
+    assert p != vb.ray_temp_dir(deep.parent / "seed1")  # distinct per job
