@@ -49,10 +49,11 @@ class Episode:
 
 
 def sandbox_runner(cfg, sandbox=None):
-    """A `list[str] -> list[ExecResult]` callable: `sandbox.run_many` (a pool or a test double) or
-    `ctpo.sandbox.run_many` with the rollout's concurrency and timeout."""
+    """A `list[str] -> list[ExecResult]` callable: `sandbox.run_many` (a `ctpo.sandbox.SandboxPool`,
+    which carries its own timeout, or a test double) or `ctpo.sandbox.run_many` with the rollout's
+    concurrency and timeout."""
     if sandbox is not None:
-        return lambda codes: sandbox.run_many(codes, timeout_s=cfg.sandbox_timeout_s)
+        return sandbox.run_many
     from ctpo.sandbox import run_many
 
     return lambda codes: run_many(codes, concurrency=cfg.sandbox_concurrency, timeout_s=cfg.sandbox_timeout_s)

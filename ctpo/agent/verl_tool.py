@@ -47,14 +47,14 @@ def check_tool_config(config: dict) -> dict:
 
 class PythonSandboxTool(BaseTool):
     def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None = None, sandbox=None) -> None:
-        """config: see CONFIG_KEYS. sandbox: an object with `run_many(codes, timeout_s=...)` (default: the
-        module-level `ctpo.sandbox.run_many`)."""
+        """config: see CONFIG_KEYS. sandbox: a `SandboxPool`-like object with `run_many(codes)` (default:
+        `ctpo.sandbox.run_many` with the config's timeout and concurrency)."""
         self._schema = tool_schema or OpenAIFunctionToolSchema.model_validate(DEFAULT_SCHEMA)
         super().__init__(check_tool_config(dict(config)), self._schema)
         self.template = load_template(config["template"])
         self.timeout_s = float(config["timeout_s"])
         if sandbox is not None:
-            self._run_batch = lambda codes: sandbox.run_many(codes, timeout_s=self.timeout_s)
+            self._run_batch = sandbox.run_many
         else:
             from ctpo.sandbox import run_many
 
