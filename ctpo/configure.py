@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ctpo.config import ConfigError, LossConfig, resolve_run
+from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, resolve_run
 from ctpo.io import sha256_file, write_json
 
 # The warm start trains no policy loss; its config carries the LossConfig defaults under this method
@@ -31,10 +31,11 @@ WARMSTART_RUN = "sft"
 WARMSTART_LOSS_METHOD = "grpo"
 
 
-def resolve_runs(experiment: dict) -> dict[tuple[str, int], dict]:
-    """{(run, seed): resolved run config} for every run in `experiment['runs']` and every seed."""
+def resolve_runs(experiment: dict, config_dir: Path = CONFIG_DIR) -> dict[tuple[str, int], dict]:
+    """{(run, seed): resolved run config} for every run in `experiment['runs']` and every seed;
+    `config_dir` holds models/ and methods/ (the workflow passes its own checkout's configs/)."""
     return {
-        (run, int(seed)): resolve_run(experiment, run, int(seed))
+        (run, int(seed)): resolve_run(experiment, run, int(seed), config_dir)
         for run in experiment["runs"]
         for seed in experiment["seeds"]
     }
@@ -95,14 +96,14 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
     return sorted(out)
 
 
-def warmstart_config(experiment: dict, seed: int) -> dict:
+def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
     """The toy SFT warm start's config: the first local-backend run's config with the method-specific parts
     (`run`, `loss`) replaced, so editing one method never retrains the shared warm start.
 
     Every local-backend run must use the same model (they all start from this one checkpoint)."""
     local = {}
     for run in experiment["runs"]:
-        cfg = resolve_run(experiment, run, seed)
+        cfg = resolve_run(experiment, run, seed, config_dir)
         if cfg["train"]["backend"] == "local":
             local[run] = cfg
     if not local:

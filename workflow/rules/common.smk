@@ -1,6 +1,7 @@
 # Shared parse-time state: config validation, the resolved run configs, path templates,
 # wildcard constraints and the get_<x>(wildcards) input functions. Plans come from ctpo.configure.
 import re
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -13,7 +14,8 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=False)
 EXP = config["experiment"]
 SEEDS = [int(s) for s in config["seeds"]]
 RUNS = list(config["runs"])
-RESOLVED = resolve_runs(config)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
+CONFIG_DIR = Path(workflow.basedir) / "configs"  # this checkout's models/ and methods/
+RESOLVED = resolve_runs(config, CONFIG_DIR)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
 check_experiment(config, RESOLVED)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
 LOCAL_RUNS = [r for r in RUNS if RESOLVED[(r, SEEDS[0])]["train"]["backend"] == "local"]

@@ -36,7 +36,7 @@ rule sft_config:
     output:
         P["sft_config"],
     params:
-        cfg=lambda wc: canonical_json(warmstart_config(config, int(wc.seed))),
+        cfg=lambda wc: canonical_json(warmstart_config(config, int(wc.seed), CONFIG_DIR)),
     log:
         f"{L}/sft_config/seed{{seed}}.log",
     benchmark:
