@@ -45,7 +45,7 @@ class EchoSandbox:
         self.fail_calls = fail_calls
         self.calls = 0
 
-    def run_many(self, codes, timeout_s):
+    def run_many(self, codes, timeout_s=None):
         self.calls += 1
         if self.calls <= self.fail_calls:
             return [FakeExec("infra", detail="worker lost") for _ in codes]
@@ -319,6 +319,7 @@ def test_cli_writes_records_and_provenance_sidecar(tmp_path):
     assert prov["sampling"]["max_tokens"] == 20 and prov["sampling"]["max_turns"] == 2
     assert prov["prompt_template_hash"] == template_hash("toy_tir")
     assert prov["git_commit"] and len(prov["git_commit"]) == 40
+    assert prov["sandbox_isolation"]
     assert not runner.partial_path(out).exists()
 
     # the same evaluation in this process draws the same records (seeded per chunk, not by process)

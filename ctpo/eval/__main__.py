@@ -151,19 +151,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctpo.agent import SamplingParams, run_episodes
     from ctpo.reward import score
+    from ctpo.sandbox import SandboxPool
 
     generator, tokenizer = B.build_generator(backend, args.checkpoint, cfg)
-
-    def rollout(questions: list[str], seed: int) -> list:
-        params = SamplingParams(
-            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-            max_new_tokens=cfg.rollout.max_response_tokens, seed=seed,
-        )
-        return run_episodes(generator, tokenizer, questions, cfg.rollout, params)
-
     plan = runner.EvalPlan(problems, cfg.eval.k, cfg.eval.chunk_size, seed_parts, fp)
     partial = runner.partial_path(out)
-    records = runner.evaluate(plan, rollout, score, partial)
+    # fails closed here (SandboxUnavailable), before any generation, when isolation is not available
+    with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
+        prov["sandbox_isolation"] = pool.mode
+
+        def rollout(questions: list[str], seed: int) -> list:
+            params = SamplingParams(
+                temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                max_new_tokens=cfg.rollout.max_response_tokens, seed=seed,
+            )
+            return run_episodes(generator, tokenizer, questions, cfg.rollout, params, sandbox=pool)
+
+        records = runner.evaluate(plan, rollout, score, partial)
     summary = metrics.summarize(records, cfg.eval.k, source=str(out), seed=runner.derive_seed(*seed_parts, "ci"))
     summary.update({
         "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "step": args.step,
