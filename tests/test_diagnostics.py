@@ -68,12 +68,16 @@ def test_cumulative_log_ratio_agrees_with_the_loss_implementation():
     rng = np.random.default_rng(1)
     old, new, mask = _random_batch(rng)
     ours, _ = cumulative_log_ratio_np(old, new, mask)
-    theirs = losses.cumulative_log_ratio(
-        torch.from_numpy(old), torch.from_numpy(new), torch.from_numpy(mask.astype(np.float32))
+    theirs, t_theirs = losses.cumulative_log_ratio(
+        log_prob=torch.from_numpy(new), old_log_prob=torch.from_numpy(old), response_mask=torch.from_numpy(mask)
     )
-    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    _, t_ours = cumulative_log_ratio_np(old, new, mask)
+    from ctpo.diagnostics import stream
+
+    assert stream.LOG_RATIO_CLAMP == losses.LOG_RATIO_CLAMP  # one clamp, kept in step with the loss
     sel = mask == 1
     np.testing.assert_allclose(theirs.detach().double().numpy()[sel], ours[sel], atol=1e-4)
+    np.testing.assert_array_equal(t_theirs.numpy()[sel], t_ours[sel])
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The CTPO loss clamps each per-token log ratio to [-20, 20] before summing (shared notes, the authors'
-# release); the diagnostics see the same numbers the loss sees.
+# ctpo.losses.LOG_RATIO_CLAMP: the loss clamps each per-token log ratio to [-20, 20] before summing; the
+# diagnostics must see the same numbers without importing torch (a test keeps the two equal).
 LOG_RATIO_CLAMP = 20.0
 
 

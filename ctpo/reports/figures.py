@@ -1,0 +1,155 @@
+"""Figures 1-2 from results/ as PDF and PNG, sized for a paper page (7 in wide, fonts >= 8 pt).
+
+Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, first seed. Top row: empirical
+  std of log rho_cum vs model-token position t with the fit sigma_hat * sqrt(t); bottom row: clip rate vs t
+  under the fixed band [lo, hi] and the position-adaptive band.
+Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs. Left: avg@k on figure2_benchmark at
+  every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over seeds); middle:
+  clip fraction per step (ctpo.schema.CLIP_FRAC, metrics.jsonl); right: mean response length per step.
+  Several seeds: the per-step mean over seeds.
+Every input is required: a missing file raises ReportInputError naming it (no empty panels).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctpo import schema
+from ctpo.io import atomic_path
+from ctpo.reports.load import ReportInputError, Results, label_tag, run_title
+from ctpo.reports.tables import score_summary
+
+WIDTH_IN = 7.0
+METHOD_COLORS = {"grpo": "#1f77b4", "gspo": "#ff7f0e", "ctpo": "#d62728", "ctpo_fixed": "#9467bd",
+                 "full_seq": "#2ca02c"}
+RC = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+      "legend.fontsize": 8, "figure.titlesize": 9, "axes.spines.top": False, "axes.spines.right": False,
+      "lines.linewidth": 1.2, "pdf.fonttype": 42}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def FuncFormatter(fn):  # noqa: N802 (matplotlib's names, imported lazily)
+    from matplotlib.ticker import FuncFormatter as _FuncFormatter
+
+    return _FuncFormatter(fn)
+
+
+def FixedLocator(ticks):  # noqa: N802
+    from matplotlib.ticker import FixedLocator as _FixedLocator
+
+    return _FixedLocator(ticks)
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    paths = []
+    for ext in ("pdf", "png"):
+        p = out_dir / f"{name}.{ext}"
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight")
+        paths.append(p)
+    return paths
+
+
+def figure1(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
+    plt = _plt()
+    diag, seed = exp["diagnostics"], exp["seeds"][0]
+    steps = diag["steps"]
+    data = [results.diagnostics(diag["run"], seed, s) for s in steps]
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(2, len(steps), figsize=(WIDTH_IN, 4.4), squeeze=False, sharex="col")
+        for j, (step, (df, meta)) in enumerate(zip(steps, data)):
+            top, bot = axes[0, j], axes[1, j]
+            t = df["t_mid"].to_numpy()
+            top.plot(t, df["std_log_rho_cum"], "o", ms=2.2, color="#444444", label="empirical std")
+            grid = np.linspace(0, t.max(), 200)
+            top.plot(grid, meta["sigma_hat"] * np.sqrt(grid), "--", color="#d62728", label=r"fit $\hat\sigma\sqrt{t}$")
+            top.text(0.97, 0.05, rf"$\hat\sigma$ = {meta['sigma_hat']:.3g}" + "\n" + rf"$R^2$ = {meta['r2']:.3f}",
+                     transform=top.transAxes, ha="right", va="bottom")
+            top.set_title(f"step {step}")
+            top.set_ylim(bottom=0)
+            lo, hi = meta["fixed_bounds"]
+            a = meta["adaptive"]
+            bot.plot(t, 100 * df["clip_rate_fixed"], color="#1f77b4", label=rf"fixed: $\rho^{{\mathrm{{cum}}}}_t \notin$ [{lo:g}, {hi:g}]")
+            bot.plot(t, 100 * df["clip_rate_adaptive"], color="#d62728",
+                     label=rf"adaptive: $\log\rho^{{\mathrm{{cum}}}}_t \notin$ [-{a['eps_low']:g}, {a['eps_high']:g}]$\cdot t^{{{a['power']:g}}}$")
+            bot.set_xlabel("token position $t$ (model tokens)")
+            bot.set_ylim(bottom=0)
+        axes[0, 0].set_ylabel(r"std of $\log\rho^{\mathrm{cum}}_t$")
+        axes[1, 0].set_ylabel("clip rate (%)")
+        handles = [*axes[0, 0].get_legend_handles_labels()[0], *axes[1, 0].get_legend_handles_labels()[0]]
+        labels = [*axes[0, 0].get_legend_handles_labels()[1], *axes[1, 0].get_legend_handles_labels()[1]]
+        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+        fig.suptitle(f"Figure 1 [{label_tag(exp)}]: " + r"$\log\rho^{\mathrm{cum}}_t$ across training, "
+                     f"{run_title(exp, diag['run'])}, seed {seed}")
+        fig.tight_layout(rect=(0, 0.09, 1, 1))
+        paths = _save(fig, Path(out_dir), "figure1")
+        plt.close(fig)
+    return paths
+
+
+def _metric_over_steps(results: Results, run: str, seeds: list[int], key: str) -> pd.Series:
+    """Per-step mean over seeds of one metrics.jsonl key (rows lacking it are skipped)."""
+    series = []
+    for s in seeds:
+        df = results.metrics(run, s)
+        if key not in df or df[key].isna().all():
+            raise ReportInputError(f"{df.attrs['source']}: no row has the key '{key}'")
+        series.append(df.dropna(subset=[key]).set_index("step")[key])
+    return pd.concat(series, axis=1, join="inner").mean(axis=1)
+
+
+def figure2(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
+    plt = _plt()
+    ev, seeds = exp["evaluation"], list(exp["seeds"])
+    bench = ev["figure2_benchmark"]
+    with plt.rc_context(RC):
+        fig, (ax_acc, ax_clip, ax_len) = plt.subplots(1, 3, figsize=(WIDTH_IN, 2.5))
+        k = None
+        for run in ev["figure2_runs"]:
+            method = exp["runs"][run]["method"]
+            color = METHOD_COLORS.get(method)
+            name = run_title(exp, run)
+            steps = sorted(set.intersection(*(set(results.eval_steps(run, s)) for s in seeds)))
+            mean, lo, hi = [], [], []
+            for step in steps:
+                summ = score_summary([results.seed_scores(run, seeds, step, bench)])["bench"][0]
+                mean.append(summ["mean"])
+                ci = summ["ci95"] or [summ["mean"], summ["mean"]]
+                lo.append(ci[0])
+                hi.append(ci[1])
+            k = results.eval_result(run, seeds[0], steps[-1], bench).k
+            ax_acc.plot(steps, 100 * np.array(mean), color=color, label=name)
+            ax_acc.fill_between(steps, 100 * np.array(lo), 100 * np.array(hi), color=color, alpha=0.15, lw=0)
+            clip = _metric_over_steps(results, run, seeds, schema.CLIP_FRAC)
+            ax_clip.plot(clip.index, 100 * clip.to_numpy(), color=color, lw=0.9, label=name)
+            length = _metric_over_steps(results, run, seeds, schema.RESPONSE_LENGTH)
+            ax_len.plot(length.index, length.to_numpy(), color=color, lw=0.9, label=name)
+        ax_acc.set_title(f"{bench} avg@{k} (%), 95% CI")
+        ax_clip.set_title("clip fraction (%)")
+        ax_clip.set_yscale("symlog", linthresh=0.1)
+        ax_clip.yaxis.set_major_locator(FixedLocator([0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+        ax_clip.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax_len.set_title("mean response length (tokens)")
+        for ax in (ax_acc, ax_clip, ax_len):
+            ax.set_xlabel("training step")
+        handles, labels = ax_acc.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.suptitle(f"Figure 2 [{label_tag(exp)}]: training dynamics, seeds {seeds}")
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        paths = _save(fig, Path(out_dir), "figure2")
+        plt.close(fig)
+    return paths
+
+
+def write_figures(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
+    return figure1(exp, results, out_dir) + figure2(exp, results, out_dir)
