@@ -101,6 +101,8 @@ def test_pool_is_reusable_and_survives_hostile_programs():
         assert bad[2].exit_code == 9
         again = pool.run_many([f"print({i} + 1)" for i in range(5)])
         assert [r.stdout for r in again] == [f"{i + 1}\n" for i in range(5)]
+        short = pool.run_many(["import time; time.sleep(5)"], timeout_s=0.5)[0]
+        assert short.status == "timeout" and short.wall_s < 2.0
     with pytest.raises(RuntimeError, match="closed"):
         pool.run_many(["print(1)"])
 

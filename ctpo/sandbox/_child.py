@@ -244,9 +244,13 @@ def _supervise(spec: dict, code: str) -> int | None:
         done, wstatus, usage = os.wait3(0)
         if done == pid:
             break
+    os.set_blocking(r, False)  # U's own descendants may still hold the write end: never wait for EOF
     report = b""
-    while chunk := os.read(r, 4096):
-        report += chunk
+    try:
+        while chunk := os.read(r, 4096):
+            report += chunk
+    except BlockingIOError:
+        pass
     if b"F" in report and b"S" not in report:
         _status("F " + report[report.index(b"F") + 1 :].decode("utf-8", "replace"))
     else:

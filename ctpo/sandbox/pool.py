@@ -45,15 +45,18 @@ class SandboxPool:
         self.concurrency = concurrency
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(concurrency, thread_name_prefix="sandbox")
 
-    def run(self, code: str) -> ExecResult:
-        """One execution through the pool (blocks until done)."""
-        return self._pool().submit(self._run, code).result()
+    def run(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        """One execution through the pool (blocks until done). timeout_s overrides the pool's."""
+        return self.run_many([code], timeout_s)[0]
 
-    def run_many(self, codes: list[str]) -> list[ExecResult]:
-        """Execute every program, `concurrency` at a time; result i belongs to codes[i]."""
+    def run_many(self, codes: list[str], timeout_s: float | None = None) -> list[ExecResult]:
+        """Execute every program, `concurrency` at a time; result i belongs to codes[i].
+
+        timeout_s: this batch's wall-clock limit per program (None: the pool's)."""
         if not isinstance(codes, (list, tuple)):
             raise TypeError(f"run_many: codes must be a list of str, got {type(codes).__name__}")
-        return list(self._pool().map(self._run, codes))
+        run = self._run if timeout_s is None else partial(self._run, timeout_s=timeout_s)
+        return list(self._pool().map(run, codes))
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:

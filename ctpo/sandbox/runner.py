@@ -211,6 +211,10 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
     for fd in (*readers, stdin_fd):
         os.set_blocking(fd, False)
     deadline, timed_out, kill_at = t0 + lim.timeout_s, False, None
+    poller = select.poll()  # not select(): fds above 1024 are common inside a trainer process
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    poller.register(stdin_fd, select.POLLOUT)
     try:
         while readers:
             now = time.monotonic()
@@ -220,19 +224,22 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
             if kill_at is not None and now >= kill_at:
                 break  # something outside the namespace kept a pipe open; give up reading
             wait = (kill_at if timed_out else deadline) - now
-            wfds = [stdin_fd] if pending is not None else []
-            ready_r, ready_w, _ = select.select(list(readers), wfds, [], max(0.0, wait))
-            if ready_w:
-                try:
-                    pending = pending[os.write(stdin_fd, pending[: 1 << 16]) :]
-                except (BrokenPipeError, BlockingIOError):
-                    pending = pending if not pending else pending[len(pending) :]
-                if not pending:
-                    proc.stdin.close()
-                    pending = None
-            for fd in ready_r:
+            for fd, ev in poller.poll(max(1, math.ceil(wait * 1000))):
+                if fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(stdin_fd, pending[: 1 << 16]) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        pending = pending[len(pending) :]
+                    if not pending or ev & (select.POLLERR | select.POLLHUP):
+                        poller.unregister(stdin_fd)
+                        proc.stdin.close()
+                        pending = None
+                    continue
                 data = os.read(fd, 1 << 16)
                 if not data:
+                    poller.unregister(fd)
                     del readers[fd]
                 elif readers[fd] is None:
                     status += data
