@@ -169,6 +169,10 @@ def test_chunks_cover_every_pair_once_in_fixed_order():
     flat = [pair for c in chunks for pair in c]
     assert flat == [(p, j) for p in range(3) for j in range(4)]
     assert [len(c) for c in chunks] == [5, 5, 2]
+    with pytest.raises(ValueError, match="eval.k must be >= 1"):
+        _plan(k=0)
+    with pytest.raises(ValueError, match="eval.chunk_size must be >= 1"):
+        _plan(chunk_size=0)
 
 
 # ----------------------------------------------------------------------------- records
@@ -278,7 +282,7 @@ def _run_config(path: Path) -> Path:
     return path
 
 
-def test_cli_writes_records_and_provenance_sidecar(tmp_path):
+def test_cli_writes_records_and_provenance_sidecar(tmp_path, monkeypatch):
     from ctpo.agent import template_hash
     from ctpo.eval.__main__ import main
 
@@ -322,9 +326,24 @@ def test_cli_writes_records_and_provenance_sidecar(tmp_path):
     assert prov["sandbox_isolation"]
     assert not runner.partial_path(out).exists()
 
-    # the same evaluation in this process draws the same records (seeded per chunk, not by process)
+    # the same evaluation in this process, killed after its first chunk (3 of 4 pairs) and rerun, draws
+    # the same records as the uninterrupted subprocess (seeded per chunk, not per process or attempt)
     again = tmp_path / "again" / "toy_arith.parquet"
+    real_draw, drawn = runner._draw, []
+
+    def draw_then_die(pairs, seed, plan, rollout):
+        if drawn:
+            raise KeyboardInterrupt("simulated kill")
+        drawn.append(pairs)
+        return real_draw(pairs, seed, plan, rollout)
+
+    monkeypatch.setattr(runner, "_draw", draw_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv[:-4], "--out", str(again), "--backend", "hf"])
+    assert len(pd.read_parquet(runner.partial_path(again))) == 3 and not again.exists()
+    monkeypatch.setattr(runner, "_draw", lambda pairs, *a: drawn.append(pairs) or real_draw(pairs, *a))
     assert main([*argv[:-4], "--out", str(again), "--backend", "hf"]) == 0
+    assert drawn[1] == [(1, 1)]  # only the unfinished chunk was drawn again
     pd.testing.assert_frame_equal(pd.read_parquet(again), recs)
 
 

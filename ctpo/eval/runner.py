@@ -175,6 +175,12 @@ class EvalPlan:
     seed_parts: tuple  # (cfg.seed, step, benchmark): chunk seeds derive from these
     fingerprint: str
 
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"eval.k must be >= 1, got {self.k}")
+        if self.chunk_size < 1:
+            raise ValueError(f"eval.chunk_size must be >= 1, got {self.chunk_size}")
+
 
 def _record(problem: Problem, sample_index: int, episode, score_fn: Callable) -> dict:
     result = score_fn(episode.response_text, problem.ground_truth)
