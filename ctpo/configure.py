@@ -97,10 +97,11 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
 
 
 def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
-    """The toy SFT warm start's config: the first local-backend run's config with the method-specific parts
-    (`run`, `loss`) replaced, so editing one method never retrains the shared warm start.
+    """The toy SFT warm start's config: experiment defaults + the shared model, with no run's overrides and
+    no method file in it (`loss` holds LossConfig defaults), so editing one method or one run never
+    retrains the warm start that every local-backend run starts from.
 
-    Every local-backend run must use the same model (they all start from this one checkpoint)."""
+    Every local-backend run must resolve to the same model section."""
     local = {}
     for run in experiment["runs"]:
         cfg = resolve_run(experiment, run, seed, config_dir)
@@ -114,8 +115,10 @@ def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR)
             f"experiment '{experiment['experiment']}': local-backend runs {sorted(local)} use different models; "
             "the toy warm start is shared per seed, so they must agree"
         )
-    cfg = dict(next(iter(local.values())))
-    cfg["run"] = WARMSTART_RUN
+    first = next(iter(local))
+    spec = {"model": experiment["runs"][first]["model"], "method": experiment["runs"][first]["method"]}
+    cfg = resolve_run(dict(experiment, runs={WARMSTART_RUN: spec}), WARMSTART_RUN, seed, config_dir)
+    cfg["model"] = local[first]["model"]
     cfg["loss"] = asdict(LossConfig(method=WARMSTART_LOSS_METHOD))
     return cfg
 

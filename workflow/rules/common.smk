@@ -78,6 +78,15 @@ def get_data_marker(wildcards=None):
     return P["data_toy"] if config["data"]["kind"] == "toy" else P["data_deepscaler"]
 
 
+def deepscaler_pins():
+    """--split, --revision and --expected-rows flags from data.deepscaler (each only when set)."""
+    ds, flags = config["data"]["deepscaler"], []
+    for key, flag in (("split", "--split"), ("revision", "--revision"), ("expected_rows", "--expected-rows")):
+        if ds.get(key) is not None:
+            flags.append(f"{flag} {ds[key]}")
+    return " ".join(flags)
+
+
 def get_benchmark_marker(wildcards=None):
     return P["data_toy"] if config["data"]["kind"] == "toy" else P["data_benchmarks"]
 

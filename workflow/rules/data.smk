@@ -73,9 +73,7 @@ rule prepare_deepscaler:
     params:
         ds=config["data"].get("deepscaler"),
         out="data/deepscaler/train.parquet",
-        rows=lambda wc: f"--expected-rows {config['data']['deepscaler']['expected_rows']}"
-        if config["data"]["deepscaler"].get("expected_rows")
-        else "",
+        pins=lambda wc: deepscaler_pins(),
     log:
         f"{L}/prepare_deepscaler.log",
     benchmark:
@@ -85,7 +83,7 @@ rule prepare_deepscaler:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.data deepscaler --source {params.ds[source]:q} --out {params.out} {params.rows} > {log} 2>&1 && "
+        "python -m ctpo.data deepscaler --source {params.ds[source]:q} --out {params.out} {params.pins} > {log} 2>&1 && "
         "python -m ctpo.configure --checksums {params.out} --out {output} >> {log} 2>&1"
 
 
