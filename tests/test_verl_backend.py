@@ -18,7 +18,7 @@ import pytest
 from ctpo import schema
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
-from ctpo.train.verl_dumps import DumpError, convert_dumps
+from ctpo.train.verl_dumps import DumpError, DumpWriter, convert_dumps, writer_from_env
 from ctpo.train.verl_metrics import convert_logs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,6 +180,9 @@ def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     assert env["WANDB_RUN_GROUP"] == "paper/ctpo" and "RAY_ADDRESS" not in env
     assert env["VERL_FILE_LOGGER_PATH"].endswith("verl_logs/attempt2.jsonl")
     assert env["CTPO_DUMP_STEPS"] == "50,100,150"
+    assert env["CTPO_DUMP_START_STEP"] == "1" and env["CTPO_DUMP_CALLS_PER_STEP"] == str(512 * 8 // 8)
+    _fake_checkpoints(tmp_path / "a", [40], latest=40)
+    assert vb.run_env(cfg, tmp_path / "a", attempt=3, base={})["CTPO_DUMP_START_STEP"] == "41"
 
 
 def _log(path: Path, records: list[tuple[int, dict]], cut_last: bool = False) -> None:
@@ -307,3 +310,82 @@ def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):
     p = vb.ray_temp_dir(deep)
     assert len(str(p)) <= 32 and p == vb.ray_temp_dir(deep)  # stable per workdir
     assert p != vb.ray_temp_dir(deep.parent / "seed1")  # distinct per job
+
+
+def _tiny_fsdp_checkpoint(actor: Path):
+    """A world-size-1 verl FSDP actor checkpoint of a tiny Qwen3 (plain tensors, as FSDP saves unsharded)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "1", "+", "=", "2"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    config = Qwen3Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+    model = Qwen3ForCausalLM(config)
+    (actor / "huggingface").mkdir(parents=True)
+    config.save_pretrained(actor / "huggingface")
+    hf_tok.save_pretrained(actor / "huggingface")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, actor / "model_world_size_1_rank_0.pt")
+    (actor / "fsdp_config.json").write_text(json.dumps({"world_size": 1}))
+    return state
+
+
+def test_merge_cli_turns_a_verl_checkpoint_into_a_loadable_hf_dir(tmp_path):
+    from safetensors.torch import load_file
+
+    wd = tmp_path / "runs" / "paper" / "qwen3_4b_ctpo" / "seed0"
+    state = _tiny_fsdp_checkpoint(wd / "checkpoints" / "global_step_20" / "actor")
+    marker = tmp_path / "results" / "merged_step20.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "ctpo.train.verl_backend", "merge", "--workdir", str(wd), "--step", "20",
+         "--done", str(marker)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    hf = wd / "hf" / "step20"
+    assert json.loads(marker.read_text()) == {"workdir": str(wd), "step": 20, "hf_dir": str(hf)}
+    assert not (wd / "hf" / "step20.partial").exists()
+    merged = {}
+    for f in hf.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    assert set(merged) == set(state)
+    for k, v in state.items():  # verl's merger stores bf16
+        assert merged[k].dtype.is_floating_point and (merged[k].float() == v.bfloat16().float()).all(), k
+    from ctpo.tokenizer import load_tokenizer
+
+    assert load_tokenizer(hf).encode("1 + 1 = 2") == [3, 4, 3, 5, 6]
+
+
+def test_dump_writer_counts_steps_and_writes_only_whole_dump_steps(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(1)
+    w = DumpWriter(tmp_path / "dumps", steps=[50, 52], start_step=49, calls_per_step=3, rank="0")
+    calls = []
+    for step in (49, 50, 51, 52):
+        for c in range(3 if step != 52 else 2):  # step 52 is cut short by a preemption
+            n, T = 1, int(rng.integers(3, 9))
+            mb = {"old_log_prob": rng.normal(size=(n, T)), "log_prob": rng.normal(size=(n, T)),
+                  "response_mask": (rng.random((n, T)) < 0.7).astype(np.int64), "advantages": np.full((n, T), c - 1.0)}
+            calls.append((step, mb))
+            assert w.step == step
+            w.record(*(torch.tensor(mb[k]) for k in ("old_log_prob", "log_prob", "response_mask", "advantages")))
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == ["step50"]
+    assert convert_dumps(tmp_path / "dumps", tmp_path / "out", [50, 52]) == [50]
+    mine = [mb for s, mb in calls if s == 50]
+    t_max = max(mb["log_prob"].shape[1] for mb in mine)
+    with np.load(tmp_path / "out" / "step50.npz") as z:
+        for i, mb in enumerate(mine):
+            T = mb["log_prob"].shape[1]
+            assert np.allclose(z["old_log_prob"][i, :T], mb["old_log_prob"][0].astype(np.float32))
+            assert (z["log_prob"][i, T:t_max] == 0).all() and (z["response_mask"][i, T:] == 0).all()
+            first = int(np.argmax(mb["response_mask"][0])) if mb["response_mask"][0].any() else None
+            assert z["advantages"][i] == (mb["advantages"][0, first] if first is not None else 0.0)
+    assert writer_from_env({}) is None
+    with pytest.raises(ValueError, match="CTPO_DUMP_START_STEP"):
+        writer_from_env({"CTPO_DUMP_DIR": str(tmp_path), "CTPO_DUMP_STEPS": "50"})

@@ -116,6 +116,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         f"{a}.ppo_mini_batch_size={t.mini_batch_prompts}",
         f"{a}.ppo_micro_batch_size_per_gpu={t.micro_batch_size_per_gpu}",
         f"{a}.ppo_epochs=1",
+        f"{a}.use_dynamic_bsz=false",  # fixed micro-batches: the rollout-dump step counter relies on it
         f"{a}.optim.lr={float(t.lr)}",
         f"{a}.optim.lr_scheduler_type=constant",
         f"{a}.optim.lr_warmup_steps_ratio=0.0",
@@ -198,6 +199,19 @@ def format_command(argv: list[str]) -> str:
 # ----------------------------------------------------------------------------- W&B and environment
 
 
+def loss_calls_per_step(cfg: RunConfig) -> int:
+    """Policy-loss calls per rank per training step (one PPO epoch, fixed micro-batches, no dynamic bsz)."""
+    t = cfg.train
+    world = t.n_gpus * t.n_nodes
+    responses = t.prompts_per_step * cfg.rollout.n
+    if responses % (world * t.micro_batch_size_per_gpu) or (t.mini_batch_prompts * cfg.rollout.n) % world:
+        raise ValueError(
+            f"run config: train.prompts_per_step * rollout.n ({responses}) and train.mini_batch_prompts * rollout.n "
+            f"must split evenly over {world} GPUs x train.micro_batch_size_per_gpu ({t.micro_batch_size_per_gpu})"
+        )
+    return responses // world // t.micro_batch_size_per_gpu
+
+
 def wandb_run_id(cfg: RunConfig, workdir: str | Path) -> str:
     """The run's W&B id: read from `<workdir>/wandb_run_id`, else derived from (experiment, run, seed) and stored."""
     from ctpo.tracking import RUN_ID_FILE, run_id_for
@@ -236,6 +250,8 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     env["VERL_FILE_LOGGER_PATH"] = str(workdir / "verl_logs" / f"attempt{attempt}.jsonl")
     env["CTPO_DUMP_DIR"] = str(workdir / "rollout_dumps")
     env["CTPO_DUMP_STEPS"] = ",".join(str(s) for s in cfg.train.dump_steps)
+    env["CTPO_DUMP_START_STEP"] = str(latest_step(workdir) + 1)
+    env["CTPO_DUMP_CALLS_PER_STEP"] = str(loss_calls_per_step(cfg))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

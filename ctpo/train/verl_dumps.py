@@ -11,9 +11,18 @@ dump step, one or more shards per rank
         advantages               float (n_i,) or (n_i, T_i) (per-token, constant over a sequence)
 
 `convert_dumps` pads the shards to a common T (mask 0) and concatenates them in shard-name order.
+
+Writing side: `record(old_log_prob, log_prob, response_mask, advantages)` is what the plugin's loss
+calls once per micro-batch (a no-op unless CTPO_DUMP_DIR is set). verl 0.9.1 passes no training step to
+a policy loss, so the step is counted: the launcher sets CTPO_DUMP_START_STEP (first step of this
+launch = last checkpointed step + 1) and CTPO_DUMP_CALLS_PER_STEP (loss calls per rank per step =
+prompts_per_step * n / world_size / micro_batch_size_per_gpu, exact with use_dynamic_bsz=false and one
+PPO epoch, as in the paper setup). A step's calls are buffered and written as one shard per rank when
+the step's last call arrives, so a step cut by preemption leaves no shard.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +88,80 @@ def convert_dumps(dump_dir: str | Path, out_dir: str | Path, steps: list[int]) -
                 np.savez(f, **arrays)
         written.append(step)
     return written
+
+
+# ----------------------------------------------------------------------------- writing (inside verl's workers)
+
+
+class DumpWriter:
+    """Buffers the loss inputs of the dump steps and writes `dump_dir/step{N}/rank{R}.npz` per finished step."""
+
+    def __init__(self, dump_dir: str | Path, steps: list[int], start_step: int, calls_per_step: int, rank: str) -> None:
+        if calls_per_step <= 0 or start_step <= 0:
+            raise ValueError(f"CTPO_DUMP_CALLS_PER_STEP / CTPO_DUMP_START_STEP must be positive, got "
+                             f"{calls_per_step} / {start_step}")
+        self.dump_dir, self.steps, self.rank = Path(dump_dir), set(steps), rank
+        self.start_step, self.calls_per_step = start_step, calls_per_step
+        self.calls = 0
+        self.buffer: list[dict[str, np.ndarray]] = []
+
+    @property
+    def step(self) -> int:
+        """The training step of the next loss call."""
+        return self.start_step + self.calls // self.calls_per_step
+
+    def record(self, old_log_prob, log_prob, response_mask, advantages) -> None:
+        """One micro-batch: tensors (n, T) (advantages (n, T) or (n,)); copied to host only at dump steps."""
+        step = self.step
+        if step in self.steps:
+            def host(x):
+                return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+
+            self.buffer.append({"old_log_prob": host(old_log_prob), "log_prob": host(log_prob),
+                                "response_mask": host(response_mask).astype(np.int8), "advantages": host(advantages)})
+        self.calls += 1
+        if self.calls % self.calls_per_step == 0 and self.buffer:
+            self._flush(step)
+
+    def _flush(self, step: int) -> None:
+        t_max = max(b["response_mask"].shape[1] for b in self.buffer)
+        arrays = {}
+        for key in ("old_log_prob", "log_prob", "response_mask"):
+            arrays[key] = np.concatenate([np.pad(b[key], ((0, 0), (0, t_max - b[key].shape[1]))) for b in self.buffer])
+        advs = [b["advantages"] for b in self.buffer]
+        if all(a.ndim == 2 for a in advs):
+            arrays["advantages"] = np.concatenate([np.pad(a, ((0, 0), (0, t_max - a.shape[1]))) for a in advs])
+        else:
+            arrays["advantages"] = np.concatenate([a if a.ndim == 1 else a[:, 0] for a in advs])
+        self.buffer = []
+        with atomic_path(self.dump_dir / f"step{step}" / f"rank{self.rank}.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+
+_WRITER: DumpWriter | None = None
+
+
+def writer_from_env(env: dict | None = None) -> DumpWriter | None:
+    """The process's writer when CTPO_DUMP_DIR is set (all four CTPO_DUMP_* variables are then required)."""
+    env = os.environ if env is None else env
+    if not env.get("CTPO_DUMP_DIR"):
+        return None
+    try:
+        steps = [int(s) for s in env["CTPO_DUMP_STEPS"].split(",") if s.strip()]
+        start, per_step = int(env["CTPO_DUMP_START_STEP"]), int(env["CTPO_DUMP_CALLS_PER_STEP"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"CTPO_DUMP_DIR is set, so CTPO_DUMP_STEPS (comma-separated ints), CTPO_DUMP_START_STEP "
+                         f"and CTPO_DUMP_CALLS_PER_STEP (ints) must be too: {e}") from None
+    rank = env.get("RANK") or f"pid{os.getpid()}"
+    return DumpWriter(env["CTPO_DUMP_DIR"], steps, start, per_step, rank)
+
+
+def record(old_log_prob, log_prob, response_mask, advantages) -> None:
+    """Called by the plugin's loss once per micro-batch; does nothing unless CTPO_DUMP_DIR is set."""
+    global _WRITER
+    if _WRITER is None:
+        if not os.environ.get("CTPO_DUMP_DIR"):
+            return
+        _WRITER = writer_from_env()
+    _WRITER.record(old_log_prob, log_prob, response_mask, advantages)
