@@ -60,7 +60,8 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def figure1(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
+def build_figure1(exp: dict, results: Results):
+    """The matplotlib Figure (caller closes it)."""
     plt = _plt()
     diag, seed = exp["diagnostics"], exp["seeds"][0]
     steps = diag["steps"]
@@ -92,9 +93,7 @@ def figure1(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
         fig.suptitle(f"Figure 1 [{label_tag(exp)}]: " + r"$\log\rho^{\mathrm{cum}}_t$ across training, "
                      f"{run_title(exp, diag['run'])}, seed {seed}")
         fig.tight_layout(rect=(0, 0.09, 1, 1))
-        paths = _save(fig, Path(out_dir), "figure1")
-        plt.close(fig)
-    return paths
+    return fig
 
 
 def _metric_over_steps(results: Results, run: str, seeds: list[int], key: str) -> pd.Series:
@@ -108,7 +107,8 @@ def _metric_over_steps(results: Results, run: str, seeds: list[int], key: str) -
     return pd.concat(series, axis=1, join="inner").mean(axis=1)
 
 
-def figure2(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
+def build_figure2(exp: dict, results: Results):
+    """The matplotlib Figure (caller closes it)."""
     plt = _plt()
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     bench = ev["figure2_benchmark"]
@@ -146,10 +146,16 @@ def figure2(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
         fig.suptitle(f"Figure 2 [{label_tag(exp)}]: training dynamics, seeds {seeds}")
         fig.tight_layout(rect=(0, 0.08, 1, 1))
-        paths = _save(fig, Path(out_dir), "figure2")
-        plt.close(fig)
-    return paths
+    return fig
 
 
 def write_figures(exp: dict, results: Results, out_dir: str | Path) -> list[Path]:
-    return figure1(exp, results, out_dir) + figure2(exp, results, out_dir)
+    """figure1.{pdf,png} and figure2.{pdf,png} under out_dir."""
+    plt = _plt()
+    paths = []
+    for name, build in (("figure1", build_figure1), ("figure2", build_figure2)):
+        fig = build(exp, results)
+        with plt.rc_context(RC):
+            paths += _save(fig, Path(out_dir), name)
+        plt.close(fig)
+    return paths
