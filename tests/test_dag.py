@@ -23,7 +23,7 @@ VENV_BIN = Path(sys.executable).parent
 def copy_workflow(dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "Snakefile", dst / "Snakefile")
-    for d in ("workflow", "configs", "profiles"):
+    for d in ("workflow", "configs", "profiles", "envs"):
         shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
