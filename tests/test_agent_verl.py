@@ -12,7 +12,7 @@ from verl.tools.tool_registry import initialize_tools_from_config  # noqa: E402
 from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
 from ctpo.agent.template import render_prompt  # noqa: E402
-from ctpo.agent.verl_loop import CtpoTirAgentLoop  # noqa: E402
+from ctpo.agent.verl_loop import CtpoTirAgentLoop, rollout_config_from  # noqa: E402
 from ctpo.agent.verl_tool import PythonSandboxTool  # noqa: E402
 from ctpo.config import CONFIG_DIR, ConfigError  # noqa: E402
 from ctpo.sandbox import ExecResult  # noqa: E402
@@ -54,11 +54,11 @@ class FakeServerManager:
 
 
 def make_loop(turns, response_length=300, **rollout):
-    trainer_cfg = OmegaConf.create({"actor_rollout_ref": {"rollout": {"prompt_length": 256,
-                                                                      "response_length": response_length}}})
+    multi_turn = {"max_assistant_turns": 3, "max_tool_response_length": 40}
+    trainer_cfg = OmegaConf.create({"actor_rollout_ref": {"rollout": {
+        "prompt_length": 256, "response_length": response_length, "multi_turn": multi_turn}}})
     server = FakeServerManager(turns)
-    ro = dict(template="toy_tir", max_turns=3, max_response_tokens=400, max_obs_tokens=40, sandbox_timeout_s=5.0,
-              sandbox_concurrency=1)
+    ro = dict(template="toy_tir", sandbox_timeout_s=5.0, sandbox_concurrency=1)
     ro.update(rollout)
     loop = CtpoTirAgentLoop(
         trainer_config=DictConfigWrap(trainer_cfg), server_manager=server, tokenizer=HFStyleTokenizer(),
@@ -76,6 +76,7 @@ def test_registered_and_yaml_target_is_importable():
     assert _agent_loop_registry["ctpo_tir"]["_target_"] == "ctpo.agent.verl_loop.CtpoTirAgentLoop"
     entries = OmegaConf.load(CONFIG_DIR / "verl" / "agent_loop.yaml")
     assert entries[0].name == "ctpo_tir" and entries[0]._target_ == "ctpo.agent.verl_loop.CtpoTirAgentLoop"
+    assert rollout_config_from(entries[0].rollout).template == "qwen3_tir"  # every key is a RolloutConfig field
 
 
 def test_agent_loop_multi_turn_with_real_sandbox():
@@ -108,6 +109,13 @@ def test_agent_loop_void_and_infra_trajectories_are_masked_out():
     out = run(loop)
     assert out.extra_fields["finish_reason"] == "infra" and out.extra_fields["infra_failures"] == 1
     assert set(out.response_mask) == {0}
+
+
+def test_agent_loop_budgets_come_from_verl_config():
+    loop, _ = make_loop(["```python\nprint(1)\n```\n"] * 4, response_length=300)
+    assert (loop.cfg.max_turns, loop.cfg.max_obs_tokens, loop.cfg.max_response_tokens) == (3, 40, 300)
+    out = run(loop)
+    assert out.extra_fields["finish_reason"] == "max_turns" and out.num_turns == 1 + 3 + 2
 
 
 def test_agent_loop_rejects_unknown_rollout_keys():

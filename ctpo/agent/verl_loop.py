@@ -2,12 +2,14 @@
 
 Enable with `actor_rollout_ref.rollout.agent.agent_loop_config_path=configs/verl/agent_loop.yaml` and
 `actor_rollout_ref.rollout.agent.default_agent_loop=ctpo_tir` (or a dataset column `agent_name`).
-The YAML entry's `rollout` mapping holds `RolloutConfig` fields (the verl backend writes the run's
-resolved `rollout` section there; unknown keys raise).
+The YAML entry's `rollout` mapping holds the ctpo-only `RolloutConfig` fields (template, obs_max_chars,
+sandbox_*, void_turn_masking, enable_thinking; unknown keys raise). The budgets verl already has come
+from verl's own config, so they exist once: `max_turns` <- `multi_turn.max_assistant_turns` (when
+set), `max_obs_tokens` <- `multi_turn.max_tool_response_length`, `max_response_tokens` <-
+`rollout.response_length`.
 
 Generation goes through verl's async server manager (token ids in, token ids + log-probs out); the
 turn rule, observations and infra retries are `ctpo.agent.turns` (the same code as the CPU loop).
-The response budget is `min(rollout.max_response_tokens, verl rollout.response_length)`.
 Trajectories that SimpleTIR masks (finish "void" with `void_turn_masking`) and trajectories whose
 sandbox infrastructure failed (finish "infra") get an all-zero `response_mask`: they add nothing to
 the loss. `extra_fields` carries finish_reason, tool_calls, infra_failures and void for metrics.
@@ -59,8 +61,12 @@ class CtpoTirAgentLoop(AgentLoopBase):
         the loop runs code itself."""
         super().__init__(*args, **kwargs)
         self.cfg = rollout_config_from(rollout)
+        multi_turn = self.rollout_config.multi_turn
+        if multi_turn.max_assistant_turns is not None:
+            self.cfg.max_turns = int(multi_turn.max_assistant_turns)
+        self.cfg.max_obs_tokens = int(multi_turn.max_tool_response_length)
+        self.cfg.max_response_tokens = int(self.rollout_config.response_length)
         self.template = load_template(self.cfg.template)
-        self.response_length = self.rollout_config.response_length
         self.run_batch = sandbox_runner(self.cfg, sandbox)
 
     def _encode(self, text: str) -> list[int]:
@@ -70,7 +76,6 @@ class CtpoTirAgentLoop(AgentLoopBase):
         question = question_from_messages(kwargs["raw_prompt"])
         prompt_ids = self._encode(render_prompt(question, self.cfg.template, enable_thinking=self.cfg.enable_thinking))
         state = EpisodeState.from_rollout_config(prompt_ids, self.cfg)
-        state.max_response_tokens = min(self.cfg.max_response_tokens, self.response_length)
         await run_turns(state, self, sampling_params, uuid4().hex)
         mask = list(state.response_mask)
         if state.finish_reason in MASKED_FINISHES:
