@@ -6,6 +6,8 @@ Self-contained on purpose (run with `-I`, so it cannot import `ctpo`). Three pro
     I (pid 1 of the new pid namespace)   mounts /proc; forks U; reaps every process; reports U's end
       U (user code)                      drops privileges, sets rlimits, runs the code like `python -c`
 
+Started as `python -I -S`: site-packages come from spec["site_dirs"] (see _add_site_dirs).
+
 Protocol on the status pipe (fd spec["status_fd"], one line per message, written by W and I only; U closes it):
   "P <host pid of I>"                         so the host can kill the namespace init on timeout
   "F <message>"                               setup failed (the host reports status "infra")
@@ -259,10 +261,48 @@ def _supervise(spec: dict, code: str) -> int | None:
     return None
 
 
+def _add_site_dirs(dirs: list[str]) -> None:
+    """Started with -S: put the host interpreter's site-packages (and .pth path lines) on sys.path.
+
+    .pth `import` lines are skipped: they install editable-package finders and setuptools shims that
+    user code does not need, and processing them costs ~30 ms per execution."""
+    for d in dirs:
+        if not os.path.isdir(d) or d in sys.path:
+            continue
+        sys.path.append(d)
+        for name in sorted(n for n in os.listdir(d) if n.endswith(".pth")):
+            with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    line = line.rstrip()
+                    if line and not line.startswith(("#", "import ", "import\t")):
+                        path = os.path.join(d, line)
+                        if os.path.isdir(path) and path not in sys.path:
+                            sys.path.append(path)
+
+
+def _finish(code: int) -> None:
+    """U's exit, as `python -c` ends: join non-daemon threads, run atexit, flush; skip module teardown."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code & 0xFF)
+
+
 def main() -> None:
     global _STATUS_FD
     spec = json.loads(sys.argv[1])
     _STATUS_FD = spec["status_fd"]
+    _add_site_dirs(spec["site_dirs"])
     code = sys.stdin.buffer.read().decode("utf-8")
     try:
         if spec["mode"] != "none":
@@ -278,7 +318,7 @@ def main() -> None:
         os._exit(125)
     if exit_code is None:  # I (or W in mode none): done reporting
         os._exit(0)
-    sys.exit(exit_code)  # U: normal interpreter shutdown (joins threads, flushes streams)
+    _finish(exit_code)  # U
 
 
 if __name__ == "__main__":

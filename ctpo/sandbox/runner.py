@@ -150,12 +150,19 @@ def run_code(
     return _execute(code, lim, isolation_mode(allow_unisolated, isolation))
 
 
+@functools.lru_cache(maxsize=None)
+def _site_dirs() -> list[str]:
+    import site
+
+    return [d for d in site.getsitepackages() if os.path.isdir(d)]
+
+
 def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int) -> str:
     import json
 
     hide = sorted({"/root", os.path.expanduser("~")})
     return json.dumps({
-        "mode": mode, "status_fd": status_fd, "uid": _SANDBOX_UID, "hide": hide, "workdir": workdir,
+        "mode": mode, "status_fd": status_fd, "site_dirs": _site_dirs(), "uid": _SANDBOX_UID, "hide": hide, "workdir": workdir,
         "cpu_s": math.ceil(lim.timeout_s) + 1, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     })
@@ -190,7 +197,7 @@ def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float) -> 
     status_r, status_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", _CHILD, _spec(lim, mode, workdir, status_w)],
+            [sys.executable, "-I", "-S", _CHILD, _spec(lim, mode, workdir, status_w)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_ENV, cwd="/", start_new_session=True, pass_fds=(status_w,),
             preexec_fn=None, close_fds=True,

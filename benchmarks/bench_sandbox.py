@@ -1,0 +1,148 @@
+"""Sandbox overhead: executions/s of `print(1+1)` through `run_many` vs a bare `python -c` subprocess.
+
+Same interpreter, same concurrency, same thread pool shape, measured side by side in one run; plus the
+memory of one concurrent execution (summed RSS and PSS of its processes, sampled while programs sleep).
+
+    .venv/bin/python benchmarks/bench_sandbox.py --n 96 --concurrency 8 [--out results/bench/sandbox.json]
+
+Target: overhead ratio (bare exec/s / sandbox exec/s) <= 1.5.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ctpo.io import write_json
+from ctpo.sandbox import SandboxPool
+
+CODE = "print(1+1)"
+
+
+def bare_run(code: str, flags: tuple[str, ...] = ()) -> str:
+    """The baseline: one plain `python [flags] -c` subprocess, output captured, no isolation.
+
+    In a new session like the sandbox: with kernel.sched_autogroup_enabled=1 every session is its own
+    CPU-scheduling group, so on a loaded machine launching in the caller's session is ~3x slower and
+    would flatter the sandbox."""
+    argv = [sys.executable, *flags, "-c", code]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, start_new_session=True).stdout
+
+
+def bare_run_isolated_flags(code: str) -> str:
+    """`python -I -S -c`: the startup the sandbox child uses (no .pth processing)."""
+    return bare_run(code, ("-I", "-S"))
+
+
+def throughput(n: int, concurrency: int) -> dict[str, float]:
+    """Executions per second per path; rounds interleaved so machine noise hits every path alike."""
+    pool = SandboxPool(concurrency=concurrency, timeout_s=30.0)
+    bare = ThreadPoolExecutor(concurrency)
+    paths = {
+        "sandbox": pool.run_many,
+        "bare": lambda codes: list(bare.map(bare_run, codes)),
+        "bare_IS": lambda codes: list(bare.map(bare_run_isolated_flags, codes)),
+    }
+    secs = dict.fromkeys(paths, 0.0)
+    for run in paths.values():  # warm up: isolation probe, page cache
+        run([CODE] * concurrency)
+    rounds = 4
+    for _ in range(rounds):
+        for name, run in paths.items():
+            t0 = time.perf_counter()
+            outs = run([CODE] * (n // rounds))
+            secs[name] += time.perf_counter() - t0
+            assert all((o if isinstance(o, str) else o.stdout) == "2\n" for o in outs), outs[0]
+    pool.close()
+    bare.shutdown()
+    n_done = rounds * (n // rounds)
+    out = {f"{k}_exec_per_s": n_done / v for k, v in secs.items()}
+    out.update(overhead_ratio=secs["sandbox"] / secs["bare"], overhead_ratio_vs_IS=secs["sandbox"] / secs["bare_IS"],
+               n=n_done, concurrency=concurrency)
+    return out
+
+
+def _proc_tree(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(kids.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _mem_kb(pids: list[int]) -> tuple[int, int]:
+    """(sum of VmRSS, sum of Pss) in kB over `pids`; processes that vanished are skipped."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss, pss
+
+
+def memory(concurrency: int, sleep_s: float = 3.0) -> dict[str, float]:
+    """Per-execution RSS/PSS while `concurrency` programs sleep; max over samples, for both paths."""
+    code = f"import time\ntime.sleep({sleep_s})"
+    out = {}
+    for name, runner in (("sandbox", None), ("bare", bare_run)):
+        pool = SandboxPool(concurrency=concurrency, timeout_s=30.0) if runner is None else None
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(pool.run_many if pool else lambda cs: list(ThreadPoolExecutor(concurrency).map(
+                runner, cs)), [code] * concurrency)
+            best = (0, 0, 0)
+            t_end = time.monotonic() + sleep_s * 0.8
+            time.sleep(sleep_s * 0.3)
+            while time.monotonic() < t_end:
+                pids = _proc_tree(os.getpid())
+                best = max(best, (*_mem_kb(pids), len(pids)))
+                time.sleep(0.1)
+            fut.result()
+        if pool:
+            pool.close()
+        rss, pss, nproc = best
+        out[name] = {"rss_mb_per_exec": rss / 1024 / concurrency, "pss_mb_per_exec": pss / 1024 / concurrency,
+                     "processes_per_exec": nproc / concurrency}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=96, help="executions per path")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None, help="optional JSON output")
+    args = ap.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    tp = throughput(args.n, args.concurrency)
+    mem = memory(args.concurrency)
+    print(f"| path | exec/s | RSS MB/exec | PSS MB/exec | processes/exec |\n|---|---|---|---|---|")
+    for name in ("bare", "bare_IS", "sandbox"):
+        m = mem.get(name)
+        cells = f"{m['rss_mb_per_exec']:.1f} | {m['pss_mb_per_exec']:.1f} | {m['processes_per_exec']:.1f}" if m else "- | - | -"
+        print(f"| {name} | {tp[name + '_exec_per_s']:.1f} | {cells} |")
+    print(f"overhead ratio (sandbox time / bare `python -c` time) = {tp['overhead_ratio']:.2f}; "
+          f"vs `python -I -S -c` = {tp['overhead_ratio_vs_IS']:.2f} "
+          f"(n={tp['n']}, concurrency={tp['concurrency']}, cores={os.cpu_count()})")
+    if args.out:
+        write_json(args.out, {"throughput": tp, "memory": mem})
+
+
+if __name__ == "__main__":
+    main()
