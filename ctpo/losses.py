@@ -86,52 +86,68 @@ def _masked_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, clam
     return torch.where(mask, lr, 0.0)
 
 
+def _count(x: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Number of True entries (bool.sum() would first widen the whole tensor to int64)."""
+    return torch.count_nonzero(x) if dim is None else torch.count_nonzero(x, dim=dim)
+
+
+def _neg_mul(buf: Tensor, adv: Tensor) -> Tensor:
+    """-adv * buf, written into `buf` when it is a full (B, T) buffer owned by the caller."""
+    return buf.mul_(adv).neg_() if buf.shape == adv.shape else (adv * buf).neg_()
+
+
 def _surrogate(adv: Tensor, w: Tensor, w_clip: Tensor, mask: Tensor, grad_ok: Optional[Tensor],
                dual_cap: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Clipped surrogate value and its derivative wrt log_prob_t; all (B, T) fp32, 0 where masked.
+    """Clipped surrogate value and its derivative wrt log_prob_t; (B, T) fp32, 0 where masked.
 
-    w: importance weight, w_clip: the clipped weight, grad_ok: where d w / d log_prob_t = w (False where a
-    clamp on the log weight cut the gradient), dual_cap: per-token weight cap applied when A < 0 (or None).
+    adv, mask: (B, T). w: importance weight, w_clip: the clipped weight, grad_ok: bool, where d w / d log_prob_t
+    = w (False where a clamp on the log weight cut the gradient); each (B, T) or (B, 1) for sequence weights.
+    dual_cap: weight cap c for A < 0 tokens, (B, T) or 0-d, or None. `w_clip` and a (B, T) `dual_cap` are
+    overwritten (callers pass buffers they own; this keeps the peak memory low).
     Returns (value, grad, capped): capped (B, T) bool marks tokens where the dual clip binds (None if off).
     """
-    loss1 = -adv * w  # -A * w
-    loss = torch.maximum(loss1, -adv * w_clip)  # max(-A w, -A clip(w))
+    loss1 = torch.mul(adv, w).neg_()  # -A * w
+    loss = _neg_mul(w_clip, adv)  # -A * clip(w)
+    torch.maximum(loss1, loss, out=loss)  # max(-A w, -A clip(w))
     unclipped = loss == loss1  # gradient flows through -A * w
     capped = None
     if dual_cap is not None:
-        cap = -adv * dual_cap  # -A * c  (only binding for A < 0)
-        capped = (adv < 0) & (loss > cap) & mask
-        loss = torch.where(capped, cap, loss)
+        cap = _neg_mul(dual_cap, adv).masked_fill_(adv >= 0, math.inf)  # -A * c, binding only for A < 0
+        capped = loss > cap
+        torch.minimum(loss, cap, out=loss)  # min(., -A c)
+        del cap
         unclipped &= ~capped
-    keep = unclipped & mask
+    unclipped &= mask
     if grad_ok is not None:
-        keep &= grad_ok
-    grad = torch.where(keep, loss1, 0.0)  # d loss_t / d log_prob_t = -A_t * w_t (Prop. 1 term)
-    return torch.where(mask, loss, 0.0), grad, capped
+        unclipped &= grad_ok
+    grad = loss1.masked_fill_(~unclipped, 0.0)  # d loss_t / d log_prob_t = -A_t * w_t (Prop. 1 term), else 0
+    return loss.masked_fill_(~mask, 0.0), grad, capped
 
 
-def _metrics(adv: Tensor, mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, below: Tensor, above: Tensor,
-             capped: Optional[Tensor]) -> dict:
-    """Clip fractions (see module docstring), dual-clip fraction and log-ratio statistics over model tokens.
-
-    log_r, log_rho_cum: (B, T) per-token and cumulative log ratios (0 where masked); below / above: (B, T)
-    bool, weight outside its bounds; capped: (B, T) bool where the dual clip binds, or None. Values: 0-d fp32.
-    """
-    n = mask.sum().clamp(min=1).float()
+def _ratio_stats(mask: Tensor, log_r: Tensor, log_rho_cum: Tensor, n: Tensor) -> dict:
+    """Log-ratio statistics over model tokens (0-d fp32). log_r (B, T) is 0 where masked; log_rho_cum (B, T)."""
     abs_max = log_r.abs().max() if log_r.numel() else torch.zeros((), device=log_r.device)
-    below = below & mask
-    above = above & mask
-    mean_cum = torch.where(mask, log_rho_cum, 0.0).sum() / n  # cumsum carries values onto masked slots
-    centred = torch.where(mask, log_rho_cum - mean_cum, 0.0)
+    cum = torch.where(mask, log_rho_cum, 0.0)  # cumsum carries values onto masked slots
+    mean_cum = cum.sum() / n
+    var_cum = cum.sub_(mean_cum).masked_fill_(~mask, 0.0).square_().sum() / n
     return {
-        schema.CLIP_FRAC: (below | above).sum() / n,
-        schema.CLIP_FRAC_LOW: (below & (adv < 0)).sum() / n,
-        schema.CLIP_FRAC_HIGH: (above & (adv > 0)).sum() / n,
-        schema.DUAL_CLIP_FRAC: (capped.sum() / n) if capped is not None else torch.zeros((), device=n.device),
         schema.LOG_RATIO_MEAN: log_r.sum() / n,
         schema.LOG_RATIO_ABS_MAX: abs_max,
         schema.LOG_RHO_CUM_MEAN: mean_cum,
-        schema.LOG_RHO_CUM_STD: (centred.square().sum() / n).sqrt(),
+        schema.LOG_RHO_CUM_STD: var_cum.sqrt(),
+    }
+
+
+def _clip_stats(adv: Tensor, mask: Tensor, below: Tensor, above: Tensor, capped: Optional[Tensor], n: Tensor) -> dict:
+    """Clip fractions (module docstring) and the dual-clip fraction. below / above: bool, weight outside its
+    bounds, (B, T) or (B, 1); capped: (B, T) bool or None."""
+    below = below & mask
+    above = above & mask
+    return {
+        schema.CLIP_FRAC: _count(below | above) / n,
+        schema.CLIP_FRAC_LOW: _count(below & (adv < 0)) / n,
+        schema.CLIP_FRAC_HIGH: _count(above & (adv > 0)) / n,
+        schema.DUAL_CLIP_FRAC: _count(capped & mask) / n if capped is not None else torch.zeros((), device=n.device),
     }
 
 
@@ -148,14 +164,15 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, batch_num_tokens: Option
     Passing the global token / sequence count of a mini-batch makes micro-batch accumulation exact (verl's
     global_batch_info). Empty batches give 0, not NaN.
     """
-    m = mask.to(loss_mat.dtype)
+    mask = mask.bool()
+    masked = torch.where(mask, loss_mat, 0.0)
     if mode == "token-mean":
-        denom = m.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens
-        return (loss_mat * m).sum() / denom
+        denom = _count(mask).clamp(min=1) if batch_num_tokens is None else batch_num_tokens
+        return masked.sum() / denom
     if mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode: expected one of {AGG_MODES}, got '{mode}'")
-    tokens = m.sum(dim=-1)  # (B,)
-    seq = (loss_mat * m).sum(dim=-1)  # (B,) token-sum
+    tokens = _count(mask, dim=-1)  # (B,)
+    seq = masked.sum(dim=-1)  # (B,) token-sum
     if mode == "seq-mean-token-mean":
         seq = seq / tokens.clamp(min=1)
     denom = (tokens > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
@@ -190,21 +207,27 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
     mask = response_mask.bool()
     with torch.no_grad():
         adv = advantages.float()
+        n = _count(mask).clamp(min=1).float()  # model tokens
         log_r = _masked_log_ratio(log_prob, old_log_prob, mask)  # log r_t, clamped to [-20, 20]
-        s = torch.cumsum(log_r, dim=-1)  # S_t = log rho_cum_t (value only; detached)
-        t = torch.cumsum(mask, dim=-1, dtype=torch.float32)  # 1-based model-token position
-        log_w = s.clamp(max=LOG_WEIGHT_CAP)  # released: log ratio capped at 10 before exp
-        t_p = t.pow(power)  # t^p
-        if fixed_bounds is None:  # position-adaptive: [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
-            lo, hi = -eps_low * t_p, eps_high * t_p
-            log_w_clip = torch.minimum(torch.maximum(log_w, lo), hi)
+        s = torch.cumsum(log_r, dim=-1)  # S_t = log rho_cum_t = sum_{t'<=t} log r_t'   (value only)
+        metrics = _ratio_stats(mask, log_r, s, n)
+        del log_r
+        grad_ok = s <= LOG_WEIGHT_CAP  # exp(min(S, 10)): no gradient above the cap
+        log_w = s.clamp_(max=LOG_WEIGHT_CAP)  # released: log ratio capped at 10 before exp
+        t_p = torch.cumsum(mask, dim=-1, dtype=torch.float32).pow_(power)  # t^p, t = 1-based model-token index
+        cap = None if dual_clip_c is None else torch.mul(t_p, dual_clip_c).exp_()  # loss(A<0) <= -A exp(c t^p)
+        if fixed_bounds is None:  # position-adaptive: log rho_cum in [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
+            hi = t_p * eps_high
+            lo = t_p.mul_(-eps_low)
+            log_w_clip = torch.clamp(log_w, lo, hi)
+            del lo, hi
         else:  # Table 3 ablation: rho_cum in [lo, hi]
-            lo, hi = math.log(fixed_bounds[0]), math.log(fixed_bounds[1])
-            log_w_clip = log_w.clamp(lo, hi)
-        w = log_w.exp()  # rho_cum_t
-        cap = None if dual_clip_c is None else (dual_clip_c * t_p).exp_()  # loss(A<0) <= -A exp(c t^p)
-        value, grad, capped = _surrogate(adv, w, log_w_clip.exp(), mask, s <= LOG_WEIGHT_CAP, cap)
-        metrics = _metrics(adv, mask, log_r, s, log_w < log_w_clip, log_w > log_w_clip, capped)
+            log_w_clip = log_w.clamp(math.log(fixed_bounds[0]), math.log(fixed_bounds[1]))
+        del t_p
+        below, above = log_w < log_w_clip, log_w > log_w_clip
+        # rho_cum = exp(log_w), clip(rho_cum) = exp(log_w_clip), both computed in place
+        value, grad, capped = _surrogate(adv, log_w.exp_(), log_w_clip.exp_(), mask, grad_ok, cap)
+        metrics.update(_clip_stats(adv, mask, below, above, capped, n))
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -242,13 +265,17 @@ def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages:
     mask = response_mask.bool()
     with torch.no_grad():
         adv = advantages.float()
-        raw = log_prob.detach().float() - old_log_prob.detach().float()
-        log_r = torch.where(mask, raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0)
-        r = log_r.exp()  # r_t = pi_theta / pi_old
+        n = _count(mask).clamp(min=1).float()
+        raw = log_prob.detach().float() - old_log_prob.detach().float()  # log r_t
+        grad_ok = raw.abs() <= LOG_RATIO_CLAMP  # clamp(., -20, 20) passes gradient inside only
+        log_r = raw.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).masked_fill_(~mask, 0.0)
+        metrics = _ratio_stats(mask, log_r, torch.cumsum(log_r, dim=-1), n)
+        r = log_r.exp_()  # r_t = pi_theta / pi_old
         r_clip = r.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
-        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
-        value, grad, capped = _surrogate(adv, r, r_clip, mask, raw.abs() <= LOG_RATIO_CLAMP, cap)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), r < r_clip, r > r_clip, capped)
+        below, above = r < r_clip, r > r_clip
+        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c), device=r.device)
+        value, grad, capped = _surrogate(adv, r, r_clip, mask, grad_ok, cap)
+        metrics.update(_clip_stats(adv, mask, below, above, capped, n))
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -275,13 +302,17 @@ def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
     mask = response_mask.bool()
     with torch.no_grad():
         adv = advantages.float()
+        n = _count(mask).clamp(min=1).float()
         log_r = _masked_log_ratio(log_prob, old_log_prob, mask, clamp=False)
-        lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)  # |y_i|, (B, 1)
-        log_s = (log_r.sum(dim=-1, keepdim=True) / lengths).expand_as(log_r)  # (1/|y_i|) sum_t log r_t
-        s = log_s.clamp(max=LOG_WEIGHT_CAP).exp()  # s_i
+        metrics = _ratio_stats(mask, log_r, torch.cumsum(log_r, dim=-1), n)
+        lengths = _count(mask, dim=-1).clamp(min=1)[:, None]  # |y_i|, (B, 1)
+        log_s = log_r.sum(dim=-1, keepdim=True) / lengths  # (1/|y_i|) sum_t log r_t, (B, 1)
+        del log_r
+        s = log_s.clamp(max=LOG_WEIGHT_CAP).exp()  # s_i, (B, 1)
         s_clip = s.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+        below, above = s < s_clip, s > s_clip
         value, grad, capped = _surrogate(adv, s, s_clip, mask, log_s <= LOG_WEIGHT_CAP, None)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), s < s_clip, s > s_clip, capped)
+        metrics.update(_clip_stats(adv, mask, below, above, capped, n))
     return _attach_grad(log_prob, value, grad), metrics
 
 
@@ -306,13 +337,17 @@ def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Te
     mask = response_mask.bool()
     with torch.no_grad():
         adv = advantages.float()
+        n = _count(mask).clamp(min=1).float()
         log_r = _masked_log_ratio(log_prob, old_log_prob, mask)
-        log_seq = log_r.sum(dim=-1, keepdim=True).expand_as(log_r)  # log rho_seq, (B, T)
-        w = log_seq.clamp(max=LOG_WEIGHT_CAP).exp()
+        metrics = _ratio_stats(mask, log_r, torch.cumsum(log_r, dim=-1), n)
+        log_seq = log_r.sum(dim=-1, keepdim=True)  # log rho_seq = sum_t log r_t, (B, 1)
+        del log_r
+        w = log_seq.clamp(max=LOG_WEIGHT_CAP).exp()  # (B, 1)
         w_clip = w.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
-        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c))
+        below, above = w < w_clip, w > w_clip
+        cap = None if clip_ratio_c is None else torch.tensor(float(clip_ratio_c), device=w.device)
         value, grad, capped = _surrogate(adv, w, w_clip, mask, log_seq <= LOG_WEIGHT_CAP, cap)
-        metrics = _metrics(adv, mask, log_r, torch.cumsum(log_r, dim=-1), w < w_clip, w > w_clip, capped)
+        metrics.update(_clip_stats(adv, mask, below, above, capped, n))
     return _attach_grad(log_prob, value, grad), metrics
 
 
