@@ -86,7 +86,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     assert ro.multi_turn.enable is True
     assert (ro.multi_turn.max_assistant_turns, ro.multi_turn.max_user_turns) == (5, 5)
     assert ro.multi_turn.tool_config_path == str(ROOT / "configs/verl/tool_config.yaml")
-    assert ro.agent.agent_loop_config_path == str(ROOT / "configs/verl/agent_loop.yaml")
+    assert ro.agent.agent_loop_config_path == str(wd.resolve() / "verl" / "agent_loop.yaml")
     assert ro.agent.default_agent_loop == "ctpo_tir"
     assert (ro.val_kwargs.n, ro.val_kwargs.temperature, ro.val_kwargs.top_p, ro.val_kwargs.do_sample) == (32, 0.7, 1.0, True)
     rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
@@ -389,3 +389,20 @@ def test_dump_writer_counts_steps_and_writes_only_whole_dump_steps(tmp_path):
     assert writer_from_env({}) is None
     with pytest.raises(ValueError, match="CTPO_DUMP_START_STEP"):
         writer_from_env({"CTPO_DUMP_DIR": str(tmp_path), "CTPO_DUMP_STEPS": "50"})
+
+
+def test_agent_loop_copy_carries_the_run_rollout_config(tmp_path):
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from ctpo.agent.verl_loop import rollout_config_from
+
+    cfg = _cfg("ctpo")
+    path = vb.write_agent_loop_config(cfg, tmp_path)
+    entries = OmegaConf.to_container(OmegaConf.load(path))
+    (entry,) = [e for e in entries if e["name"] == "ctpo_tir"]
+    assert entry["_target_"] == "ctpo.agent.verl_loop.CtpoTirAgentLoop"
+    assert entry["rollout"] == asdict(cfg.rollout)
+    assert (entry["rollout"]["max_turns"], entry["rollout"]["max_response_tokens"]) == (5, 8000)
+    assert rollout_config_from(entry["rollout"]) == cfg.rollout  # what the loop builds from it

@@ -38,7 +38,7 @@ from ctpo.io import write_json, write_text
 VERL_MAIN = "verl.trainer.main_ppo"
 PLUGIN_MODULE = "ctpo.verl_plugin"
 AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml
-AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"
+AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # template; each run gets a copy
 TOOL_CONFIG = REPO_ROOT / "configs" / "verl" / "tool_config.yaml"
 REWARD_FILE = REPO_ROOT / "ctpo" / "reward.py"
 REWARD_FN = "compute_score"
@@ -72,6 +72,29 @@ def ray_temp_dir(workdir: str | Path) -> Path:
     if len(str(p)) <= _RAY_TMP_MAX:
         return p
     return Path("/tmp") / f"ctpo-ray-{hashlib.sha256(str(p).encode()).hexdigest()[:10]}"
+
+
+def agent_loop_path(workdir: str | Path) -> Path:
+    return Path(workdir).resolve() / "verl" / "agent_loop.yaml"
+
+
+def write_agent_loop_config(cfg: RunConfig, workdir: str | Path) -> Path:
+    """The run's copy of configs/verl/agent_loop.yaml with the `ctpo_tir` entry's `rollout` = cfg.rollout."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(AGENT_LOOP_CONFIG))
+    names = [e.get("name") for e in entries] if isinstance(entries, list) else []
+    if AGENT_LOOP_NAME not in names:
+        raise ValueError(f"{AGENT_LOOP_CONFIG}: expected a list holding an entry named '{AGENT_LOOP_NAME}', got {names}")
+    for e in entries:
+        if e["name"] == AGENT_LOOP_NAME:
+            e["rollout"] = asdict(cfg.rollout)
+    path = agent_loop_path(workdir)
+    write_text(path, "# written by ctpo.train.verl_backend from " + str(AGENT_LOOP_CONFIG.relative_to(REPO_ROOT))
+               + " and the run config\n" + OmegaConf.to_yaml(OmegaConf.create(entries)))
+    return path
 
 
 def experiment_name(cfg: RunConfig) -> str:
@@ -150,7 +173,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         f"{ro}.multi_turn.max_user_turns={r.max_turns}",
         f"{ro}.multi_turn.max_tool_response_length={r.max_obs_tokens}",
         f"{ro}.multi_turn.tool_config_path={_q(TOOL_CONFIG)}",
-        f"{ro}.agent.agent_loop_config_path={_q(AGENT_LOOP_CONFIG)}",
+        f"{ro}.agent.agent_loop_config_path={_q(agent_loop_path(workdir))}",
         f"{ro}.agent.default_agent_loop={AGENT_LOOP_NAME}",
         # reward: math-verify based scorer
         f"reward.custom_reward_function.path={_q(REWARD_FILE)}",
@@ -343,6 +366,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
     if latest_step(workdir) < cfg.train.total_steps:
+        write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
         env = run_env(cfg, workdir, attempt)
         (workdir / "verl_logs").mkdir(parents=True, exist_ok=True)
