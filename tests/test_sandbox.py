@@ -156,3 +156,30 @@ def test_userns_mode_runs_without_capabilities():
     assert r.stdout == "0 0000000000000000\n"
     assert r.status == "error" and "Read-only file system" in r.stderr
     assert r.status in STATUSES
+
+
+def test_unisolated_fallback_still_kills_background_children():
+    """Even without namespaces (explicitly allowed), no descendant outlives the call."""
+    import os
+    from pathlib import Path
+
+    code = (
+        "import os\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        os.execv('/bin/sleep', ['sleep', '7711.25'])\n"
+        "    os._exit(0)\n"
+        "print(os.getcwd())\n"
+    )
+    r = run_code(code, isolation="none", allow_unisolated=True)
+    assert r.status == "ok" and "ctpo-sbx-" in r.stdout
+    assert not Path(r.stdout.strip()).exists()  # the private work dir is removed
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"7711.25" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.append(pid)
+        except OSError:
+            pass
+    assert alive == []

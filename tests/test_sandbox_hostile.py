@@ -118,7 +118,14 @@ def test_100mb_print_is_capped(contained):
     assert r.stdout == "x" * (1 << 20)
 
 
-def test_background_child_dies_with_the_program(contained):
+# The unprivileged-host path (user namespace, capabilities dropped) runs the same escape attempts.
+# (Fork bombs are not run there: as root, uid 0 in a user namespace maps to host root, which
+# RLIMIT_NPROC does not bound; on a real unprivileged host the per-namespace count applies.)
+ISOLATIONS = pytest.mark.parametrize("isolation", ["auto", "userns"])
+
+
+@ISOLATIONS
+def test_background_child_dies_with_the_program(contained, isolation):
     code = (
         "import os, time\n"
         "if os.fork() == 0:\n"
@@ -129,7 +136,7 @@ def test_background_child_dies_with_the_program(contained):
         "time.sleep(0.3)\n"
         "print('parent done')\n"
     )
-    r = run_code(code, timeout_s=5.0)
+    r = run_code(code, timeout_s=5.0, isolation=isolation)
     assert (r.status, r.stdout) == ("ok", "parent done\n")
     assert _processes_with(SLEEP_ARG) == []
 
@@ -140,7 +147,8 @@ def test_background_child_holding_stdout_does_not_block(contained):
     assert (r.status, r.stdout) == ("ok", "bye\n") and r.wall_s < 5.0
 
 
-def test_no_network_even_to_localhost(contained):
+@ISOLATIONS
+def test_no_network_even_to_localhost(contained, isolation):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -152,7 +160,7 @@ def test_no_network_even_to_localhost(contained):
         "s.sendall(b'leak')\n"
     )
     try:
-        r = run_code(code, timeout_s=5.0)
+        r = run_code(code, timeout_s=5.0, isolation=isolation)
         with pytest.raises(socket.timeout):
             server.accept()
     finally:
@@ -180,20 +188,23 @@ def test_host_environment_secrets_are_invisible(contained, monkeypatch):
     assert lines[3] == "False" or os.getpid() in (1, 2)
 
 
-def test_host_home_is_hidden(contained, monkeypatch, tmp_path_factory):
-    home = Path("/var/tmp") / f"{MARK}-home"
+@ISOLATIONS
+def test_host_home_is_hidden(contained, monkeypatch, isolation):
+    home = Path("/var/tmp") / f"{MARK}-home-{isolation}"
     home.mkdir(mode=0o755)
     try:
         (home / "secret.txt").write_text("hf_token_value")
         (home / "secret.txt").chmod(0o644)
         monkeypatch.setenv("HOME", str(home))
-        r = run_code(f"import os\nprint(os.listdir({str(home)!r}))\nopen({str(home / 'secret.txt')!r}).read()")
+        r = run_code(f"import os\nprint(os.listdir({str(home)!r}))\nopen({str(home / 'secret.txt')!r}).read()",
+                     isolation=isolation)
     finally:
         shutil.rmtree(home)
     assert r.stdout == "[]\n" and "FileNotFoundError" in r.stderr and "hf_token_value" not in r.stdout
 
 
-def test_cannot_write_repo_or_host_tmp(contained):
+@ISOLATIONS
+def test_cannot_write_repo_or_host_tmp(contained, isolation):
     targets = [REPO / f"{MARK}.py", REPO / "tests" / f"{MARK}.txt", Path("/tmp") / MARK,
                Path("/var/tmp") / MARK, Path("/dev/shm") / MARK]
     code = (
@@ -215,7 +226,7 @@ def test_cannot_write_repo_or_host_tmp(contained):
         "r = subprocess.run(['mount', '-o', 'remount,rw', '/'], capture_output=True)\n"
         "print('remount', r.returncode)\n"
     )
-    r = run_code(code)
+    r = run_code(code, isolation=isolation)
     assert r.status == "ok", r.stderr
     assert "appended" not in r.stdout
     blocked = [ln.rsplit(" ", 1) for ln in r.stdout.splitlines() if ln.startswith("blocked")]

@@ -36,7 +36,7 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic syscall table)
-PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 38, 24, 36
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR = "/tmp/work"
 
@@ -222,11 +222,34 @@ def _user(spec: dict, code: str, report_fd: int) -> int:
     return _run_user_code(code, report_fd)
 
 
+def _kill_orphans() -> None:
+    """Mode none: SIGKILL and reap every remaining descendant (adopted by us as subreaper)."""
+    import signal
+
+    while True:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+        if not kids:
+            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for _ in kids:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+
+
 def _supervise(spec: dict, code: str) -> int | None:
     """I: fork U, reap everything, report how U ended. Returns U's exit code in U, None in I."""
+    ctypes, libc = _libc()
     if spec["mode"] != "none":
-        ctypes, libc = _libc()
         _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    else:  # no pid namespace: adopt U's orphans ourselves so they can be killed and reaped below
+        _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)", ctypes)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -246,6 +269,8 @@ def _supervise(spec: dict, code: str) -> int | None:
         done, wstatus, usage = os.wait3(0)
         if done == pid:
             break
+    if spec["mode"] == "none":
+        _kill_orphans()
     os.set_blocking(r, False)  # U's own descendants may still hold the write end: never wait for EOF
     report = b""
     try:

@@ -217,7 +217,7 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
     stdin_fd, pending = proc.stdin.fileno(), memoryview(code)
     for fd in (*readers, stdin_fd):
         os.set_blocking(fd, False)
-    deadline, timed_out, kill_at = t0 + lim.timeout_s, False, None
+    deadline, timed_out, kill_at, killed = t0 + lim.timeout_s, False, None, False
     poller = select.poll()  # not select(): fds above 1024 are common inside a trainer process
     for fd in readers:
         poller.register(fd, select.POLLIN)
@@ -227,10 +227,12 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
             now = time.monotonic()
             if not timed_out and now >= deadline:
                 timed_out, kill_at = True, now + _KILL_GRACE_S
-                _kill(proc, status)
+            if timed_out and not killed:
+                killed = _kill_init(status)
             if kill_at is not None and now >= kill_at:
-                break  # something outside the namespace kept a pipe open; give up reading
+                break  # no report of the init's pid, or a pipe still open: the group kill below ends it
             wait = (kill_at if timed_out else deadline) - now
+            wait = min(wait, 0.01) if timed_out and not killed else wait
             for fd, ev in poller.poll(max(1, math.ceil(wait * 1000))):
                 if fd == stdin_fd:
                     try:
@@ -256,6 +258,8 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
         if pending is not None:
             proc.stdin.close()
         os.close(status_r)
+        if timed_out and not killed:
+            _killpg(proc.pid)  # W never reported the init's pid: it is stuck in setup
         try:
             proc.wait(timeout=_KILL_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -279,16 +283,20 @@ def _killpg(pid: int) -> None:
         pass
 
 
-def _kill(proc: subprocess.Popen, status: bytearray) -> None:
-    """Timeout: kill the namespace init (all inside die and are reaped by it; W reaps it), else the group."""
+def _kill_init(status: bytearray) -> bool:
+    """Timeout: SIGKILL the process W reported ("P <pid>": the namespace init, or U in mode none).
+
+    Every process in the pid namespace dies with its init and is reaped inside it; W, still alive,
+    reaps the init and exits. Killing W's whole group instead could orphan the init to a host pid 1
+    that may never reap it (a zombie), so until W has reported the pid we keep waiting (False)."""
     pids = [int(line[2:]) for line in status.decode().splitlines() if line.startswith("P ")]
-    if pids:
-        try:
-            os.kill(pids[0], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    else:
-        _killpg(proc.pid)
+    if not pids:
+        return False
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
 
 
 def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: _Limits):
