@@ -147,7 +147,7 @@ def _clip_stats(adv: Tensor, mask: Tensor, below: Tensor, above: Tensor, capped:
         schema.CLIP_FRAC: _count(below | above) / n,
         schema.CLIP_FRAC_LOW: _count(below & (adv < 0)) / n,
         schema.CLIP_FRAC_HIGH: _count(above & (adv > 0)) / n,
-        schema.DUAL_CLIP_FRAC: _count(capped & mask) / n if capped is not None else torch.zeros((), device=n.device),
+        schema.DUAL_CLIP_FRAC: torch.zeros((), device=n.device) if capped is None else _count(capped & mask) / n,
     }
 
 

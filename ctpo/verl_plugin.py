@@ -100,15 +100,13 @@ def _verl_loss(method: str):
 
 def register() -> None:
     """Register our losses; a name held by another module's function is an error, ours is replaced (re-import)."""
+    registry = core_algos.POLICY_LOSS_REGISTRY
     for name in REGISTERED:
-        existing = core_algos.POLICY_LOSS_REGISTRY.get(name)
-        if existing is not None and getattr(existing, "__module__", None) != __name__:
-            raise RuntimeError(
-                f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by "
-                f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', '?')}"
-            )
-        core_algos.POLICY_LOSS_REGISTRY.pop(name, None)
-        core_algos.register_policy_loss(name)(_verl_loss(name))
+        owner = getattr(registry[name], "__module__", "?") if name in registry else __name__
+        if owner != __name__:
+            raise RuntimeError(f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by {owner}."
+                               f"{getattr(registry[name], '__qualname__', '?')}")
+        core_algos.register_policy_loss(name)(_verl_loss(name))  # replaces our own entry on re-import
 
 
 def _fmt(x: Any) -> str:
