@@ -78,7 +78,7 @@ EVAL_COLUMNS = {
 DIAG_COLUMNS = (
     "t_lo",  # first position in the bin (1-based model-token index)
     "t_hi",  # last position in the bin
-    "t_mid",
+    "t_mid",  # token-weighted mean position in the bin (where the sigma_hat * sqrt(t) fit is evaluated)
     "n_tokens",  # model tokens that fell in the bin
     "std_log_rho_cum",  # empirical std of log rho_cum over sequences alive at t (pooled in the bin)
     "clip_rate_fixed",  # fraction with rho_cum outside [0.5, 5]
