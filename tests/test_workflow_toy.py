@@ -70,6 +70,14 @@ def test_tiny_run_writes_every_table_and_figure(tiny):
     assert "toy_ctpo_fixed" in (tiny / f"results/{EXP}/tables/table3.md").read_text()
 
 
+def test_html_report_embeds_every_table_and_figure(tiny, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(tiny, "--report", str(report), "--configfile", CFG, timeout=300)
+    html = report.read_text(errors="replace")
+    for name in ("table1.md", "table2.md", "table3.tex", "figure1.png", "figure2.pdf"):
+        assert name in html, name
+
+
 def test_second_run_does_nothing(tiny):
     proc = snakemake(tiny, "-n", "--configfile", CFG)
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -104,7 +104,7 @@ rule data_config:
 
 rule prepare_benchmarks:
     input:
-        P["data_config"],
+        ancient(P["data_config"]),
     output:
         P["data_benchmarks"],
     log:
