@@ -19,7 +19,7 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo import schema  # noqa: E402
 from ctpo.config import CONFIG_DIR, LossConfig  # noqa: E402
-from ctpo.losses import compute_policy_loss  # noqa: E402
+from ctpo.losses import compute_policy_loss, ctpo_loss  # noqa: E402
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(core_algos.__file__), "..", "config")
 
@@ -96,6 +96,13 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
     if method != "full_seq":
         assert actor.policy_loss.eps_low == cfg.eps_low and actor.policy_loss.dual_clip_c == cfg.dual_clip_c
         assert v_m["actor/pg_clipfrac_lower"] == d_m[schema.DUAL_CLIP_FRAC]
+        # and the plain ctpo_loss call with the same knobs
+        fixed = tuple(cfg.fixed_bounds) if method == "ctpo_fixed" else None
+        c_loss, c_grad, _ = loss_and_grad(ctpo_loss, olp, lp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                          power=cfg.power, fixed_bounds=fixed, dual_clip_c=cfg.dual_clip_c)
+        v_loss, v_grad, _ = loss_and_grad(fn, olp, lp, adv, mask, loss_agg_mode="token-mean", config=actor)
+        torch.testing.assert_close(v_loss, c_loss, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(v_grad, c_grad, rtol=1e-6, atol=1e-9)
 
 
 def test_verl_global_batch_info_scales_like_verls_own_losses():
