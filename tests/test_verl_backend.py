@@ -83,6 +83,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     assert a.fsdp_config.param_offload is True and a.fsdp_config.optimizer_offload is True
     assert (ro.name, ro.mode, ro.tensor_model_parallel_size) == ("vllm", "async", 1)
     assert ro.gpu_memory_utilization == 0.6 and ro.calculate_log_probs is True
+    assert ro.checkpoint_engine.update_weights_bucket_megabytes == 4096
     assert ro.multi_turn.enable is True
     assert (ro.multi_turn.max_assistant_turns, ro.multi_turn.max_user_turns) == (5, 5)
     assert ro.multi_turn.tool_config_path == str(ROOT / "configs/verl/tool_config.yaml")
@@ -194,7 +195,7 @@ def _log(path: Path, records: list[tuple[int, dict]], cut_last: bool = False) ->
 
 def test_metrics_conversion_maps_verl_keys_and_later_attempts_win(tmp_path):
     a1, a2, out = tmp_path / "attempt1.jsonl", tmp_path / "attempt2.jsonl", tmp_path / "metrics.jsonl"
-    step = lambda r, kl, clip: {"critic/rewards/mean": r, "actor/ppo_kl": kl, "actor/pg_clipfrac": clip,  # noqa: E731
+    step = lambda r, kl, clip: {"critic/rewards/mean": r, "critic/score/mean": r, "actor/ppo_kl": kl, "actor/pg_clipfrac": clip,  # noqa: E731
                                 "response_length/mean": 900.0 + r, "training/num_turns/mean": 3.0,
                                 "actor/entropy": 0.4, "actor/grad_norm": 0.2, "actor/pg_loss": -0.01,
                                 "timing_s/step": 120.0, "training/global_step": 0}
@@ -211,7 +212,7 @@ def test_metrics_conversion_maps_verl_keys_and_later_attempts_win(tmp_path):
     for r in rows:
         assert set(schema.TRAIN_KEYS) <= set(r)
     r1, r2, r3 = rows[0], rows[1], rows[2]
-    assert r1[schema.REWARD_MEAN] == 0.1 and r1[schema.RESPONSE_LENGTH] == 900.1
+    assert r1[schema.REWARD_MEAN] == 0.1 and r1[schema.ACCURACY] == 0.1 and r1[schema.RESPONSE_LENGTH] == 900.1
     assert r1[schema.LOG_RATIO_MEAN] == -0.002  # -ppo_kl
     assert r1[schema.CLIP_FRAC] == 0.01 and r1[schema.CLIP_FRAC_LOW] is None
     assert r1[schema.TURNS] == 3.0 and r1[schema.ENTROPY] == 0.4 and r1[schema.GRAD_NORM] == 0.2
@@ -295,7 +296,7 @@ def test_signals_are_forwarded_to_the_child_process_group(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) is before  # our handler is removed after the run
 
 
-def test_merge_command_and_missing_checkpoint(tmp_path):
+def test_merge_command_and_missing_checkpoint(tmp_path, capsys):
     cmd = vb.merge_command(tmp_path, 40, tmp_path / "hf" / "step40")
     assert cmd[1:] == ["-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
                        str(tmp_path / "checkpoints" / "global_step_40" / "actor"), "--target_dir",
@@ -303,6 +304,10 @@ def test_merge_command_and_missing_checkpoint(tmp_path):
     _fake_checkpoints(tmp_path, [20], latest=20)
     with pytest.raises(FileNotFoundError, match=r"global_step_40/actor: no verl checkpoint for step 40 \(saved steps: \[20\]\)"):
         vb.merge_checkpoint(tmp_path, 40)
+    marker = tmp_path / "merged40.json"
+    assert vb.cli(["merge", "--workdir", str(tmp_path), "--step", "40", "--done", str(marker)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no verl checkpoint for step 40" in err[0] and not marker.exists()
 
 
 def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):

@@ -46,6 +46,7 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 ROLLOUT_TP = 1  # paper: vLLM tensor parallel 1 per rollout replica
 GPU_MEMORY_UTILIZATION = 0.6  # paper: vLLM KV-cache share of GPU memory
+WEIGHT_SYNC_BUCKET_MB = 4096  # authors' launcher: trainer -> vLLM weight update bucket (verl default 2048)
 _RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
 
 
@@ -158,6 +159,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         f"{ro}.tensor_model_parallel_size={ROLLOUT_TP}",
         f"{ro}.gpu_memory_utilization={GPU_MEMORY_UTILIZATION}",
         f"{ro}.calculate_log_probs=true",
+        f"{ro}.checkpoint_engine.update_weights_bucket_megabytes={WEIGHT_SYNC_BUCKET_MB}",
         f"{ro}.n={r.n}",
         f"{ro}.temperature={float(r.temperature)}",
         f"{ro}.top_p={float(r.top_p)}",
@@ -419,10 +421,13 @@ def merge_checkpoint(workdir: str | Path, step: int) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctpo.train.verl_backend", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ctpo.train.verl_backend",
+                                description="verl GPU backend: print the training command, train, or merge a checkpoint")
     sub = p.add_subparsers(dest="cmd", required=True)
+    helps = {"command": "print the verl command (shell-quoted, one override per line)",
+             "run": "run (or resume) verl training, then write metrics.jsonl, provenance.json, done.json"}
     for name in ("command", "run"):
-        s = sub.add_parser(name, help=f"{name} the verl training run of a resolved run config")
+        s = sub.add_parser(name, help=helps[name])
         s.add_argument("--config", required=True, help="resolved run config (.json or .yaml)")
         s.add_argument("--results", required=True, help="results/{exp}/train/{run}/seed{seed}")
         s.add_argument("--workdir", required=True, help="runs/{exp}/{run}/seed{seed}")
@@ -434,13 +439,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(args: list[str] | None = None) -> int:
+    from ctpo.config import ConfigError
+
     a = _parser().parse_args(args)
-    if a.cmd == "merge":
-        out = merge_checkpoint(a.workdir, a.step)
-        write_json(a.done, {"workdir": str(a.workdir), "step": a.step, "hf_dir": str(out)})
-        return 0
-    cfg = load_run_config(a.config)
-    return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"))
+    try:
+        if a.cmd == "merge":
+            out = merge_checkpoint(a.workdir, a.step)
+            write_json(a.done, {"workdir": str(a.workdir), "step": a.step, "hf_dir": str(out)})
+            return 0
+        cfg = load_run_config(a.config)
+        return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"))
+    except (ConfigError, VerlRunError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

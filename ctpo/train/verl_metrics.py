@@ -8,6 +8,8 @@ are trained again and the later attempt's values win.
 
 Key mapping (first source present wins; a key that verl and our plugin both lack is written as null):
   train/reward_mean          critic/rewards/mean (= critic/score/mean without a KL penalty)
+  train/accuracy             critic/score/mean: ctpo.reward scores are 0/1, so the mean score is the
+                             fraction of responses with reward 1
   ctpo/clip_frac             ctpo/clip_frac from our plugin, else verl's actor/pg_clipfrac
   train/response_length_mean response_length/mean (all response tokens, observations included)
   train/turns_mean           training/num_turns/mean, num_turns/mean (verl's count, set by the agent loop)
@@ -32,6 +34,7 @@ from ctpo.io import write_text
 # (our key, [(verl key, sign)]) in priority order after the pass-through of our own names
 VERL_SOURCES: dict[str, list[tuple[str, float]]] = {
     schema.REWARD_MEAN: [("critic/rewards/mean", 1.0), ("critic/score/mean", 1.0)],
+    schema.ACCURACY: [("critic/score/mean", 1.0)],
     schema.CLIP_FRAC: [("actor/pg_clipfrac", 1.0)],
     schema.RESPONSE_LENGTH: [("response_length/mean", 1.0)],
     schema.TURNS: [("training/num_turns/mean", 1.0), ("num_turns/mean", 1.0)],
