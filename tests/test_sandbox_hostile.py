@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -99,6 +100,27 @@ def test_infinite_loop_times_out(contained):
 def test_sleep_past_timeout_is_killed(contained):
     r = run_code("import time\ntime.sleep(120)", timeout_s=1.0)
     assert r.status == "timeout" and r.wall_s < 5.0
+
+
+def _zombies_of_host_init() -> int:
+    n = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        n += fields[0] == "Z" and fields[1] == "1"
+    return n
+
+
+def test_timeout_during_sandbox_setup_orphans_nothing(contained):
+    """A timeout that fires before the namespace init exists still ends with every process reaped
+    (killing the launcher first would orphan the init to host pid 1, which may never reap it)."""
+    before = _zombies_of_host_init()
+    results = [run_code("while True:\n    pass", timeout_s=t) for t in (0.001, 0.01, 0.03, 0.06)]
+    assert {r.status for r in results} == {"timeout"}
+    time.sleep(0.2)
+    assert _zombies_of_host_init() <= before
 
 
 def test_fork_bomb_is_bounded_and_killed(contained):

@@ -21,7 +21,8 @@ Isolation modes (spec["mode"]):
   root    host euid 0: no user namespace; U switches to uid/gid spec["uid"] (65534, nobody).
   userns  unprivileged host: a user namespace maps ns-root to the host user; U drops every capability.
   none    no namespaces (only when the caller explicitly allowed it): rlimits, scrubbed env, temp dir.
-In root/userns, every mount is made read-only (recursive mount_setattr) and nosuid; /tmp and /dev/shm
+In root/userns, /proc is the new pid namespace's own (or, where a container forbids that, an empty
+tmpfs: the host's processes are never visible). Every mount is made read-only (recursive mount_setattr) and nosuid; /tmp and /dev/shm
 get fresh tmpfs; the host's home directories are hidden behind a tmpfs, re-exposing only the
 interpreter's own prefix/sys.path entries (read-only), so U can import but not read ~/.netrc etc.
 """
@@ -249,7 +250,10 @@ def _supervise(spec: dict, code: str) -> int | None:
     """I: fork U, reap everything, report how U ended. Returns U's exit code in U, None in I."""
     ctypes, libc = _libc()
     if spec["mode"] != "none":
-        _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        try:
+            _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except SetupError:  # e.g. a container with masked /proc paths refuses a new proc in a userns
+            _mount(libc, ctypes, "tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     else:  # no pid namespace: adopt U's orphans ourselves so they can be killed and reaped below
         _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)", ctypes)
     r, w = os.pipe()

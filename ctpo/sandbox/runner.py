@@ -101,13 +101,19 @@ def _host_mode() -> str:
     return "root" if os.geteuid() == 0 else "userns"
 
 
-@functools.lru_cache(maxsize=None)
+_PROBED_OK: set[str] = set()
+
+
 def _probe(mode: str) -> str:
-    """Run a trivial program isolated; '' if it works, else the reason (cached per process)."""
+    """Run a trivial program isolated; '' if it works, else the reason. Success is cached per process
+    (a failure is retried next time, so one overloaded moment does not disable the sandbox for good)."""
+    if mode in _PROBED_OK:
+        return ""
     _warm_bytecode_cache()
-    lim = _Limits(10.0, 512, 4096, 16, 64, 1, 1)
+    lim = _Limits(30.0, 512, 4096, 16, 64, 1, 1)
     res = _execute("print(7 * 6)", lim, mode)
     if res.status == "ok" and res.stdout.strip() == "42":
+        _PROBED_OK.add(mode)
         return ""
     return res.detail or f"probe returned status={res.status} stdout={res.stdout[:100]!r}"
 
