@@ -31,8 +31,8 @@ rule tables:
             for ext in ("md", "tex")
         ],
     params:
-        out=P["tables"],
-        results=R,
+        out=lambda wc, output: os.path.dirname(output[0]),
+        results=lambda wc, input: os.path.dirname(input.experiment),
     log:
         f"{L}/tables.log",
     benchmark:
@@ -53,8 +53,8 @@ rule figures:
             for ext in ("pdf", "png")
         ],
     params:
-        out=P["figures"],
-        results=R,
+        out=lambda wc, output: os.path.dirname(output[0]),
+        results=lambda wc, input: os.path.dirname(input.experiment),
     log:
         f"{L}/figures.log",
     benchmark:
