@@ -18,6 +18,9 @@ Per-token losses come from `ctpo.losses`; rollout IS weights multiply them and v
 aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
 `actor/pg_clipfrac` (clipped branch active), `actor/pg_clipfrac_lower` (dual clip active), `actor/ppo_kl`,
 plus the `ctpo/*` names of `ctpo.schema`.
+
+Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.train.verl_dumps.record` (a no-op
+unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from verl.workers.config import PolicyLossConfig
 from ctpo import schema
 from ctpo.config import LossConfig
 from ctpo.losses import policy_token_losses
+from ctpo.train import verl_dumps
 
 REGISTERED = ("ctpo", "ctpo_fixed", "full_seq")
 _PREFIX = "actor_rollout_ref.actor"
@@ -80,6 +84,7 @@ def _verl_loss(method: str):
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = _loss_config(method, loss_agg_mode, config)
+        verl_dumps.record(old_log_prob, log_prob, response_mask, advantages)  # no-op unless CTPO_DUMP_DIR is set
         loss_mat, metrics = policy_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg)
         if rollout_is_weights is not None:
             loss_mat = loss_mat * rollout_is_weights

@@ -186,3 +186,23 @@ def test_ctpo_loss_mode_without_our_config_class_fails_clearly():
     olp, lp, adv, mask, _ = batch(0)
     with pytest.raises(ValueError, match="policy_loss._target_"):
         core_algos.get_policy_loss_fn("ctpo")(olp, lp, adv, mask, "token-mean", actor, None)
+
+
+def test_loss_calls_feed_the_rollout_dump_writer(tmp_path, monkeypatch):
+    from ctpo.train import verl_dumps
+
+    monkeypatch.setattr(verl_dumps, "_WRITER", None)
+    for k, v in {"CTPO_DUMP_DIR": str(tmp_path), "CTPO_DUMP_STEPS": "2", "CTPO_DUMP_START_STEP": "1",
+                 "CTPO_DUMP_CALLS_PER_STEP": "2", "RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    _, actor = actor_config(*plugin.verl_overrides(method_cfg("ctpo")))
+    fn = core_algos.get_policy_loss_fn("ctpo")
+    batches = [batch(seed) for seed in range(4)]  # 2 loss calls per step: step 1, then step 2 (dumped)
+    for olp, lp, adv, mask, _ in batches:
+        fn(olp, lp.clone().requires_grad_(), adv, mask, "token-mean", actor, None)
+    shards = sorted(tmp_path.rglob("*.npz"))
+    assert [p.relative_to(tmp_path).as_posix() for p in shards] == ["step2/rank0.npz"]
+    with np.load(shards[0]) as z:
+        np.testing.assert_allclose(z["log_prob"], torch.cat([b[1] for b in batches[2:]]).numpy())
+        np.testing.assert_allclose(z["old_log_prob"], torch.cat([b[0] for b in batches[2:]]).numpy())
+        np.testing.assert_array_equal(z["response_mask"], torch.cat([b[3] for b in batches[2:]]).numpy())
