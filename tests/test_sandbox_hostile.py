@@ -287,3 +287,47 @@ def test_pool_survives_a_hostile_batch(contained):
         assert [r.status for r in first] == ["timeout", "timeout", "memory", "error", "ok"], first
         second = pool.run_many([f"print({i} ** 2)" for i in range(6)])
     assert [r.stdout for r in second] == [f"{i * i}\n" for i in range(6)]
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON,
+                    reason="needs root (to become an unprivileged user), setpriv and a system python3")
+def test_unprivileged_host_isolates_with_user_namespace(host_state, tmp_path):
+    """As a real unprivileged uid (as on a cluster node): user namespace mode, home hidden, fs read-only."""
+    home = Path("/var/tmp") / f"{MARK}-unpriv"
+    home.mkdir()
+    (home / ".netrc").write_text("machine api token secret-netrc")
+    os.chown(home, 65534, 65534)
+    os.chown(home / ".netrc", 65534, 65534)
+    (home / ".netrc").chmod(0o600)
+    driver = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from ctpo.sandbox import isolation_mode, run_code\n"
+        "code = '''\n"
+        "import os\n"
+        f"for t in [{str(home / 'x')!r}, {str(REPO / MARK)!r}]:\n"
+        "    try:\n"
+        "        open(t, 'w')\n"
+        "        print('WROTE', t)\n"
+        "    except OSError as e:\n"
+        "        print('blocked', e.errno)\n"
+        f"print(os.path.exists({str(home / '.netrc')!r}))\n"
+        "'''\n"
+        "r = run_code(code)\n"
+        "print(isolation_mode(), r.status)\n"
+        "print(r.stdout)\n"
+    )
+    try:
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", driver],
+            capture_output=True, text=True, timeout=60, cwd="/", env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+        )
+        assert not (home / "x").exists()
+    finally:
+        shutil.rmtree(home)
+    if "SandboxUnavailable" in out.stderr:
+        pytest.skip(f"unprivileged user namespaces disabled here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.stdout.split() == ["userns", "ok", "blocked", "30", "blocked", "30", "False"], out.stderr
