@@ -74,13 +74,13 @@ def build_figure1(exp: dict, results: Results):
             top.plot(t, df["std_log_rho_cum"], "o", ms=2.2, color="#444444", label="empirical std")
             grid = np.linspace(0, t.max(), 200)
             top.plot(grid, meta["sigma_hat"] * np.sqrt(grid), "--", color="#d62728", label=r"fit $\hat\sigma\sqrt{t}$")
-            top.text(0.97, 0.05, rf"$\hat\sigma$ = {meta['sigma_hat']:.3g}" + "\n" + rf"$R^2$ = {meta['r2']:.3f}",
-                     transform=top.transAxes, ha="right", va="bottom")
+            top.text(0.04, 0.96, rf"$\hat\sigma$ = {meta['sigma_hat']:.3g}" + "\n" + rf"$R^2$ = {meta['r2']:.3f}",
+                     transform=top.transAxes, ha="left", va="top")  # upper left: the curve rises to the right
             top.set_title(f"step {step}")
             top.set_ylim(bottom=0)
             lo, hi = meta["fixed_bounds"]
             a = meta["adaptive"]
-            bot.plot(t, 100 * df["clip_rate_fixed"], color="#1f77b4", label=rf"fixed: $\rho^{{\mathrm{{cum}}}}_t \notin$ [{lo:g}, {hi:g}]")
+            bot.plot(t, 100 * df["clip_rate_fixed"], color="#1f77b4", zorder=3, label=rf"fixed: $\rho^{{\mathrm{{cum}}}}_t \notin$ [{lo:g}, {hi:g}]")
             bot.plot(t, 100 * df["clip_rate_adaptive"], color="#d62728",
                      label=rf"adaptive: $\log\rho^{{\mathrm{{cum}}}}_t \notin$ [-{a['eps_low']:g}, {a['eps_high']:g}]$\cdot t^{{{a['power']:g}}}$")
             bot.set_xlabel("token position $t$ (model tokens)")
