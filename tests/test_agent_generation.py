@@ -94,3 +94,17 @@ def test_rollout_with_real_sandbox_gives_trainer_exact_ids_and_logprobs(tiny):
         ref = full_forward_logprobs(model, ids, len(ep.prompt_ids), 1.0)
         m = np.array(ep.response_mask, dtype=bool)
         np.testing.assert_allclose(np.array(ep.response_logprobs)[m], ref[m], atol=2e-5)
+
+
+def test_pruning_finished_rows_keeps_every_row_exact(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in ("a", "bb ccc", "prune me", "x y z w")]
+    stop = ["e", "a"]  # frequent characters: rows finish at different steps
+    outs = HFGenerator(model, tok, prune=True).generate(prompts, SamplingParams(max_new_tokens=20, seed=4), stop)
+    assert len({len(o.token_ids) for o in outs}) > 1
+    for p, o in zip(prompts, outs):
+        ref = full_forward_logprobs(model, p + o.token_ids, len(p), 1.0)
+        np.testing.assert_allclose(o.log_probs, ref, atol=2e-5)
+        if o.finish_reason == "stop":  # the last token completed a stop string, no earlier one did
+            assert any(s in tok.decode(o.token_ids) for s in stop)
+            assert not any(s in tok.decode(o.token_ids[:-1]) for s in stop)

@@ -56,10 +56,13 @@ class HFGenerator:
 
     model: a `transformers` causal LM (e.g. the toy Qwen3); tokenizer: `ctpo.tokenizer` interface."""
 
-    def __init__(self, model, tokenizer, device: str = "cpu") -> None:
+    def __init__(self, model, tokenizer, device: str = "cpu", prune: bool = True) -> None:
+        """prune: drop finished rows from the batch and KV cache (False keeps computing them; for the
+        benchmark's side-by-side comparison only)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.prune = prune
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop: list[str]) -> list[GenOutput]:
         import torch
@@ -86,32 +89,40 @@ class HFGenerator:
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
+        active = list(range(B))  # original row of each batch position; finished rows are pruned
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
-                next_pos = pos[:, -1:] + 1  # (B, 1)
+                past, logits = out.past_key_values, out.logits[:, -1, :]  # (b, V)
+                next_pos = pos[:, -1:] + 1  # (b, 1)
                 for step in range(params.max_new_tokens):
-                    tok, lp = self._sample(logits.float(), params, gen)  # (B,), (B,)
-                    tok_l, lp_l = tok.tolist(), lp.tolist()
-                    for i in range(B):
-                        if finish[i] is not None:
+                    tok, lp = self._sample(logits.float(), params, gen)  # (b,), (b,)
+                    for j, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
+                        i = active[j]
+                        if finish[i] is not None:  # only when not pruning
                             continue
-                        out_ids[i].append(tok_l[i])
-                        out_lp[i].append(lp_l[i])
-                        if tok_l[i] == eos:
+                        out_ids[i].append(t)
+                        out_lp[i].append(l)
+                        if t == eos:
                             finish[i] = FINISH_EOS
                         elif checker.hit(out_ids[i]):
                             finish[i] = FINISH_STOP
                         elif step + 1 == params.max_new_tokens:
                             finish[i] = FINISH_LENGTH
-                    if all(f is not None for f in finish):
+                    keep = [j for j, i in enumerate(active) if finish[i] is None]
+                    if not keep:
                         break
-                    attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=attn.device)], dim=1)
+                    if len(keep) < len(active) and self.prune:  # drop finished rows from the batch and cache
+                        idx = torch.tensor(keep, device=tok.device)
+                        past.batch_select_indices(idx)
+                        tok, attn, next_pos = tok[idx], attn[idx], next_pos[idx]
+                        active = [active[j] for j in keep]
+                    b = len(active) if self.prune else B
+                    attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=attn.device)], dim=1)
                     out = self.model(
-                        input_ids=tok.view(B, 1), attention_mask=attn, position_ids=next_pos,
+                        input_ids=tok.view(b, 1), attention_mask=attn, position_ids=next_pos,
                         past_key_values=past, use_cache=True,
                     )
                     past, logits = out.past_key_values, out.logits[:, -1, :]
