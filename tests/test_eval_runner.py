@@ -324,6 +324,9 @@ def test_cli_writes_records_and_provenance_sidecar(tmp_path, monkeypatch):
     assert prov["prompt_template_hash"] == template_hash("toy_tir")
     assert prov["git_commit"] and len(prov["git_commit"]) == 40
     assert prov["sandbox_isolation"]
+    from ctpo.config import config_hash
+
+    assert prov["config_hash"] == config_hash(json.loads(config.read_text()))  # ties the result to its run config
     assert not runner.partial_path(out).exists()
 
     # the same evaluation in this process, killed after its first chunk (3 of 4 pairs) and rerun, draws

@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     log.info("%s step %d: avg@%d = %.4f  95%% CI [%.4f, %.4f]  extraction failures %.1f%%", bench, args.step,
              cfg.eval.k, summary["avg_at_k"], *summary["ci95"], 100 * summary["extraction_failure_rate"])
+    if summary["extraction_failure_rate"] > 0.5:
+        log.warning("%s: no answer could be extracted from %.0f%% of samples: check the template, the token "
+                    "budget and the checkpoint", bench, 100 * summary["extraction_failure_rate"])
     log_to_wandb(cfg, summary)
     return 0
 
