@@ -201,6 +201,8 @@ def _record(problem: Problem, sample_index: int, episode, score_fn: Callable) ->
 def _draw(pairs: list[Pair], seed: int, plan: EvalPlan, rollout: Callable) -> list:
     """Episodes for `pairs`; samples whose sandbox failed for infrastructure reasons are redrawn."""
     episodes = rollout([plan.problems[p].question for p, _ in pairs], seed)
+    if len(episodes) != len(pairs):
+        raise RuntimeError(f"the agent loop returned {len(episodes)} episodes for {len(pairs)} questions")
     for attempt in range(1, INFRA_RETRIES + 1):
         bad = [i for i, ep in enumerate(episodes) if ep.infra_failures > 0]
         if not bad:
