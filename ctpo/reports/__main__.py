@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EvalDataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyError as e:  # an experiment file without a section this command reads
+        print(f"error: {getattr(args, 'experiment', 'input')}: missing key {e}", file=sys.stderr)
+        return 2
     print(f"{args.command}: {time.perf_counter() - t0:.2f} s")
     return 0
 
