@@ -26,7 +26,7 @@ class ScriptedGenerator:
         outs = []
         for p in prompts:
             text = TOK.decode(p)
-            q = next(q for q in self.scripts if f"user\n{q}<|im_end|>" in text)
+            q = next(q for q in self.scripts if f"user\n{q}<|im_end|>" in text or f"user\n{q}\n" in text)
             turn_text = self.scripts[q][self.turn[q]]
             self.turn[q] += 1
             ids = TOK.encode(turn_text)  # char ids; "<|im_end|>" is one id
@@ -157,3 +157,12 @@ def test_infra_failures_are_retried_then_counted_never_shown(fail_first, finish,
 def test_overlong_prompt_is_an_error():
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         run_episodes(ScriptedGenerator({"Q" * 200: []}), TOK, ["Q" * 200], cfg(), SamplingParams())
+
+
+def test_final_answer_printed_by_the_code_ends_the_episode():
+    # qwen3_tir prepends SimpleTIR's final_answer helper; its printed \boxed{} ends the episode
+    scripts = {"Q": ["```python\nfinal_answer(6*7)\n```\n", "never generated"]}
+    gen = ScriptedGenerator(scripts)
+    ep = run_episodes(gen, TOK, ["Q"], cfg(template="qwen3_tir", max_prompt_tokens=2000), SamplingParams())[0]
+    assert ep.finish_reason == "answer" and ep.turns == 1 and gen.turn["Q"] == 1
+    assert ep.response_text.endswith("\nCode execution result: \\boxed{42}\n\n")
