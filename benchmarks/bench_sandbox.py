@@ -98,28 +98,28 @@ def _mem_kb(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def memory(concurrency: int, sleep_s: float = 3.0) -> dict[str, float]:
-    """Per-execution RSS/PSS while `concurrency` programs sleep; max over samples, for both paths."""
+def memory(concurrency: int, sleep_s: float = 3.0) -> dict[str, dict[str, float]]:
+    """Per-execution RSS/PSS while `concurrency` programs sleep (sample with the largest RSS)."""
     code = f"import time\ntime.sleep({sleep_s})"
+    pool, bare = SandboxPool(concurrency=concurrency, timeout_s=30.0), ThreadPoolExecutor(concurrency)
+    paths = {"sandbox": pool.run_many, "bare": lambda codes: list(bare.map(bare_run, codes))}
     out = {}
-    for name, runner in (("sandbox", None), ("bare", bare_run)):
-        pool = SandboxPool(concurrency=concurrency, timeout_s=30.0) if runner is None else None
-        with ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(pool.run_many if pool else lambda cs: list(ThreadPoolExecutor(concurrency).map(
-                runner, cs)), [code] * concurrency)
+    for name, run in paths.items():
+        with ThreadPoolExecutor(1) as driver:
+            fut = driver.submit(run, [code] * concurrency)
             best = (0, 0, 0)
-            t_end = time.monotonic() + sleep_s * 0.8
-            time.sleep(sleep_s * 0.3)
+            time.sleep(sleep_s * 0.3)  # let every program start
+            t_end = time.monotonic() + sleep_s * 0.5
             while time.monotonic() < t_end:
                 pids = _proc_tree(os.getpid())
                 best = max(best, (*_mem_kb(pids), len(pids)))
                 time.sleep(0.1)
             fut.result()
-        if pool:
-            pool.close()
         rss, pss, nproc = best
         out[name] = {"rss_mb_per_exec": rss / 1024 / concurrency, "pss_mb_per_exec": pss / 1024 / concurrency,
                      "processes_per_exec": nproc / concurrency}
+    pool.close()
+    bare.shutdown()
     return out
 
 
@@ -135,7 +135,9 @@ def main() -> None:
     print(f"| path | exec/s | RSS MB/exec | PSS MB/exec | processes/exec |\n|---|---|---|---|---|")
     for name in ("bare", "bare_IS", "sandbox"):
         m = mem.get(name)
-        cells = f"{m['rss_mb_per_exec']:.1f} | {m['pss_mb_per_exec']:.1f} | {m['processes_per_exec']:.1f}" if m else "- | - | -"
+        cells = "- | - | -"
+        if m:
+            cells = f"{m['rss_mb_per_exec']:.1f} | {m['pss_mb_per_exec']:.1f} | {m['processes_per_exec']:.1f}"
         print(f"| {name} | {tp[name + '_exec_per_s']:.1f} | {cells} |")
     print(f"overhead ratio (sandbox time / bare `python -c` time) = {tp['overhead_ratio']:.2f}; "
           f"vs `python -I -S -c` = {tp['overhead_ratio_vs_IS']:.2f} "

@@ -8,7 +8,6 @@ repo carries the marker or belongs to the sandbox uid, and this file's own bytes
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -262,7 +261,10 @@ def test_cannot_write_repo_or_host_tmp(contained, isolation):
 def test_killing_the_parent_is_contained(contained):
     r = run_code("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('still here')")
     assert r.status in ("ok", "error") and r.status != "infra"
-    code = "import os, signal, time\nif os.fork() == 0:\n    time.sleep(30)\nos.kill(-1, signal.SIGKILL)\nprint('alive')"
+    code = (
+        "import os, signal, time\nif os.fork() == 0:\n    time.sleep(30)\n"
+        "os.kill(-1, signal.SIGKILL)\nprint('alive')"
+    )
     r2 = run_code(code, timeout_s=5.0)  # kills every process it may signal: its own child only
     assert (r2.status, r2.stdout) == ("ok", "alive\n") and r2.wall_s < 3.0
 

@@ -22,9 +22,11 @@ Isolation modes (spec["mode"]):
   userns  unprivileged host: a user namespace maps ns-root to the host user; U drops every capability.
   none    no namespaces (only when the caller explicitly allowed it): rlimits, scrubbed env, temp dir.
 In root/userns, /proc is the new pid namespace's own (or, where a container forbids that, an empty
-tmpfs: the host's processes are never visible). Every mount is made read-only (recursive mount_setattr) and nosuid; /tmp and /dev/shm
-get fresh tmpfs; the host's home directories are hidden behind a tmpfs, re-exposing only the
-interpreter's own prefix/sys.path entries (read-only), so U can import but not read ~/.netrc etc.
+tmpfs: the host's processes are never visible). Every mount is made read-only (recursive
+mount_setattr) and nosuid; /tmp and /dev/shm get fresh tmpfs; the host's home directories are hidden
+behind a tmpfs, re-exposing only the interpreter's own prefix/sys.path entries (read-only), so U can
+import but not read ~/.netrc etc. Mode none adds PR_SET_CHILD_SUBREAPER so U's orphans are still
+killed and reaped.
 """
 import marshal
 import os

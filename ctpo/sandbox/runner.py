@@ -1,7 +1,7 @@
 """Run one untrusted Python program in a fresh, isolated sandbox (`run_code`).
 
 Host side of `_child.py` (read its docstring for what happens inside). Each call:
-  - starts `python -I _child.py SPEC` in a new session, with a fixed minimal environment (no secrets);
+  - starts `python -I -S -c <import _child> SPEC` in a new session, with a fixed minimal environment (no secrets);
   - the child enters new mount/net/ipc/uts/pid namespaces (+ a user namespace when we are not root),
     makes the whole mount tree read-only, mounts a private tmpfs work dir, drops privileges, sets
     rlimits (CPU, address space, processes, open files, file size) and runs the code;
@@ -19,8 +19,8 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -158,7 +158,10 @@ def run_code(
 
     timeout_s: wall clock; CPU time is limited to ceil(timeout_s) + 1 s. memory_mb: address space.
     max_output_bytes: cap per stream (excess is read and dropped; `truncated` is set).
-    nproc/nofile/fsize_mb: rlimits. disk_mb: size of the private tmpfs work dir.
+    nproc/nofile/fsize_mb: rlimits. RLIMIT_NPROC counts per uid: in root mode every sandbox runs as
+    uid 65534, so concurrent sandboxes share the `nproc` budget (a fork bomb can briefly starve its
+    neighbours' forks, never the host's); in userns mode the count is per user namespace.
+    disk_mb: size of the private tmpfs work dir (in memory).
     isolation: 'auto' (root mode as root, else user namespaces), or force 'root'|'userns'|'none'.
     Raises SandboxUnavailable when isolation is impossible and allow_unisolated is False.
     """
@@ -179,7 +182,8 @@ def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int) -> str:
 
     hide = sorted({"/root", os.path.expanduser("~")})
     return marshal.dumps({
-        "mode": mode, "status_fd": status_fd, "site_dirs": _site_dirs(), "uid": _SANDBOX_UID, "hide": hide, "workdir": workdir,
+        "mode": mode, "status_fd": status_fd, "site_dirs": _site_dirs(), "uid": _SANDBOX_UID, "hide": hide,
+        "workdir": workdir,
         "cpu_s": math.ceil(lim.timeout_s) + 1, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     }).hex()  # same interpreter on both sides, so the marshal format matches
@@ -217,7 +221,7 @@ def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float) -> 
             [sys.executable, "-I", "-S", "-c", _BOOT.format(dir=os.path.dirname(_CHILD)),
              _spec(lim, mode, workdir, status_w)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_ENV, cwd="/", start_new_session=True, pass_fds=(status_w,),
+            env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/", start_new_session=True, pass_fds=(status_w,),
             preexec_fn=None, close_fds=True,
         )
     except OSError as e:
