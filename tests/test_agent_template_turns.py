@@ -110,3 +110,12 @@ def test_execute_with_retry_reruns_only_infra_failures():
     assert [r.status for r in results] == ["ok", "ok", "infra"]
     assert attempts == [1, 3, 3]
     assert calls == [["a", "b", "c"], ["b", "c"], ["b", "c"]]
+
+
+def test_boxed_inside_code_runs_the_code_boxed_outside_answers():
+    s = _state()
+    code = "```python\nprint('\\\\boxed{%d}' % (6*7))\n```\n"
+    assert s.add_model_turn([5], [-0.1], "stop", code) is not None  # boxed only inside the code: run it
+    s = _state()
+    assert s.add_model_turn([5], [-0.1], "stop", "So \\boxed{4}.\n" + code) is None
+    assert s.finish_reason == "answer"

@@ -6,7 +6,7 @@ Protocol (SimpleTIR-style, written down once here):
   `<|im_end|>`, or the response budget. Its ids and log-probs are kept exactly as generated: model
   tokens are never decoded and re-encoded (trl#5224, verl#6501). Text is decoded only to decide.
 - Decision after a model turn, in order:
-  1. the turn holds `\\boxed{`                       -> finish "answer" (its code, if any, is not run)
+  1. the turn holds `\\boxed{` outside its code     -> finish "answer" (its code, if any, is not run)
   2. it holds a complete code block (`CODE_BLOCK_RE`, the first block, as SimpleTIR extracts it)
        -> on the last allowed turn: finish "max_turns"; otherwise run the code
   3. the generation hit the token budget             -> finish "max_tokens"
@@ -42,7 +42,9 @@ def extract_code(text: str) -> str | None:
 
 
 def has_answer(text: str) -> bool:
-    return ANSWER_MARK in text
+    """`\\boxed{` written by the model, code block bodies excluded (a block that prints a boxed value
+    is run; its printed answer then ends the episode)."""
+    return ANSWER_MARK in CODE_BLOCK_RE.sub("", text)
 
 
 def truncate_middle(text: str, max_chars: int) -> str:
@@ -180,7 +182,7 @@ class EpisodeState:
         self.response_ids += obs_ids
         self.response_logprobs += [0.0] * len(obs_ids)
         self.response_mask += [0] * len(obs_ids)
-        if result.status == "ok" and has_answer(result.stdout):
+        if result.status == "ok" and ANSWER_MARK in result.stdout:
             self.finish_reason = "answer"
         elif self.remaining <= 0:
             self.finish_reason = "max_tokens"
