@@ -183,3 +183,21 @@ def test_unisolated_fallback_still_kills_background_children():
         except OSError:
             pass
     assert alive == []
+
+
+def test_large_program_is_fed_through_stdin_completely():
+    payload = "ab" * 150_000  # 300 kB: several pipe buffers
+    r = run_code(f"x = {payload!r}\nprint(len(x), x[-3:])")
+    assert (r.status, r.stdout) == ("ok", f"{len(payload)} {payload[-3:]}\n")
+
+
+def test_cpu_time_limit_is_a_timeout():
+    code = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass"
+    r = run_code(code, timeout_s=8.0)
+    assert (r.status, r.exit_code, r.timed_out) == ("timeout", -24, False)  # SIGXCPU = 24
+    assert "CPU-time limit" in r.detail
+
+
+def test_fatal_signal_is_error_naming_the_signal():
+    r = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)")
+    assert (r.status, r.exit_code, r.detail) == ("error", -15, "killed by signal SIGTERM")

@@ -339,7 +339,7 @@ def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err:
     if how == "signal":
         name = signal.Signals(val).name if val in signal.Signals._value2member_map_ else str(val)
         if val == signal.SIGXCPU:
-            return -val, "timeout", f"CPU-time limit of {math.ceil(lim.timeout_s) + 1} s exceeded (SIGXCPU)"
+            return -val, "timeout", "CPU-time limit exceeded (SIGXCPU)"
         big = int(rss_kb) * 1024 >= (lim.memory_mb << 20) // 2
         if mem or (val in _MEMORY_SIGNALS and big):
             return -val, "memory", f"killed by {name} near the {lim.memory_mb} MB address-space limit"
