@@ -151,3 +151,11 @@ def test_tool_retries_infra_and_hides_it():
     assert resp.text == "\nCode execution result: 7\n\n" and metrics["attempts"] == 3
     with pytest.raises(ConfigError, match="unknown key"):
         PythonSandboxTool({**cfg, "timout": 1})
+
+
+def test_loops_share_one_sandbox_pool_per_setting():
+    a, _ = make_loop([])
+    b, _ = make_loop([])
+    assert a.run_batch.__self__ is b.run_batch.__self__  # the same SandboxPool's bound run_many
+    c, _ = make_loop([], sandbox_concurrency=2)
+    assert c.run_batch.__self__ is not a.run_batch.__self__

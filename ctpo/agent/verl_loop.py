@@ -17,6 +17,7 @@ the loss. `extra_fields` carries finish_reason, tool_calls, infra_failures and v
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 from uuid import uuid4
 
@@ -29,6 +30,20 @@ from ctpo.agent.turns import EpisodeState, execute_with_retry
 from ctpo.config import ConfigError, RolloutConfig
 
 MASKED_FINISHES = ("void", "infra")
+_POOLS: dict = {}  # (concurrency, timeout_s) -> SandboxPool shared by every trajectory in this worker
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_sandbox(cfg: RolloutConfig):
+    """One `SandboxPool` per worker process and setting: verl builds an agent loop per trajectory, and
+    the pool bounds concurrent executions across all of them to `sandbox_concurrency`."""
+    key = (cfg.sandbox_concurrency, cfg.sandbox_timeout_s)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            from ctpo.sandbox import SandboxPool
+
+            _POOLS[key] = SandboxPool(concurrency=cfg.sandbox_concurrency, timeout_s=cfg.sandbox_timeout_s)
+        return _POOLS[key]
 
 
 def rollout_config_from(overrides) -> RolloutConfig:
@@ -57,8 +72,8 @@ def question_from_messages(messages) -> str:
 class CtpoTirAgentLoop(AgentLoopBase):
     def __init__(self, *args, tools=None, rollout=None, sandbox=None, **kwargs):
         """args/kwargs: verl's AgentLoopBase arguments (trainer_config, server_manager, tokenizer, ...).
-        rollout: RolloutConfig overrides. sandbox: optional `run_many` object (tests); tools: unused,
-        the loop runs code itself."""
+        rollout: RolloutConfig overrides. sandbox: a `run_many` object (default: the worker-wide
+        `shared_sandbox`; tests pass doubles). tools: unused, the loop runs code itself."""
         super().__init__(*args, **kwargs)
         self.cfg = rollout_config_from(rollout)
         multi_turn = self.rollout_config.multi_turn
@@ -67,7 +82,7 @@ class CtpoTirAgentLoop(AgentLoopBase):
         self.cfg.max_obs_tokens = int(multi_turn.max_tool_response_length)
         self.cfg.max_response_tokens = int(self.rollout_config.response_length)
         self.template = load_template(self.cfg.template)
-        self.run_batch = sandbox_runner(self.cfg, sandbox)
+        self.run_batch = sandbox_runner(self.cfg, sandbox if sandbox is not None else shared_sandbox(self.cfg))
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
