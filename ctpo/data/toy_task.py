@@ -76,8 +76,9 @@ def sample_problems(n: int, level: str, seed: int, exclude: set[str] | frozenset
 
 
 def demo_turns(problem: Problem) -> tuple[str, str]:
-    """The two assistant turns of a tool-use demonstration: code, then (after the observation) answer."""
-    code_turn = f"```python\nprint({problem.expression})\n```"
+    """The two model turns of a tool-use demonstration: the code block (ending with the TIR stop string
+    "\\n```\\n"), then, after the sandbox's observation, the boxed answer (the caller appends EOS)."""
+    code_turn = f"```python\nprint({problem.expression})\n```\n"
     answer_turn = f"\\boxed{{{problem.answer}}}"
     return code_turn, answer_turn
 
