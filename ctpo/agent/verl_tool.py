@@ -47,20 +47,18 @@ def check_tool_config(config: dict) -> dict:
 
 class PythonSandboxTool(BaseTool):
     def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None = None, sandbox=None) -> None:
-        """config: see CONFIG_KEYS. sandbox: a `SandboxPool`-like object with `run_many(codes)` (default:
-        `ctpo.sandbox.run_many` with the config's timeout and concurrency)."""
+        """config: see CONFIG_KEYS. sandbox: a `SandboxPool`-like object with `run_many(codes)` (default: a
+        `SandboxPool` with the config's timeout and concurrency)."""
         self._schema = tool_schema or OpenAIFunctionToolSchema.model_validate(DEFAULT_SCHEMA)
         super().__init__(check_tool_config(dict(config)), self._schema)
         self.template = load_template(config["template"])
         self.timeout_s = float(config["timeout_s"])
         if sandbox is not None:
             self._run_batch = sandbox.run_many
-        else:
-            from ctpo.sandbox import run_many
+        else:  # verl loads tools once per worker: one pool bounds concurrent executions
+            from ctpo.sandbox import SandboxPool
 
-            self._run_batch = lambda codes: run_many(
-                codes, concurrency=config["concurrency"], timeout_s=self.timeout_s
-            )
+            self._run_batch = SandboxPool(concurrency=config["concurrency"], timeout_s=self.timeout_s).run_many
 
     def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:
         return self._schema
