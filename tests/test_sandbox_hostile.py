@@ -210,18 +210,18 @@ def test_host_environment_secrets_are_invisible(contained, monkeypatch):
 
 
 @ISOLATIONS
-def test_host_home_is_hidden(contained, monkeypatch, isolation):
+def test_host_home_and_run_sockets_are_hidden(contained, monkeypatch, isolation):
     home = Path("/var/tmp") / f"{MARK}-home-{isolation}"
     home.mkdir(mode=0o755)
     try:
         (home / "secret.txt").write_text("hf_token_value")
         (home / "secret.txt").chmod(0o644)
         monkeypatch.setenv("HOME", str(home))
-        r = run_code(f"import os\nprint(os.listdir({str(home)!r}))\nopen({str(home / 'secret.txt')!r}).read()",
-                     isolation=isolation)
+        r = run_code(f"import os\nprint(os.listdir({str(home)!r}), os.listdir('/run'))\n"
+                     f"open({str(home / 'secret.txt')!r}).read()", isolation=isolation)
     finally:
         shutil.rmtree(home)
-    assert r.stdout == "[]\n" and "FileNotFoundError" in r.stderr and "hf_token_value" not in r.stdout
+    assert r.stdout == "[] []\n" and "FileNotFoundError" in r.stderr and "hf_token_value" not in r.stdout
 
 
 @ISOLATIONS

@@ -180,7 +180,8 @@ def _site_dirs() -> list[str]:
 def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int) -> str:
     import marshal
 
-    hide = sorted({"/root", os.path.expanduser("~")})
+    # Home directories (tokens, ~/.netrc, ~/.cache/huggingface) and /run (sockets: dbus, ssh-agent, docker)
+    hide = sorted({"/root", "/run", os.path.expanduser("~")})
     return marshal.dumps({
         "mode": mode, "status_fd": status_fd, "site_dirs": _site_dirs(), "uid": _SANDBOX_UID, "hide": hide,
         "workdir": workdir,
