@@ -108,3 +108,20 @@ def test_pruning_finished_rows_keeps_every_row_exact(tiny):
         if o.finish_reason == "stop":  # the last token completed a stop string, no earlier one did
             assert any(s in tok.decode(o.token_ids) for s in stop)
             assert not any(s in tok.decode(o.token_ids[:-1]) for s in stop)
+
+
+def test_load_policy_round_trips_a_saved_policy(tiny, tmp_path):
+    from ctpo.agent import load_policy
+
+    model, tok = tiny
+    model.save_pretrained(str(tmp_path))
+    tok.save(tmp_path)
+    loaded, ltok = load_policy(str(tmp_path), device="cpu", dtype="float32")
+    assert isinstance(ltok, CharTokenizer) and not loaded.training
+    ids = torch.tensor([tok.encode("round trip")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(FileNotFoundError, match="not a loadable policy"):
+        load_policy(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="dtype"):
+        load_policy(str(tmp_path), dtype="float33")
