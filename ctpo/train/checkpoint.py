@@ -2,7 +2,7 @@
 
     policy/              HF `save_pretrained` + tokenizer (loadable by ctpo.agent.load_policy)
     trainer_state.pt     optimizer state, RNG states (python, numpy, torch), data cursor, step,
-                         and the run's resume fingerprint
+                         the metrics rows so far, and the run's config and resume fingerprint
 
 A checkpoint directory is built under a temporary name and renamed into place, so `step{N}/`
 exists only when complete; a SIGKILL mid-save leaves a `.step{N}.*` temp dir that is ignored
@@ -31,7 +31,9 @@ class TrainerState:
     consumed_prompts: int  # data cursor: prompts drawn so far (epoch = consumed // n_train)
     optimizer: dict | None  # torch optimizer state_dict (None at step 0: fresh AdamW)
     rng: dict  # python / numpy / torch RNG states
-    fingerprint: str  # hash of the config minus the schedule length; resume refuses a mismatch
+    fingerprint: str  # hash of the config minus the schedule keys; resume refuses a mismatch
+    config: dict  # the resolved config that wrote this checkpoint (to name differing keys)
+    metrics_rows: list  # metrics.jsonl rows up to `step` (restored even if the results dir was wiped)
 
 
 def capture_rng() -> dict:

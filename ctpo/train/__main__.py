@@ -1,0 +1,47 @@
+"""python -m ctpo.train --config C.json --results R --workdir W [--init POLICY_DIR] [--print-command]
+
+Dispatches on `train.backend`: `local` -> ctpo.train.local (CPU toy), `verl` -> ctpo.train.verl_backend
+(GPU; imported only then). The effective batch sizes are printed and checked before anything starts.
+Exit codes: 0 = done (done.json written; a done run exits at once), 75 = preempted by SIGTERM / SIGUSR1
+after saving a checkpoint (local backend; rerun to resume), anything else = failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ctpo.config import ConfigError, load_run_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctpo.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="resolved run config (.json)")
+    ap.add_argument("--results", required=True, help="results dir, e.g. results/toy/train/toy_grpo/seed0")
+    ap.add_argument("--workdir", required=True, help="checkpoints / rollouts dir, e.g. runs/toy/toy_grpo/seed0")
+    ap.add_argument("--init", default=None, help="init policy dir (local: the SFT warm start's policy/)")
+    ap.add_argument("--print-command", action="store_true", help="verl: print the training command and exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.train.backend == "verl":
+        from ctpo.train import verl_backend
+
+        return verl_backend.main(cfg, args.results, args.workdir, print_command=args.print_command)
+    if args.print_command:
+        print(f"error: --print-command is for train.backend=verl ({args.config} has '{cfg.train.backend}')",
+              file=sys.stderr)
+        return 2
+    from ctpo.train import local
+
+    try:
+        return local.main(cfg, args.results, args.workdir, args.init)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

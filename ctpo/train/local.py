@@ -1,0 +1,275 @@
+"""The CPU toy RL trainer (train.backend = local), structured as the paper's verl runs.
+
+One RL step (`rl_step`):
+  1. draw `prompts_per_step` prompts (seeded per-epoch permutation; the cursor is checkpointed) and run
+     `rollout.n` episodes per prompt through the real agent loop and sandbox (`ctpo.agent.run_episodes`),
+     sampling with a per-step seed;
+  2. reward each episode (`ctpo.reward.score`); group-relative advantages (`ctpo.losses.group_advantages`);
+     void-turn / infra episodes are masked out;
+  3. old_log_prob: one no-grad forward of the behaviour policy over the whole batch (as verl recomputes it);
+     rollout-vs-trainer IS weights from the generator's log-probs (`train.rollout_is`);
+  4. `prompts_per_step / mini_batch_prompts` AdamW mini-batch updates (grad clip `train.grad_clip`) with
+     `ctpo.losses.compute_policy_loss` (the method is `loss.method`), so from the second mini-batch on the
+     policy has moved and the ratios differ from 1.
+
+Outputs: `<results>/metrics.jsonl` (ctpo.schema.TRAIN_KEYS per step, val/<bench>/avg_at_k at test_freq and
+the final step), `<results>/provenance.json`, `<workdir>/checkpoints/step{N}/` (step 0 = the init policy,
+every save_freq, the final step), `<workdir>/rollouts/step{N}.npz` at train.dump_steps, and
+`<results>/done.json` last. Resume: a restarted run continues from its newest checkpoint (weights,
+optimizer, RNG, data cursor, metrics rows). Preemption: SIGTERM / SIGUSR1 finish the current step, save a
+checkpoint and exit with EXIT_PREEMPTED (75, EX_TEMPFAIL) and no done.json, so a requeued job resumes.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctpo import schema
+from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
+from ctpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from ctpo.train.rollout_batch import pack_episodes, response_log_probs
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun to resume
+ROLLOUT_IS_MODES = (None, "sequence", "token")
+
+
+def check_local_config(cfg: RunConfig) -> None:
+    """What the local trainer needs beyond `validate_run_config`; raises ConfigError naming the key."""
+    t, r = cfg.train, cfg.rollout
+    if r.n < 2:
+        raise ConfigError(f"rollout.n must be >= 2 for group-relative advantages, got {r.n}")
+    for key in ("total_steps", "save_freq", "test_freq", "prompts_per_step", "mini_batch_prompts"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    bad = [s for s in t.dump_steps if not 1 <= s <= t.total_steps]
+    if bad:
+        raise ConfigError(f"train.dump_steps {bad} outside [1, train.total_steps={t.total_steps}]")
+    if t.rollout_is not in ROLLOUT_IS_MODES:
+        raise ConfigError(f"train.rollout_is must be one of {ROLLOUT_IS_MODES}, got '{t.rollout_is}'")
+    if t.rollout_is is not None and t.rollout_is_threshold <= 1.0:
+        raise ConfigError(f"train.rollout_is_threshold must be > 1, got {t.rollout_is_threshold}")
+    if cfg.eval.k < 1:
+        raise ConfigError(f"eval.k must be >= 1, got {cfg.eval.k}")
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of RL step `step` (a resumed run samples exactly what it would have)."""
+    return (seed * 1_000_003 + step) % (2**31 - 1)
+
+
+def draw_prompts(n_prompts: int, consumed: int, count: int, seed: int) -> list[int]:
+    """Indices of the next `count` prompts after `consumed` in the epoch-wise shuffled order: epoch e is
+    a permutation drawn from (seed, e), so the order is a pure function of the cursor (epoch boundaries
+    included: a cursor at the end of an epoch continues with the next epoch's permutation)."""
+    out = []
+    while len(out) < count:
+        epoch, pos = divmod(consumed, n_prompts)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        take = min(count - len(out), n_prompts - pos)
+        out.extend(int(i) for i in perm[pos : pos + take])
+        consumed += take
+    return out
+
+
+def rollout_is_weights(old_log_prob, rollout_log_prob, mask, mode: str | None, threshold: float):
+    """Truncated rollout-vs-trainer IS weights (B, T) (verl rollout_correction): per token
+    min(exp(old - rollout), thr) or per sequence min(exp(sum_t (old - rollout)), thr); None when off."""
+    if mode is None:
+        return None
+    diff = (old_log_prob - rollout_log_prob) * mask  # (B, T)
+    if mode == "token":
+        return torch.exp(diff.clamp(max=math.log(threshold))) * mask
+    seq = diff.sum(-1, keepdim=True).clamp(max=math.log(threshold))  # (B, 1)
+    return torch.exp(seq).expand_as(mask) * mask
+
+
+@dataclass
+class StepResult:
+    """One RL step: its metrics row and, for dumps and tests, the tensors the loss saw."""
+
+    row: dict
+    old_log_prob: torch.Tensor  # (B, T) behaviour policy
+    log_prob: torch.Tensor  # (B, T) policy at each row's mini-batch update
+    response_mask: torch.Tensor  # (B, T) after void / infra masking
+    advantages: torch.Tensor  # (B,) sequence advantages
+    minibatch_abs_log_ratio: list[float] = field(default_factory=list)  # max |log r_t| per mini-batch
+
+
+def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indices, step: int, sandbox) -> StepResult:
+    """Rollout, advantages, old_log_prob, and the mini-batch updates of one RL step (module docstring)."""
+    from ctpo.agent import HFGenerator, SamplingParams, run_episodes
+    from ctpo.losses import compute_policy_loss, group_advantages
+    from ctpo.reward import score
+
+    t0 = time.time()
+    t, r = cfg.train, cfg.rollout
+    n = r.n
+    qs = [questions[i] for i in indices for _ in range(n)]  # rows i*n .. i*n+n-1 share a prompt
+    gts = [truths[i] for i in indices for _ in range(n)]
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+                            seed=step_seed(cfg.seed, step))
+    model.eval()
+    episodes = run_episodes(HFGenerator(model, tokenizer), tokenizer, qs, r, params, sandbox=sandbox)
+    rewards = torch.tensor([score(e.response_text, gt).score for e, gt in zip(episodes, gts)], dtype=torch.float32)
+    keep = torch.tensor([e.finish_reason not in ("void", "infra") for e in episodes], dtype=torch.float32)
+    batch = pack_episodes(episodes, tokenizer.pad_token_id)
+    mask = batch.response_mask * keep[:, None]  # (B, T)
+    batch.response_mask = mask
+    groups = [i // n if e.finish_reason != "infra" else f"infra{i}" for i, e in enumerate(episodes)]
+    adv = group_advantages(rewards, groups, mask, norm_by_std=t.norm_adv_by_std)  # (B, T)
+    adv_seq = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    with torch.no_grad():
+        old_log_prob, _ = response_log_probs(model, batch, r.temperature, with_entropy=False)  # (B, T)
+    is_w = rollout_is_weights(old_log_prob, batch.rollout_log_prob, mask, t.rollout_is, t.rollout_is_threshold)
+
+    model.train()
+    mb = t.mini_batch_prompts * n
+    new_log_prob = torch.zeros_like(old_log_prob)
+    loss_metrics: dict[str, list[float]] = {}
+    grad_norms, pg_losses, mb_abs = [], [], []
+    ent_sum, ent_n = 0.0, 0.0
+    for start in range(0, len(episodes), mb):
+        rows = slice(start, start + mb)
+        sub = batch.select(rows)
+        log_prob, entropy = response_log_probs(model, sub, r.temperature, with_entropy=True)
+        m = mask[rows]
+        loss, metrics = compute_policy_loss(old_log_prob[rows], log_prob, adv[rows], m, cfg.loss,
+                                            rollout_is_weights=None if is_w is None else is_w[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)))
+        optimizer.step()
+        pg_losses.append(float(loss.detach()))
+        new_log_prob[rows] = log_prob.detach()
+        mb_abs.append(float(((log_prob.detach() - old_log_prob[rows]).abs() * m).max()) if m.any() else 0.0)
+        ent_sum += float((entropy.detach() * m).sum())
+        ent_n += float(m.sum())
+        for k, v in metrics.items():
+            loss_metrics.setdefault(k, []).append(float(v))
+
+    kept = keep.bool()
+    row = {
+        schema.STEP: step,
+        schema.REWARD_MEAN: float(rewards[kept].mean()) if kept.any() else 0.0,
+        schema.ACCURACY: float((rewards[kept] == 1.0).float().mean()) if kept.any() else 0.0,
+        schema.RESPONSE_LENGTH: float(np.mean([len(e.response_ids) for e in episodes])),
+        schema.MODEL_TOKENS: float(np.mean([sum(e.response_mask) for e in episodes])),
+        schema.TURNS: float(np.mean([e.turns for e in episodes])),
+        schema.TOOL_CALLS: float(np.mean([e.tool_calls for e in episodes])),
+        schema.ENTROPY: ent_sum / max(ent_n, 1.0),
+        schema.GRAD_NORM: float(np.mean(grad_norms)),
+        schema.PG_LOSS: float(np.mean(pg_losses)),
+    }
+    for k, vals in loss_metrics.items():
+        row[k] = float(np.max(vals)) if k == schema.LOG_RATIO_ABS_MAX else float(np.mean(vals))
+    row[schema.STEP_TIME_S] = time.time() - t0
+    missing = [k for k in schema.TRAIN_KEYS if k not in row]
+    if missing:
+        raise RuntimeError(f"rl_step: metrics row lacks {missing} (ctpo.schema.TRAIN_KEYS)")
+    return StepResult(row, old_log_prob, new_log_prob, mask, adv_seq, mb_abs)
+
+
+def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
+    """val/<bench>/avg_at_k on each `data.val` file: eval.k samples per problem at eval.temperature
+    (capped at eval.max_problems problems), with a seed that does not touch the training RNG stream."""
+    from ctpo.agent import HFGenerator, SamplingParams, run_episodes
+    from ctpo.data.toy_task import read_questions
+    from ctpo.reward import score
+
+    out = {}
+    for path in cfg.data.val:
+        questions, truths = read_questions(path)
+        if cfg.eval.max_problems is not None:
+            questions, truths = questions[: cfg.eval.max_problems], truths[: cfg.eval.max_problems]
+        k = cfg.eval.k
+        params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                max_new_tokens=cfg.rollout.max_response_tokens, seed=step_seed(cfg.seed + 7919, step))
+        qs = [q for q in questions for _ in range(k)]
+        eps = run_episodes(HFGenerator(model, tokenizer), tokenizer, qs, cfg.rollout, params, sandbox=sandbox)
+        correct = [score(e.response_text, truths[i // k]).score == 1.0 for i, e in enumerate(eps)]
+        out[f"{schema.VAL_PREFIX}{Path(path).stem}/avg_at_k"] = float(np.mean(correct))
+    return out
+
+
+def write_dump(workdir: Path, step: int, res: StepResult) -> Path:
+    """`<workdir>/rollouts/step{N}.npz` with ctpo.schema.ROLLOUT_ARRAYS."""
+    path = workdir / "rollouts" / f"step{step}.npz"
+    arrays = {
+        "old_log_prob": res.old_log_prob.numpy().astype(np.float32),
+        "log_prob": res.log_prob.numpy().astype(np.float32),
+        "response_mask": res.response_mask.numpy().astype(np.int8),
+        "advantages": res.advantages.numpy().astype(np.float32),
+    }
+    assert tuple(arrays) == schema.ROLLOUT_ARRAYS
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare path
+            np.savez(f, **arrays)
+    return path
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1: finish the current step, checkpoint, exit EXIT_PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        print(f"train: got signal {signum}; checkpointing after this step", file=sys.stderr, flush=True)
+
+
+def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str | Path | None) -> int:
+    """Train (or resume, or return at once when done). Returns 0 when done, EXIT_PREEMPTED on a signal."""
+    from ctpo.train.trainer_setup import Run
+
+    results_dir, workdir = Path(results_dir), Path(workdir)
+    done_path = results_dir / "done.json"
+    if done_path.is_file() and read_json(done_path).get("final_step") == cfg.train.total_steps:
+        print(f"train: {done_path} says the run is done ({cfg.train.total_steps} steps); nothing to do")
+        return 0
+    check_local_config(cfg)
+    sizes = effective_batch_sizes(cfg)
+    print("train: effective batch sizes " + ", ".join(f"{k}={v}" for k, v in sizes.items()), flush=True)
+    run = Run.open(cfg, results_dir, workdir, init)
+    stop = _StopFlag()
+    stop.install()
+    try:
+        for step in range(run.step + 1, cfg.train.total_steps + 1):
+            idx = draw_prompts(len(run.questions), run.consumed, cfg.train.prompts_per_step, cfg.seed)
+            res = rl_step(run.model, run.optimizer, run.tokenizer, cfg, run.questions, run.truths, idx, step,
+                          run.sandbox)
+            run.consumed += len(idx)
+            row = dict(res.row)
+            if step % cfg.train.test_freq == 0 or step == cfg.train.total_steps:
+                row.update(validate(run.model, run.tokenizer, cfg, step, run.sandbox))
+            if step in cfg.train.dump_steps:
+                write_dump(workdir, step, res)
+            run.record(row)
+            print("train: " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
+            if step % cfg.train.save_freq == 0 or step == cfg.train.total_steps or stop.signum is not None:
+                run.save(step)
+            if stop.signum is not None and step < cfg.train.total_steps:
+                run.close(exit_code=EXIT_PREEMPTED)
+                print(f"train: preempted at step {step}; checkpoint saved, rerun to resume", file=sys.stderr)
+                return EXIT_PREEMPTED
+        run.finish(done_path)
+    finally:
+        stop.restore()
+        run.close()
+    return 0
