@@ -96,14 +96,13 @@ def benchmark_file(bench):
 
 
 def get_train_inputs(wildcards):
-    """Run config, data marker and (local backend) the warm start. ancient(): copied results with
-    scrambled mtimes never retrain; a changed config still does, through its rerun run_config job."""
+    """Run config, data marker and (local backend) the warm start's config and done marker."""
     inputs = {
-        "config": ancient(P["run_config"].format(**wildcards)),
-        "data": ancient(get_data_marker()),
+        "config": P["run_config"].format(**wildcards),
+        "data": get_data_marker(),
     }
     if is_local(wildcards):
-        inputs["sft"] = ancient(P["sft_done"].format(seed=wildcards.seed))
+        inputs["sft"] = P["sft_done"].format(seed=wildcards.seed)
     return inputs
 
 
@@ -121,19 +120,19 @@ def get_checkpoint_dir(wildcards):
 
 def get_eval_inputs(wildcards):
     inputs = {
-        "config": ancient(P["run_config"].format(run=wildcards.run, seed=wildcards.seed)),
-        "train": ancient(P["train_done"].format(run=wildcards.run, seed=wildcards.seed)),
-        "benchmarks": ancient(get_benchmark_marker()),
+        "config": P["run_config"].format(run=wildcards.run, seed=wildcards.seed),
+        "train": P["train_done"].format(run=wildcards.run, seed=wildcards.seed),
+        "benchmarks": get_benchmark_marker(),
     }
     if not is_local(wildcards):
-        inputs["merged"] = ancient(P["merged"].format(**wildcards))
+        inputs["merged"] = P["merged"].format(**wildcards)
     return inputs
 
 
 def get_diag_inputs(wildcards):
     return {
-        "config": ancient(P["run_config"].format(run=wildcards.run, seed=wildcards.seed)),
-        "train": ancient(P["train_done"].format(run=wildcards.run, seed=wildcards.seed)),
+        "config": P["run_config"].format(run=wildcards.run, seed=wildcards.seed),
+        "train": P["train_done"].format(run=wildcards.run, seed=wildcards.seed),
     }
 
 

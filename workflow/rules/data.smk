@@ -1,5 +1,6 @@
 # Data and configs. Data files live under data/ (never outputs); each data rule's output is a
-# checksum manifest in results/, so a copied results tree never re-prepares data or retrains.
+# checksum manifest in results/, so a copied results tree (without data/) never re-prepares data or
+# retrains.
 
 
 rule experiment_config:
@@ -104,7 +105,7 @@ rule data_config:
 
 rule prepare_benchmarks:
     input:
-        ancient(P["data_config"]),
+        P["data_config"],
     output:
         P["data_benchmarks"],
     log:

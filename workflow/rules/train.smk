@@ -5,8 +5,8 @@
 
 rule warmstart:
     input:
-        config=ancient(P["sft_config"]),
-        data=ancient(get_data_marker()),
+        config=P["sft_config"],
+        data=get_data_marker(),
     output:
         P["sft_done"],
     params:
@@ -48,7 +48,7 @@ rule train:
 
 rule merge:
     input:
-        train=ancient(P["train_done"]),
+        train=P["train_done"],
     output:
         P["merged"],
     params:
