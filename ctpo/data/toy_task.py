@@ -3,10 +3,9 @@ calling the Python sandbox and copying the printed result into ``\\boxed{}``.
 
 Two difficulty levels (both written in verl's parquet schema, as the real benchmarks):
 
-- ``toy_arith`` (the training distribution): ``a op b`` with a of 3-4 digits, b of 2-3 digits,
-  op in {+, -, *}.
-- ``toy_arith_hard``: ``a op b op c`` with a of 4-5 digits, b of 3-4 digits, c of 2-3 digits: longer
-  programs to copy and longer results, so tool use matters more.
+- ``toy_arith`` (the training distribution): ``a*b`` with a of 4 digits, b of 3 digits, a 7-digit product.
+- ``toy_arith_hard``: ``a*b`` with a of 5 digits, b of 4 digits, a 9-digit product: longer numbers to
+  copy than any training question (a length-generalisation test for the tiny model).
 
 Questions read "Compute 4821*377." and the ground truth is the exact integer as a string. Test
 questions never occur in the training set (checked). `demo_turns` gives the tool-use demonstration
@@ -23,6 +22,9 @@ TOY_SOURCE = "ctpo/toy_arith"
 ABILITY = "math"
 TRAIN_FILE = "train.parquet"
 BENCHMARKS = ("toy_arith", "toy_arith_hard")
+# level -> (digits of a, digits of b, digits of a*b). Fixed widths: every question of a level has the
+# same layout, so the tiny model can learn to copy digits by relative position within a short SFT.
+LEVELS = {"toy_arith": (4, 3, 7), "toy_arith_hard": (5, 4, 9)}
 
 
 @dataclass(frozen=True)
@@ -41,24 +43,16 @@ class Problem:
         return str(self.answer)
 
 
-def _operand(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
-    digits = rng.randint(lo_digits, hi_digits)
-    return rng.randint(10 ** (digits - 1), 10**digits - 1)
-
-
 def sample_problem(rng: random.Random, level: str) -> Problem:
     """Draw one problem of difficulty `level` ('toy_arith' or 'toy_arith_hard')."""
-    if level == "toy_arith":
-        parts = [_operand(rng, 3, 4), _operand(rng, 2, 3)]
-    elif level == "toy_arith_hard":
-        parts = [_operand(rng, 4, 5), _operand(rng, 3, 4), _operand(rng, 2, 3)]
-    else:
+    if level not in LEVELS:
         raise ValueError(f"toy task level must be one of {BENCHMARKS}, got '{level}'")
-    expr = str(parts[0])
-    for p in parts[1:]:
-        expr += rng.choice("+-*") + str(p)
-    # eval of a digits-and-operators string we built ourselves (no user input reaches here)
-    return Problem(expression=expr, answer=int(eval(expr, {"__builtins__": {}})))
+    a_digits, b_digits, product_digits = LEVELS[level]
+    while True:
+        a = rng.randint(10 ** (a_digits - 1), 10**a_digits - 1)
+        b = rng.randint(10 ** (b_digits - 1), 10**b_digits - 1)
+        if len(str(a * b)) == product_digits:
+            return Problem(expression=f"{a}*{b}", answer=a * b)
 
 
 def sample_problems(n: int, level: str, seed: int, exclude: set[str] | frozenset = frozenset()) -> list[Problem]:

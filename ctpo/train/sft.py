@@ -34,8 +34,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def demo_example(problem: Problem, tokenizer, cfg: RunConfig) -> tuple[list[int], list[int]]:
-    """(input ids, loss mask) of one demonstration; mask 1 on model tokens, 0 on prompt / observation."""
+def noisy_answer(answer_turn: str, noise: float, rng: random.Random) -> str:
+    """Replace each digit of `answer_turn` by a different random digit with probability `noise`."""
+    return "".join(
+        rng.choice([d for d in "0123456789" if d != c]) if c.isdigit() and rng.random() < noise else c
+        for c in answer_turn
+    )
+
+
+def demo_example(problem: Problem, tokenizer, cfg: RunConfig, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(input ids, loss mask) of one demonstration; mask 1 on model tokens, 0 on prompt / observation.
+    The boxed answer carries copy errors at rate `sft.answer_digit_noise` (drawn from `rng`)."""
     from ctpo.agent.template import load_template, render_prompt
     from ctpo.agent.turns import EpisodeState
     from ctpo.sandbox import ExecResult
@@ -47,8 +56,10 @@ def demo_example(problem: Problem, tokenizer, cfg: RunConfig) -> tuple[list[int]
     code_ids = tokenizer.encode(code_turn)
     if ep.add_model_turn(code_ids, [0.0] * len(code_ids), "stop", code_turn) is None:
         raise RuntimeError(f"demo code turn for '{problem.expression}' was not recognised as code")
-    ep.add_tool_result(ExecResult(status="ok", stdout=f"{problem.answer}\n", stderr="", exit_code=0), template,
-                       tokenizer.encode)
+    result = ExecResult(stdout=f"{problem.answer}\n", stderr="", exit_code=0, timed_out=False, truncated=False,
+                        wall_s=0.0, status="ok")  # what the sandbox returns for print(expression)
+    ep.add_tool_result(result, template, tokenizer.encode)
+    answer_turn = noisy_answer(answer_turn, cfg.sft.answer_digit_noise, rng)
     answer_ids = tokenizer.encode(answer_turn) + [tokenizer.eos_token_id]
     ep.add_model_turn(answer_ids, [0.0] * len(answer_ids), "eos", answer_turn)
     if ep.finish_reason != "answer":
@@ -130,7 +141,10 @@ def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
     t0 = time.time()
     tokenizer = CharTokenizer()
     model = build_toy_model(cfg.model, tokenizer, seed=cfg.seed)
-    examples = [demo_example(p, tokenizer, cfg) for p in demo_problems(cfg)]
+    if not 0.0 <= cfg.sft.answer_digit_noise < 1.0:
+        raise ValueError(f"sft.answer_digit_noise must be in [0, 1), got {cfg.sft.answer_digit_noise}")
+    noise_rng = random.Random(cfg.seed)
+    examples = [demo_example(p, tokenizer, cfg, noise_rng) for p in demo_problems(cfg)]
     if len(examples) < cfg.sft.batch_size:
         raise ValueError(f"sft.n_demos ({len(examples)}) must be at least sft.batch_size ({cfg.sft.batch_size})")
     losses = sft_train(model, examples, cfg, tokenizer.pad_token_id)
@@ -144,7 +158,8 @@ def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
     record = {
         "policy": str(out / "policy"),
         "seed": cfg.seed,
-        "sft": {"steps": cfg.sft.steps, "batch_size": cfg.sft.batch_size, "lr": cfg.sft.lr, "n_demos": cfg.sft.n_demos},
+        "sft": {"steps": cfg.sft.steps, "batch_size": cfg.sft.batch_size, "lr": cfg.sft.lr, "n_demos": cfg.sft.n_demos,
+                "answer_digit_noise": cfg.sft.answer_digit_noise},
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "accuracy": accuracy,
