@@ -94,6 +94,9 @@ class SFTConfig:
     batch_size: int = 32
     lr: float = 3e-3
     n_demos: int = 4000
+    # imperfect teacher: each digit of a demonstration's boxed answer is replaced by another digit with
+    # this probability, so the warm start makes copy errors at a known rate (sets its starting accuracy)
+    answer_digit_noise: float = 0.0
 
 
 @dataclass
