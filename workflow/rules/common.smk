@@ -6,7 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from ctpo.config import canonical_json
-from ctpo.configure import check_experiment, eval_targets, resolve_runs, saved_steps, warmstart_config
+from ctpo.configure import check_experiment, eval_targets, resolve_runs, warmstart_config
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=False)
