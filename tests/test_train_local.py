@@ -1,0 +1,241 @@
+"""The CPU toy backend end to end: SFT warm start, RL for every method through the real agent loop and
+sandbox, checkpoints / dumps / done marker, kill-and-resume equality, epoch-boundary resume, SIGTERM.
+
+One SFT warm start is built per module (the slow part, ~1 min on 2 cores) and shared by every test.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctpo import schema
+from ctpo.config import load_experiment, load_run_config, resolve_run
+from ctpo.data.toy_task import write_toy_data
+from ctpo.io import read_json, read_jsonl
+from ctpo.train import local
+
+REPO = Path(__file__).resolve().parent.parent
+TIME_KEYS = {schema.STEP_TIME_S}
+
+
+def _cfg_dict(data_dir: Path, run: str = "toy_grpo", **train) -> dict:
+    d = resolve_run(load_experiment(REPO / "configs/experiments/toy.yaml"), run, 0)
+    d["data"]["train"] = str(data_dir / "train.parquet")
+    d["data"]["val"] = [str(data_dir / "toy_arith.parquet")]
+    d["eval"].update(k=2, max_problems=8)
+    d["wandb"]["mode"] = "offline"
+    # test sizes: 8 prompts x 4 responses, 4 optimizer steps per rollout batch
+    d["train"].update(prompts_per_step=8, mini_batch_prompts=2, lr=2e-4, total_steps=6, save_freq=2, test_freq=6,
+                      dump_steps=[2])
+    d["train"].update(train)
+    return d
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(data dir, SFT policy dir, SFT done record), built once."""
+    from ctpo.train import sft
+
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_data(root / "data", n_train=200, n_test=32, seed=1234)
+    d = _cfg_dict(root / "data")
+    d["eval"]["max_problems"] = None  # warm-start accuracy on all 32 held-out problems
+    cfg_path = root / "sft.json"
+    cfg_path.write_text(json.dumps(d))
+    os.environ["WANDB_MODE"] = "offline"
+    assert sft.main(["--config", str(cfg_path), "--out", str(root / "sft")]) == 0
+    return root / "data", root / "sft" / "policy", read_json(root / "sft" / "done.json")
+
+
+def test_sft_warm_start_is_partially_correct_and_idempotent(toy, tmp_path):
+    from ctpo.agent import load_policy
+    from ctpo.train import sft
+
+    data, policy, rec = toy
+    assert 0.15 <= rec["accuracy"] <= 0.60, rec
+    assert rec["accuracy_n"] == 32 and rec["loss_last"] < rec["loss_first"] / 10
+    model, tok = load_policy(str(policy))
+    assert model.config.model_type == "qwen3" and model.config.vocab_size == tok.vocab_size
+    done = policy.parent / "done.json"
+    mtime = done.stat().st_mtime_ns
+    t0 = time.time()
+    assert sft.main(["--config", str(tmp_path / "unused.json"), "--out", str(policy.parent)]) == 0  # done: no work
+    assert time.time() - t0 < 1.0 and done.stat().st_mtime_ns == mtime
+
+
+def _train(toy, tmp_path, run, **train):
+    data, policy, _ = toy
+    cfg = load_run_config(_cfg_dict(data, run, **train))
+    res, wd = tmp_path / "results", tmp_path / "work"
+    assert local.main(cfg, res, wd, policy) == 0
+    return cfg, res, wd
+
+
+@pytest.mark.parametrize("run", ["toy_grpo", "toy_ctpo", "toy_gspo", "toy_ctpo_fixed"])
+def test_method_trains_and_writes_the_contract_outputs(toy, tmp_path, run):
+    steps = 12
+    cfg, res, wd = _train(toy, tmp_path, run, total_steps=steps, save_freq=6, test_freq=steps, dump_steps=[6])
+    rows = read_jsonl(res / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        assert set(schema.TRAIN_KEYS) <= set(r)
+        assert all(math.isfinite(v) for v in r.values())
+        assert 0.0 <= r[schema.ENTROPY] and r[schema.TOOL_CALLS] > 0.5  # the policy does call Python
+    assert f"{schema.VAL_PREFIX}toy_arith/avg_at_k" in rows[-1]
+    done = read_json(res / "done.json")
+    assert done["final_step"] == steps and done["saved_steps"] == [0, 6, 12] and done["dump_steps"] == [6]
+    assert (wd / "wandb_run_id").read_text().strip() == done["wandb_run_id"]
+    prov = read_json(res / "provenance.json")
+    assert prov["effective_batch_sizes"]["optimizer_steps_per_rollout"] == 4 and prov["seeds"]["torch"] == 0
+    with np.load(wd / "rollouts" / "step6.npz") as z:
+        assert tuple(z.files) == schema.ROLLOUT_ARRAYS
+        n = cfg.train.prompts_per_step * cfg.rollout.n
+        assert z["old_log_prob"].shape == z["log_prob"].shape == z["response_mask"].shape
+        assert z["old_log_prob"].shape[0] == n and z["advantages"].shape == (n,)
+        assert z["response_mask"].dtype == np.int8 and z["log_prob"].dtype == np.float32
+    # step 0 is the init policy, bit for bit
+    from safetensors.torch import load_file
+
+    init = load_file(str(toy[1] / "model.safetensors"))
+    step0 = load_file(str(wd / "checkpoints" / "step0" / "policy" / "model.safetensors"))
+    assert all(torch.equal(init[k], step0[k]) for k in init)
+    reward = [r[schema.REWARD_MEAN] for r in rows]
+    first, last = float(np.mean(reward[:5])), float(np.mean(reward[-5:]))
+    print(f"{run}: reward first5 {first:.3f} last5 {last:.3f}")
+    if run in ("toy_grpo", "toy_ctpo"):
+        assert last > first + 0.1, reward
+    # a done run returns at once
+    t0 = time.time()
+    assert local.main(cfg, res, wd, toy[1]) == 0 and time.time() - t0 < 2.0
+
+
+def test_log_ratios_move_off_zero_after_the_first_minibatch(toy):
+    from ctpo.agent import load_policy
+    from ctpo.data.toy_task import read_questions
+    from ctpo.sandbox import SandboxPool
+
+    data, policy, _ = toy
+    cfg = load_run_config(_cfg_dict(data, "toy_ctpo"))
+    model, tok = load_policy(str(policy))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    qs, gts = read_questions(cfg.data.train)
+    with SandboxPool(concurrency=2, timeout_s=5.0) as pool:
+        res = local.rl_step(model, opt, tok, cfg, qs, gts, list(range(8)), step=1, sandbox=pool)
+    mb = res.minibatch_abs_log_ratio
+    assert len(mb) == cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    assert mb[0] < 1e-4  # first update: the policy is still the behaviour policy
+    assert all(x > 1e-3 for x in mb[1:]), mb  # then the ratios really drift from 1
+    lr = (res.log_prob - res.old_log_prob) * res.response_mask
+    rows = cfg.train.mini_batch_prompts * cfg.rollout.n
+    assert lr[rows:].abs().max() > 1e-3 and lr[:rows].abs().max() < 1e-4
+
+
+def _cli(cfg_path, res, wd, policy):
+    return [sys.executable, "-m", "ctpo.train", "--config", str(cfg_path), "--results", str(res), "--workdir",
+            str(wd), "--init", str(policy)]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def test_sigkill_and_restart_ends_like_an_uninterrupted_run(toy, tmp_path):
+    data, policy, _ = toy
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(_cfg_dict(data, "toy_ctpo", total_steps=6, save_freq=2)))
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    ref = subprocess.Popen(_cli(cfg_path, tmp_path / "ref_r", tmp_path / "ref_w", policy), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res, wd = tmp_path / "r", tmp_path / "w"
+    victim = subprocess.Popen(_cli(cfg_path, res, wd, policy), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(read_jsonl(res / "metrics.jsonl")) < 3:  # step 3 done, newest checkpoint is step 2
+        assert victim.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (res / "done.json").exists()
+    killed_at = len(read_jsonl(res / "metrics.jsonl"))
+    assert killed_at < 6
+    again = subprocess.run(_cli(cfg_path, res, wd, policy), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout
+    assert ref.wait(timeout=300) == 0
+    got, want = read_jsonl(res / "metrics.jsonl"), read_jsonl(tmp_path / "ref_r" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert _strip(got) == _strip(want)  # bit-for-bit the same numbers
+    assert read_json(res / "done.json")["wandb_run_id"] == (wd / "wandb_run_id").read_text().strip()
+    ids = {p.name.rsplit("-", 1)[-1] for p in (wd / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1  # the restart reused the W&B run id
+
+
+def test_resume_at_an_epoch_boundary_trains_the_remaining_steps(toy, tmp_path):
+    import pandas as pd
+
+    data, policy, _ = toy
+    small = tmp_path / "data"
+    small.mkdir()
+    pd.read_parquet(data / "train.parquet").iloc[:8].to_parquet(small / "train.parquet")
+    (small / "toy_arith.parquet").symlink_to(data / "toy_arith.parquet")
+    res, wd = tmp_path / "r", tmp_path / "w"
+    # 8 prompts, 4 per step: one epoch = 2 steps; the first run ends exactly at the epoch boundary
+    d = _cfg_dict(small, "toy_grpo", prompts_per_step=4, mini_batch_prompts=2, total_steps=2, save_freq=2,
+                  test_freq=2, dump_steps=[])
+    assert local.main(load_run_config(d), res, wd, policy) == 0
+    assert read_json(res / "done.json")["final_step"] == 2
+    d["train"].update(total_steps=4, test_freq=4)
+    assert local.main(load_run_config(d), res, wd, policy) == 0
+    rows = read_jsonl(res / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    done = read_json(res / "done.json")
+    assert done["final_step"] == 4 and done["saved_steps"] == [0, 2, 4]
+    state = torch.load(wd / "checkpoints" / "step4" / "trainer_state.pt", weights_only=False)
+    assert state["consumed_prompts"] == 16  # two full epochs
+
+
+def test_resume_refuses_a_different_run_config(toy, tmp_path):
+    from ctpo.config import ConfigError
+
+    data, policy, _ = toy
+    res, wd = tmp_path / "r", tmp_path / "w"
+    d = _cfg_dict(data, "toy_grpo", total_steps=1, save_freq=1, test_freq=1, dump_steps=[])
+    assert local.main(load_run_config(d), res, wd, policy) == 0
+    d["train"]["lr"] = 1e-5
+    d["train"]["total_steps"] = 2
+    with pytest.raises(ConfigError, match=r"keys differ: \['train.lr'\]"):
+        local.main(load_run_config(d), res, wd, policy)
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(toy, tmp_path):
+    data, policy, _ = toy
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(_cfg_dict(data, "toy_grpo", total_steps=5, save_freq=100, test_freq=5,
+                                             dump_steps=[])))
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    res, wd = tmp_path / "r", tmp_path / "w"
+    p = subprocess.Popen(_cli(cfg_path, res, wd, policy), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 240
+    while len(read_jsonl(res / "metrics.jsonl")) < 1:
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == local.EXIT_PREEMPTED, err[-2000:]
+    assert not (res / "done.json").exists()
+    rows = read_jsonl(res / "metrics.jsonl")
+    from ctpo.train.checkpoint import list_checkpoints
+
+    assert list_checkpoints(wd)[-1] == rows[-1]["step"] < 5  # saved at the step it stopped after
+    again = subprocess.run(_cli(cfg_path, res, wd, policy), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_json(res / "done.json")["final_step"] == 5
