@@ -51,7 +51,7 @@ def worker(method: str, data_dir: Path, policy: Path, steps: int) -> dict:
     model, tok = load_policy(str(policy))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     qs, gts = read_questions(cfg.data.train)
-    times, consumed = [], 0
+    times, updates, consumed = [], [], 0
     with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
         for step in range(1, steps + 1):
             idx = local.draw_prompts(len(qs), consumed, cfg.train.prompts_per_step, cfg.seed)
@@ -59,10 +59,12 @@ def worker(method: str, data_dir: Path, policy: Path, steps: int) -> dict:
             t0 = time.perf_counter()
             res = local.rl_step(model, opt, tok, cfg, qs, gts, idx, step, pool)
             times.append(time.perf_counter() - t0)
+            updates.append(res.update_s)
     return {
         "method": method,
         "step_s_median": float(np.median(times)),
         "step_s": times,
+        "update_s_median": float(np.median(updates)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reward_last": res.row["train/reward_mean"],
         "torch_threads": torch.get_num_threads(),
@@ -99,10 +101,11 @@ def main() -> int:
     base = results[0]
     print(f"toy RL step, CPU ({os.cpu_count()} cores, torch threads {base['torch_threads']}), {args.steps} steps, "
           f"16 prompts x 4 responses, 4 updates/step")
-    print("| method | s/step (median) | vs GRPO | peak RSS MB | vs GRPO |")
-    print("|---|---|---|---|---|")
+    print("| method | s/step (median) | vs GRPO | update s/step | vs GRPO | peak RSS MB | vs GRPO |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['step_s_median']:.2f} | {r['step_s_median'] / base['step_s_median']:.2f}x | "
+              f"{r['update_s_median']:.2f} | {r['update_s_median'] / base['update_s_median']:.2f}x | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |")
     print(json.dumps(results))
     return 0

@@ -100,6 +100,7 @@ class StepResult:
     response_mask: torch.Tensor  # (B, T) after void / infra masking
     advantages: torch.Tensor  # (B,) sequence advantages
     minibatch_abs_log_ratio: list[float] = field(default_factory=list)  # max |log r_t| per mini-batch
+    update_s: float = 0.0  # seconds in the mini-batch updates (forward, loss, backward, AdamW)
 
 
 def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indices, step: int, sandbox) -> StepResult:
@@ -130,6 +131,7 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
     is_w = rollout_is_weights(old_log_prob, batch.rollout_log_prob, mask, t.rollout_is, t.rollout_is_threshold)
 
     model.train()
+    t_update = time.time()
     mb = t.mini_batch_prompts * n
     new_log_prob = torch.zeros_like(old_log_prob)
     loss_metrics: dict[str, list[float]] = {}
@@ -154,6 +156,7 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
         for k, v in metrics.items():
             loss_metrics.setdefault(k, []).append(float(v))
 
+    update_s = time.time() - t_update
     kept = keep.bool()
     row = {
         schema.STEP: step,
@@ -173,7 +176,7 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
     missing = [k for k in schema.TRAIN_KEYS if k not in row]
     if missing:
         raise RuntimeError(f"rl_step: metrics row lacks {missing} (ctpo.schema.TRAIN_KEYS)")
-    return StepResult(row, old_log_prob, new_log_prob, mask, adv_seq, mb_abs)
+    return StepResult(row, old_log_prob, new_log_prob, mask, adv_seq, mb_abs, update_s)
 
 
 def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
