@@ -1,6 +1,7 @@
 """The toy policy: a tiny Qwen3-architecture causal LM built from a transformers `Qwen3Config`
 (no hub download) over `ctpo.tokenizer.CharTokenizer`, and the helpers that save / load it in the
-checkpoint contract's layout (`<dir>/` = HF `save_pretrained` + the tokenizer file).
+checkpoint contract's layout (`<dir>/` = HF `save_pretrained` + the tokenizer file; loaded back by
+`ctpo.agent.load_policy`).
 """
 from __future__ import annotations
 
@@ -64,15 +65,3 @@ def save_policy(model, tokenizer, directory: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def load_toy_policy(directory: str | Path):
-    """(model, tokenizer) from a directory written by `save_policy` (float32, eval mode)."""
-    from transformers import AutoModelForCausalLM
-
-    from ctpo.tokenizer import load_tokenizer
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}: not a saved policy (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(str(directory))
-    return model.eval(), load_tokenizer(directory)

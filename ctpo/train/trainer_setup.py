@@ -172,7 +172,3 @@ class Run:
             self.sandbox.close()
             self.sandbox = None
 
-
-def read_done(results_dir: str | Path) -> dict | None:
-    p = Path(results_dir) / "done.json"
-    return read_json(p) if p.is_file() else None
