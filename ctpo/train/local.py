@@ -33,7 +33,7 @@ import torch
 
 from ctpo import schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
-from ctpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from ctpo.io import atomic_path, read_json
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun to resume

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ctpo.config import ConfigError, RunConfig, config_hash, effective_batch_sizes
-from ctpo.io import read_json, write_json, write_text
+from ctpo.io import write_json, write_text
 from ctpo.train import checkpoint as ckpt
 
 SCHEDULE_KEYS = ("total_steps", "save_freq", "test_freq", "dump_steps")  # train.* keys a resume may change
