@@ -20,9 +20,13 @@ RUN_ID_FILE = "wandb_run_id"
 MODES = ("auto", "online", "offline", "disabled")
 
 
-def run_id_for(experiment: str, run: str, seed: int) -> str:
-    """Deterministic W&B run id: the same (experiment, run, seed) always maps to the same id."""
-    return hashlib.sha256(f"{experiment}/{run}/seed{seed}".encode()).hexdigest()[:16]
+def run_id_for(experiment: str, run: str, seed: int, identity: str = "") -> str:
+    """Deterministic W&B run id: the same (experiment, run, seed, run identity) always maps to the same id.
+
+    `identity` is `ctpo.train.workdir.run_identity(cfg)[0]`: a requeued job keeps its run, a run whose config
+    changed (and is retrained from scratch) opens a new one."""
+    key = f"{experiment}/{run}/seed{seed}" + (f"/{identity}" if identity else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _has_api_key() -> bool:
@@ -85,7 +89,9 @@ def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"])
+        from ctpo.train.workdir import run_identity
+
+        run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"], run_identity(cfg_dict)[0])
         write_text(id_file, run_id + "\n")
     mode = resolve_mode(cfg_dict["wandb"]["mode"])
     if mode == "disabled":

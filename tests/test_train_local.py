@@ -202,17 +202,23 @@ def test_resume_at_an_epoch_boundary_trains_the_remaining_steps(toy, tmp_path):
     assert state["consumed_prompts"] == 16  # two full epochs
 
 
-def test_resume_refuses_a_different_run_config(toy, tmp_path):
-    from ctpo.config import ConfigError
-
+def test_changed_config_retrains_from_scratch_and_keeps_the_old_run(toy, tmp_path):
     data, policy, _ = toy
     res, wd = tmp_path / "r", tmp_path / "w"
     d = _cfg_dict(data, "toy_grpo", total_steps=1, save_freq=1, test_freq=1, dump_steps=[])
     assert local.main(load_run_config(d), res, wd, policy) == 0
+    old_id = (wd / "wandb_run_id").read_text().strip()
     d["train"]["lr"] = 1e-5
     d["train"]["total_steps"] = 2
-    with pytest.raises(ConfigError, match=r"keys differ: \['train.lr'\]"):
-        local.main(load_run_config(d), res, wd, policy)
+    assert local.main(load_run_config(d), res, wd, policy) == 0
+    # the old checkpoints and W&B id were moved aside, not deleted, and the new config trained from step 0
+    (old,) = list((wd / "superseded").iterdir())
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step0", "step1"]
+    assert (old / "wandb_run_id").read_text().strip() == old_id
+    assert (wd / "wandb_run_id").read_text().strip() != old_id
+    rows = [json.loads(x) for x in (res / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward_mean" in r] == [1, 2]
+    assert json.loads((res / "provenance.json").read_text())["resumed_from_step"] is None
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(toy, tmp_path):

@@ -124,7 +124,9 @@ def test_tracking_offline_run_dir_and_resumed_run_reuses_id(tmp_path, monkeypatc
     cfg = dataclasses.asdict(_toy_cfg())
     t1 = start_tracking(cfg, tmp_path)
     assert t1.mode == "offline" and t1.run is not None
-    assert t1.run_id == run_id_for("toy", "toy_grpo", 0)
+    from ctpo.train.workdir import run_identity
+
+    assert t1.run_id == run_id_for("toy", "toy_grpo", 0, run_identity(cfg)[0])
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == t1.run_id
     t1.log({"train/reward_mean": 0.5}, step=1)
     run_dir = t1.run_dir
@@ -204,3 +206,25 @@ def test_cli_rejects_bad_batch_arithmetic_before_starting(tmp_path):
     assert p.returncode == 2
     assert "must be divisible by train.mini_batch_prompts (5)" in p.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_workdir_claim_sets_aside_state_of_a_changed_config_only(tmp_path):
+    from ctpo.train.workdir import claim, run_identity
+
+    cfg = {"train": {"lr": 1e-3, "total_steps": 10, "save_freq": 5, "test_freq": 5, "dump_steps": [5]},
+           "wandb": {"mode": "offline"}, "loss": {"method": "ctpo"}}
+    wd = tmp_path / "w"
+    assert claim(wd, cfg) is None
+    (wd / "checkpoints").mkdir()
+    (wd / "checkpoints" / "marker").write_text("x")
+    # schedule and W&B changes keep the identity: a resume, nothing moves
+    longer = {**cfg, "train": {**cfg["train"], "total_steps": 20}, "wandb": {"mode": "disabled"}}
+    assert run_identity(longer)[0] == run_identity(cfg)[0]
+    assert claim(wd, longer) is None and (wd / "checkpoints" / "marker").is_file()
+    # a changed loss is a different run: old state moves to superseded/, the directory is fresh
+    other = {**cfg, "loss": {"method": "grpo"}}
+    moved = claim(wd, other)
+    assert moved is not None and (tmp_path / "w" / "superseded").is_dir()
+    assert (wd / "superseded").joinpath(moved.split("/")[-1], "checkpoints", "marker").read_text() == "x"
+    assert not (wd / "checkpoints").exists()
+    assert (wd / "run_identity").read_text().strip() == run_identity(other)[0]

@@ -2,6 +2,7 @@
 W&B id stability; done only by step count; signal forwarding; print-command and merge commands."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -171,7 +172,10 @@ def test_command_cli_prints_the_same_command(tmp_path):
 
 def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     cfg = _cfg("ctpo", seed=1)
-    want = hashlib.sha256(b"paper/qwen3_4b_ctpo/seed1").hexdigest()[:16]
+    from ctpo.train.workdir import run_identity
+
+    identity = run_identity(dataclasses.asdict(cfg))[0]  # a changed config is a new W&B run
+    want = hashlib.sha256(f"paper/qwen3_4b_ctpo/seed1/{identity}".encode()).hexdigest()[:16]
     assert vb.wandb_run_id(cfg, tmp_path / "a") == want
     assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == want
     assert vb.wandb_run_id(cfg, tmp_path / "b") == want  # a fresh workdir derives the same id

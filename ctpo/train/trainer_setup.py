@@ -2,7 +2,6 @@
 (fresh start from the init policy, or resume from the newest checkpoint; metrics rows; done marker)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 from pathlib import Path
@@ -10,27 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctpo.config import ConfigError, RunConfig, config_hash, effective_batch_sizes
+from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
 from ctpo.io import write_json, write_text
 from ctpo.train import checkpoint as ckpt
+from ctpo.train.workdir import claim, run_identity
 
-SCHEDULE_KEYS = ("total_steps", "save_freq", "test_freq", "dump_steps")  # train.* keys a resume may change
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resume_fingerprint(cfg_dict: dict) -> tuple[str, dict]:
-    """(hash, identity dict): the config without the schedule keys and W&B settings, which a resumed
-    run may change (e.g. more total_steps); anything else changing means a different run."""
-    ident = copy.deepcopy(cfg_dict)
-    for k in SCHEDULE_KEYS:
-        ident["train"].pop(k)
-    ident.pop("wandb")
-    return config_hash(ident), ident
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -74,13 +63,14 @@ class Run:
                 f"in data.train ({cfg.data.train})"
             )
         seed_everything(cfg.seed)
-        fingerprint, ident = resume_fingerprint(run.cfg_dict)
+        claim(workdir, run.cfg_dict)  # a changed config sets the old checkpoints aside and starts fresh
+        fingerprint, ident = run_identity(run.cfg_dict)
         steps = ckpt.list_checkpoints(workdir)
         if steps:
             run.step = steps[-1]
             state = ckpt.load_trainer_state(workdir, run.step)
             if state.fingerprint != fingerprint:
-                _, old_ident = resume_fingerprint(state.config)
+                _, old_ident = run_identity(state.config)
                 raise ConfigError(
                     f"{ckpt.checkpoint_dir(workdir, run.step)}: written by a different run config (keys differ: "
                     f"{_diff_keys(old_ident, ident)}); use a new workdir or restore the config"
@@ -141,7 +131,7 @@ class Run:
     def save(self, step: int) -> None:
         if self.last_saved == step:
             return
-        fingerprint, _ = resume_fingerprint(self.cfg_dict)
+        fingerprint, _ = run_identity(self.cfg_dict)
         state = ckpt.TrainerState(
             step=step, consumed_prompts=self.consumed,
             optimizer=self.optimizer.state_dict() if step > 0 else None,

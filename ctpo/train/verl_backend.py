@@ -24,6 +24,7 @@ per epoch and saves every 20 steps never coincide before step 305 (lcm(20, 78) =
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 from ctpo.config import REPO_ROOT, RunConfig, load_run_config
+from ctpo.train.workdir import claim
 from ctpo.io import write_json, write_text
 
 VERL_MAIN = "verl.trainer.main_ppo"
@@ -238,15 +240,17 @@ def loss_calls_per_step(cfg: RunConfig) -> int:
 
 
 def wandb_run_id(cfg: RunConfig, workdir: str | Path) -> str:
-    """The run's W&B id: read from `<workdir>/wandb_run_id`, else derived from (experiment, run, seed) and stored."""
+    """The run's W&B id: read from `<workdir>/wandb_run_id`, else derived from (experiment, run, seed, run
+    identity) and stored."""
     from ctpo.tracking import RUN_ID_FILE, run_id_for
+    from ctpo.train.workdir import run_identity
 
     f = Path(workdir) / RUN_ID_FILE
     if f.is_file():
         rid = f.read_text().strip()
         if rid:
             return rid
-    rid = run_id_for(cfg.experiment, cfg.run, cfg.seed)
+    rid = run_id_for(cfg.experiment, cfg.run, cfg.seed, run_identity(dataclasses.asdict(cfg))[0])
     write_text(f, rid + "\n")
     return rid
 
@@ -367,6 +371,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         sys.stdout.write(format_command(argv))
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
+    claim(workdir, dataclasses.asdict(cfg))  # a changed config sets old checkpoints aside (verl would resume them)
     if latest_step(workdir) < cfg.train.total_steps:
         write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
