@@ -4,7 +4,8 @@ import re
 import pandas as pd
 import pytest
 
-from ctpo.data.toy_task import demo_turns, read_questions, sample_problems, write_toy_data
+from ctpo.data.problems import BenchmarkError, read_questions
+from ctpo.data.toy_task import demo_turns, sample_problems, write_toy_data
 
 
 def test_write_toy_data_matches_benchmark_parquet_layout(tmp_path):
@@ -80,5 +81,5 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         write_toy_data(tmp_path, n_train=0, n_test=5, seed=0)
     with pytest.raises(ValueError, match="level must be one of"):
         sample_problems(1, "toy_geometry", seed=0)
-    with pytest.raises(FileNotFoundError, match="parquet file not found"):
+    with pytest.raises(BenchmarkError, match="missing.parquet: benchmark file not found"):
         read_questions(tmp_path / "missing.parquet")

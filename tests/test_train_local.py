@@ -119,7 +119,7 @@ def test_method_trains_and_writes_the_contract_outputs(toy, tmp_path, run):
 
 def test_log_ratios_move_off_zero_after_the_first_minibatch(toy):
     from ctpo.agent import load_policy
-    from ctpo.data.toy_task import read_questions
+    from ctpo.data.problems import read_questions
     from ctpo.sandbox import SandboxPool
 
     data, policy, _ = toy

@@ -114,17 +114,3 @@ def write_toy_data(out_dir: str | Path, n_train: int, n_test: int, seed: int) ->
     return paths
 
 
-def read_questions(path: str | Path) -> tuple[list[str], list[str]]:
-    """(questions, ground_truths) of a verl-schema parquet (the first user message of each prompt)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: parquet file not found")
-    df = pd.read_parquet(path)
-    for col in ("prompt", "reward_model"):
-        if col not in df.columns:
-            raise ValueError(f"{path}: expected verl parquet column '{col}', have {list(df.columns)}")
-    questions = [str(list(p)[-1]["content"]) for p in df["prompt"]]
-    truths = [str(r["ground_truth"]) for r in df["reward_model"]]
-    return questions, truths

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from ctpo.data.problems import BenchmarkError, Problem, load_benchmark  # noqa: F401  (the evaluator reads benchmarks)
 from ctpo.io import atomic_path
 from ctpo.schema import EVAL_COLUMNS
 
@@ -27,67 +28,6 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = b"ctpo_eval_fingerprint"
 INFRA_RETRIES = 2  # extra attempts for samples whose sandbox kept failing (infra errors are never model errors)
-
-
-class BenchmarkError(ValueError):
-    """A benchmark parquet that does not follow verl's schema; the message names the file and column."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    problem_id: str
-    question: str  # the user message (the system prompt comes from the TIR template)
-    ground_truth: str
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def _user_content(prompt, path: Path, row: int) -> str:
-    try:
-        messages = list(prompt)
-        users = [m["content"] for m in messages if m["role"] == "user"]
-    except (TypeError, KeyError) as e:
-        raise BenchmarkError(f"{path}: row {row}: 'prompt' must be a list of {{role, content}} ({e})") from None
-    if not users:
-        raise BenchmarkError(f"{path}: row {row}: 'prompt' has no message with role 'user'")
-    return str(users[-1])
-
-
-def load_benchmark(path: str | Path, max_problems: int | None = None) -> list[Problem]:
-    """Problems of a verl-schema parquet: prompt [{role, content}], reward_model.ground_truth, and an id
-    (the `id` column, else `extra_info.index`). The first `max_problems` rows in file order when set."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkError(f"{path}: benchmark file not found")
-    df = pd.read_parquet(path)
-    for col in ("prompt", "reward_model"):
-        if col not in df.columns:
-            raise BenchmarkError(f"{path}: missing column '{col}' (verl schema: prompt, reward_model, extra_info)")
-    if "id" not in df.columns and "extra_info" not in df.columns:
-        raise BenchmarkError(f"{path}: no problem id: expected column 'id' or 'extra_info.index'")
-    if max_problems is not None:
-        df = df.iloc[:max_problems]
-    problems = []
-    for i, row in enumerate(df.itertuples(index=False)):
-        rm = row.reward_model
-        if not isinstance(rm, dict) or "ground_truth" not in rm:
-            raise BenchmarkError(f"{path}: row {i}: 'reward_model' must hold 'ground_truth'")
-        if "id" in df.columns:
-            pid = row.id
-        else:
-            info = row.extra_info
-            if not isinstance(info, dict) or info.get("index") is None:
-                raise BenchmarkError(f"{path}: row {i}: no 'id' column and no 'extra_info.index'")
-            pid = info["index"]
-        problems.append(Problem(str(pid), _user_content(row.prompt, path, i), str(rm["ground_truth"])))
-    ids = [p.problem_id for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise BenchmarkError(f"{path}: problem id '{dup}' occurs more than once")
-    if not problems:
-        raise BenchmarkError(f"{path}: no problems")
-    return problems
 
 
 # ----------------------------------------------------------------------------- chunks and seeds

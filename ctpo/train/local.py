@@ -183,7 +183,7 @@ def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
     """val/<bench>/avg_at_k on each `data.val` file: eval.k samples per problem at eval.temperature
     (capped at eval.max_problems problems), with a seed that does not touch the training RNG stream."""
     from ctpo.agent import HFGenerator, SamplingParams, run_episodes
-    from ctpo.data.toy_task import read_questions
+    from ctpo.data.problems import read_questions
     from ctpo.reward import score
 
     out = {}

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ctpo.config import RunConfig, load_run_config
-from ctpo.data.toy_task import Problem, demo_turns, read_questions, sample_problems
+from ctpo.data.problems import read_questions
+from ctpo.data.toy_task import Problem, demo_turns, sample_problems
 from ctpo.io import read_json, write_json
 
 

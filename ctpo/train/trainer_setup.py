@@ -50,7 +50,7 @@ class Run:
     @classmethod
     def open(cls, cfg: RunConfig, results_dir: Path, workdir: Path, init: str | Path | None) -> "Run":
         from ctpo.agent import load_policy
-        from ctpo.data.toy_task import read_questions
+        from ctpo.data.problems import read_questions
         from ctpo.provenance import provenance
         from ctpo.sandbox import SandboxPool
         from ctpo.tracking import start_tracking
