@@ -1,6 +1,7 @@
 """Fast unit tests of the local trainer's parts: data order, packing and log-probs, IS weights,
 checkpoints, W&B tracking, config checks. (The RL runs themselves are in test_train_local.py.)"""
 import dataclasses
+import re
 import math
 import os
 from types import SimpleNamespace
@@ -135,7 +136,9 @@ def test_tracking_offline_run_dir_and_resumed_run_reuses_id(tmp_path, monkeypatc
     t2 = start_tracking(cfg, tmp_path)  # a resumed run: the same id, never a second one
     assert t2.run_id == t1.run_id
     t2.finish()
-    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    # offline-run-<date>_<time>-<run id>[-<n>]: W&B adds -<n> when a resumed run starts in the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-f]+)", p.name).group(1)
+           for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert ids == {t1.run_id}
     assert run_id_for("toy", "toy_grpo", 1) != t1.run_id
 
