@@ -42,3 +42,18 @@ def test_char_tokenizer_round_trip_and_specials_are_single_ids(tmp_path):
     assert tok.encode("a<b") == [tok.encode("a")[0], tok.encode("<")[0], tok.encode("b")[0]]
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).encode(text) == ids
+
+
+def test_atomic_dir_replaces_whole_directories_and_cleans_up_on_error(tmp_path):
+    d = tmp_path / "policy"
+    with io.atomic_dir(d) as tmp:
+        (tmp / "w.bin").write_bytes(b"v1")
+    with pytest.raises(RuntimeError):
+        with io.atomic_dir(d) as tmp:
+            (tmp / "w.bin").write_bytes(b"half")
+            raise RuntimeError("killed mid-save")
+    assert (d / "w.bin").read_bytes() == b"v1"
+    with io.atomic_dir(d) as tmp:
+        (tmp / "other.bin").write_bytes(b"v2")
+    assert sorted(p.name for p in d.iterdir()) == ["other.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]

@@ -10,13 +10,13 @@ exists only when complete; a SIGKILL mid-save leaves a `.step{N}.*` temp dir tha
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ctpo.io import atomic_dir
 
 STATE_FILE = "trainer_state.pt"
 POLICY_DIR = "policy"
@@ -77,17 +77,10 @@ def save_checkpoint(workdir: str | Path, model, tokenizer, state: TrainerState) 
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(".step*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp / POLICY_DIR), safe_serialization=True)
         tokenizer.save(tmp / POLICY_DIR)
         torch.save(state.__dict__, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

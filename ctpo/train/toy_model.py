@@ -48,20 +48,9 @@ def build_toy_model(cfg: ModelConfig, tokenizer, seed: int):
 
 def save_policy(model, tokenizer, directory: str | Path) -> None:
     """Write `directory/` = HF weights + config + tokenizer, atomically (temp dir, then rename)."""
-    import os
-    import shutil
-    import tempfile
+    from ctpo.io import atomic_dir
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
