@@ -16,7 +16,7 @@ import time
 import torch
 
 from ctpo.agent import HFGenerator, SamplingParams
-from ctpo.agent.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenOutput, StopChecker
+from ctpo.agent.generation import FINISH_LENGTH, GenOutput, StopChecker
 from ctpo.agent.template import load_template, render_prompt
 from ctpo.config import ModelConfig
 from ctpo.io import write_json
@@ -49,12 +49,7 @@ class NoCacheGenerator(HFGenerator):
                         continue
                     out[i].append(t)
                     lps[i].append(l)
-                    if t == eos:
-                        finish[i] = FINISH_EOS
-                    elif checker.hit(out[i]):
-                        finish[i] = FINISH_STOP
-                    elif step + 1 == params.max_new_tokens:
-                        finish[i] = FINISH_LENGTH
+                    finish[i] = checker.finish_reason(out[i], eos, step + 1 == params.max_new_tokens)
                 if all(f is not None for f in finish):
                     break
         return [GenOutput(o, l, f or FINISH_LENGTH) for o, l, f in zip(out, lps, finish)]

@@ -50,6 +50,14 @@ class StopChecker:
         tail = self.tokenizer.decode(generated[-self.window :])
         return any(s in tail for s in self.stop)
 
+    def finish_reason(self, generated: list[int], eos: int, last_step: bool) -> str | None:
+        """Why a row ends after its newest token `generated[-1]`: eos, a stop string, the token budget; else None."""
+        if generated[-1] == eos:
+            return FINISH_EOS
+        if self.hit(generated):
+            return FINISH_STOP
+        return FINISH_LENGTH if last_step else None
+
 
 class HFGenerator:
     """Batched sampling from a transformers causal LM with a KV cache (left-padded batch).
@@ -105,12 +113,7 @@ class HFGenerator:
                             continue
                         out_ids[i].append(t)
                         out_lp[i].append(l)
-                        if t == eos:
-                            finish[i] = FINISH_EOS
-                        elif checker.hit(out_ids[i]):
-                            finish[i] = FINISH_STOP
-                        elif step + 1 == params.max_new_tokens:
-                            finish[i] = FINISH_LENGTH
+                        finish[i] = checker.finish_reason(out_ids[i], eos, step + 1 == params.max_new_tokens)
                     keep = [j for j, i in enumerate(active) if finish[i] is None]
                     if not keep:
                         break
