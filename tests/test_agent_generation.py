@@ -83,7 +83,7 @@ def test_stop_string_ends_the_row_after_the_completing_token(tiny):
 def test_rollout_with_real_sandbox_gives_trainer_exact_ids_and_logprobs(tiny):
     model, tok = tiny
     cfg = RolloutConfig(n=1, max_turns=2, max_prompt_tokens=128, max_response_tokens=40, max_obs_tokens=16,
-                        template="toy_tir", sandbox_timeout_s=5.0, sandbox_concurrency=2)
+                        template="toy_tir", sandbox_timeout_s=30.0, sandbox_concurrency=2)
     eps = run_episodes(HFGenerator(model, tok), tok, ["Compute 1+2.", "Compute 3*4."], cfg,
                        SamplingParams(temperature=1.0, seed=0))
     for ep in eps:

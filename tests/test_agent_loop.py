@@ -48,7 +48,7 @@ class ScriptedGenerator:
 
 def cfg(**kw):
     base = dict(n=1, max_turns=4, max_prompt_tokens=128, max_response_tokens=400, max_obs_tokens=40,
-                obs_max_chars=512, template="toy_tir", sandbox_timeout_s=5.0, sandbox_concurrency=2)
+                obs_max_chars=512, template="toy_tir", sandbox_timeout_s=30.0, sandbox_concurrency=2)
     base.update(kw)
     return RolloutConfig(**base)
 

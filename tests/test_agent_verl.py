@@ -58,7 +58,7 @@ def make_loop(turns, response_length=300, **rollout):
     trainer_cfg = OmegaConf.create({"actor_rollout_ref": {"rollout": {
         "prompt_length": 256, "response_length": response_length, "multi_turn": multi_turn}}})
     server = FakeServerManager(turns)
-    ro = dict(template="toy_tir", sandbox_timeout_s=5.0, sandbox_concurrency=1)
+    ro = dict(template="toy_tir", sandbox_timeout_s=30.0, sandbox_concurrency=1)
     ro.update(rollout)
     loop = CtpoTirAgentLoop(
         trainer_config=DictConfigWrap(trainer_cfg), server_manager=server, tokenizer=HFStyleTokenizer(),

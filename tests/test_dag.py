@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hang import HANG_S
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -28,7 +30,7 @@ def copy_workflow(dst: Path) -> Path:
     return dst
 
 
-def snakemake(cwd: Path, *args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+def snakemake(cwd: Path, *args: str, check: bool = True, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", WANDB_MODE="offline")
     proc = subprocess.run(
         [str(VENV_BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

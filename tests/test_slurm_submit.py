@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow
 
 FAKE = {
@@ -90,14 +91,14 @@ def test_training_job_is_submitted_with_gpus_time_memory_partition_account(tmp_p
         cwd=wf, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     args_file = log_dir / "sbatch.args"
-    deadline = time.time() + 90
+    deadline = time.time() + HANG_S
     try:
         while time.time() < deadline and not args_file.exists() and proc.poll() is None:
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would wait for the (fake) running job
-        out = proc.communicate(timeout=60)[0]
+        out = proc.communicate(timeout=HANG_S)[0]
     assert args_file.exists(), f"sbatch never called:\n{out[-4000:]}"
     calls = args_file.read_text().splitlines()
     assert len(calls) == 1, calls

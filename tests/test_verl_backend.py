@@ -21,6 +21,7 @@ from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
 from ctpo.train.verl_dumps import DumpError, DumpWriter, convert_dumps, writer_from_env
 from ctpo.train.verl_metrics import convert_logs
+from hang import HANG_S
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = load_experiment(ROOT / "configs" / "experiments" / "paper.yaml")
@@ -162,7 +163,7 @@ def test_command_cli_prints_the_same_command(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "ctpo.train.verl_backend", "command", "--config", str(cfg_path),
          "--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "w")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_S, env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert res.returncode == 0, res.stderr
     argv = shlex.split(res.stdout.replace("\\\n", " "))
@@ -291,7 +292,7 @@ def test_signals_are_forwarded_to_the_child_process_group(tmp_path):
             open({str(marker)!r}, "w").write(str(signum)); sys.exit(0)
         signal.signal(signal.SIGUSR1, h)
         os.kill(os.getppid(), signal.SIGUSR1)  # as if the scheduler signalled the launcher
-        time.sleep(30)
+        time.sleep({HANG_S})  # the forwarded signal ends it long before
         sys.exit(3)
     """)
     before = signal.getsignal(signal.SIGUSR1)
@@ -353,7 +354,7 @@ def test_merge_cli_turns_a_verl_checkpoint_into_a_loadable_hf_dir(tmp_path):
     marker = tmp_path / "results" / "merged_step20.json"
     res = subprocess.run(
         [sys.executable, "-m", "ctpo.train.verl_backend", "merge", "--workdir", str(wd), "--step", "20",
-         "--done", str(marker)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+         "--done", str(marker)], capture_output=True, text=True, cwd=ROOT, timeout=HANG_S,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     hf = wd / "hf" / "step20"

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ctpo.train.local import PAUSE_ENV
+from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow, count, kv, parse_jobs, snakemake
 
 EXP = "tiny"
@@ -54,7 +56,7 @@ def tiny(tmp_path_factory) -> Path:
     """The tiny experiment, run to completion once; the tests below dry-run or clone it."""
     wf = copy_workflow(tmp_path_factory.mktemp("tiny") / "repo")
     write_config(wf, tiny_experiment())
-    snakemake(wf, "--cores", "2", "--configfile", CFG, timeout=900)
+    snakemake(wf, "--cores", "2", "--configfile", CFG)
     return wf
 
 
@@ -73,7 +75,7 @@ def test_tiny_run_writes_every_table_and_figure(tiny):
 
 def test_html_report_embeds_every_table_and_figure(tiny, tmp_path):
     report = tmp_path / "report.html"
-    snakemake(tiny, "--report", str(report), "--configfile", CFG, timeout=300)
+    snakemake(tiny, "--report", str(report), "--configfile", CFG)
     html = report.read_text(errors="replace")
     for name in ("table1.md", "table2.md", "table3.tex", "figure1.png", "figure2.pdf"):
         assert name in html, name
@@ -109,7 +111,7 @@ def test_figures_from_copied_results_never_train_or_evaluate(tiny, tmp_path):
     for p in (fresh / "results").rglob("*"):  # scrambled mtimes, as after a download or `cp -r`
         t = now - rng.uniform(0, 30 * 86400)
         os.utime(p, (t, t))
-    proc = snakemake(fresh, "--profile", "profiles/reports", "figures", "--configfile", CFG, timeout=300)
+    proc = snakemake(fresh, "--profile", "profiles/reports", "figures", "--configfile", CFG)
     ran = count(parse_jobs(proc.stdout + "\n" + proc.stderr))  # a real run logs its jobs on stderr
     assert ran["figures"] == 1 and set(ran) <= {"figures", "experiment_config"}, ran
     for ext in ("pdf", "png"):
@@ -128,7 +130,7 @@ def test_keep_going_keeps_finished_evaluations(tiny, tmp_path):
     shutil.rmtree(wf / f"runs/{EXP}/toy_grpo/seed0/checkpoints/step1")  # this evaluation now fails
     # an evaluation whose output is gone is only rebuilt when asked for (the tables are up to date)
     targets = [str(p.relative_to(wf)) for p in (good, bad)]
-    proc = snakemake(wf, *targets, "--cores", "2", "--keep-going", "--configfile", CFG, check=False, timeout=300)
+    proc = snakemake(wf, *targets, "--cores", "2", "--keep-going", "--configfile", CFG, check=False)
     assert proc.returncode != 0
     assert good.is_file() and good.with_suffix(".json").is_file()
     assert not bad.exists()
@@ -144,19 +146,22 @@ def test_killed_training_resumes_from_its_checkpoint(tiny, tmp_path):
     ckpts = wf / f"runs/{EXP}/toy_ctpo/seed0/checkpoints"
     shutil.rmtree(ckpts.parent)
     shutil.rmtree(wf / f"results/{EXP}/train/toy_ctpo")
+    # the training job waits after step 2 (checkpoint saved) until it is signalled: no race with its speed
     proc = subprocess.Popen(
         [str(VENV_BIN / "snakemake"), "run_toy_ctpo", "--cores", "1", "--configfile", CFG],
-        cwd=wf, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=wf, env={**env, PAUSE_ENV: "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (ckpts / "step2").is_dir():
+    deadline = time.monotonic() + HANG_S
+    while not (ckpts.parent / "paused_after_step2").exists():
+        assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "the training job never reached its pause after step 2"
         time.sleep(0.2)
-    assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0][-3000:]}"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Snakemake stops the job and marks it incomplete
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=HANG_S)
     done = wf / f"results/{EXP}/train/toy_ctpo/seed0/done.json"
     assert not done.exists() and (ckpts / "step2").is_dir()
-    snakemake(wf, "run_toy_ctpo", "--cores", "1", "--configfile", CFG, timeout=600)
+    snakemake(wf, "run_toy_ctpo", "--cores", "1", "--configfile", CFG)
     log = (wf / f"logs/{EXP}/train/toy_ctpo/seed0.log").read_text()
     m = re.search(r"resuming from \S+ \(step (\d+)\)", log)
     assert m and int(m.group(1)) >= 2, log[-2000:]

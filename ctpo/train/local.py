@@ -18,10 +18,14 @@ every save_freq, the final step), `<workdir>/rollouts/step{N}.npz` at train.dump
 `<results>/done.json` last. Resume: a restarted run continues from its newest checkpoint (weights,
 optimizer, RNG, data cursor, metrics rows). Preemption: SIGTERM / SIGUSR1 finish the current step, save a
 checkpoint and exit with EXIT_PREEMPTED (75, EX_TEMPFAIL) and no done.json, so a requeued job resumes.
+Fault injection: with CTPO_PAUSE_AFTER_STEP=N in the environment the trainer, after step N is recorded (and
+saved when due), writes `<workdir>/paused_after_step{N}` and waits for a signal, so a test can kill or
+preempt it at a known step on a machine of any speed (`pause_after_step`).
 """
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -33,10 +37,11 @@ import torch
 
 from ctpo import schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
-from ctpo.io import atomic_path, read_json
+from ctpo.io import atomic_path, read_json, write_text
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun to resume
+PAUSE_ENV = "CTPO_PAUSE_AFTER_STEP"
 ROLLOUT_IS_MODES = (None, "sequence", "token")
 
 
@@ -237,6 +242,17 @@ class _StopFlag:
         print(f"train: got signal {signum}; checkpointing after this step", file=sys.stderr, flush=True)
 
 
+def pause_after_step(step: int, stop: _StopFlag, workdir: Path) -> None:
+    """When $CTPO_PAUSE_AFTER_STEP == step: write `<workdir>/paused_after_step{step}`, then block until a
+    signal (SIGTERM/SIGUSR1 set `stop`; SIGINT raises KeyboardInterrupt; SIGKILL ends the process)."""
+    if os.environ.get(PAUSE_ENV) != str(step):
+        return
+    print(f"train: paused after step {step} ({PAUSE_ENV}); waiting for a signal", flush=True)
+    write_text(workdir / f"paused_after_step{step}", f"{os.getpid()}\n")
+    while stop.signum is None:
+        time.sleep(0.2)
+
+
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str | Path | None) -> int:
     """Train (or resume, or return at once when done). Returns 0 when done, EXIT_PREEMPTED on a signal."""
     from ctpo.train.trainer_setup import Run
@@ -267,7 +283,9 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
             print("train: " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
             if step % cfg.train.save_freq == 0 or step == cfg.train.total_steps or stop.signum is not None:
                 run.save(step)
+            pause_after_step(step, stop, workdir)
             if stop.signum is not None and step < cfg.train.total_steps:
+                run.save(step)  # a no-op when saved above; a signal during the pause saves here
                 run.close(exit_code=EXIT_PREEMPTED)
                 print(f"train: preempted at step {step}; checkpoint saved, rerun to resume", file=sys.stderr)
                 return EXIT_PREEMPTED
