@@ -24,6 +24,7 @@ from ctpo.config import config_hash, load_run_config
 from ctpo.eval import backend as B
 from ctpo.eval import metrics, runner
 from ctpo.io import sha256_file, write_json, write_parquet
+from ctpo.seeding import seed_everything
 
 log = logging.getLogger("ctpo.eval")
 
@@ -41,17 +42,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json")
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str) -> dict:

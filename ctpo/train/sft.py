@@ -26,13 +26,7 @@ from ctpo.config import RunConfig, load_run_config
 from ctpo.data.problems import read_questions
 from ctpo.data.toy_task import Problem, demo_turns, sample_problems
 from ctpo.io import read_json, write_json
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (torch's generator also drives sampling in the CPU generator)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from ctpo.seeding import seed_everything
 
 
 def noisy_answer(answer_turn: str, noise: float, rng: random.Random) -> str:

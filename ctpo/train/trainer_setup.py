@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
 from ctpo.io import write_json, write_text
 from ctpo.train import checkpoint as ckpt
+from ctpo.seeding import seed_everything
 from ctpo.train.workdir import claim, run_identity
 
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
