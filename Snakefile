@@ -4,7 +4,7 @@
 #   snakemake --profile slurm       the paper on a SLURM GPU cluster (configs/experiments/paper.yaml)
 #   snakemake figures | table2 | table3_ablation | run_<run name>
 #
-# profiles/default (the workflow profile) is loaded automatically; docs/reproduce.md is the guide.
+# profiles/default (the workflow profile) is loaded automatically; README.md is the guide.
 from snakemake.utils import min_version
 
 min_version("9.0")
