@@ -27,7 +27,9 @@ from ctpo.schema import EVAL_COLUMNS
 log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = b"ctpo_eval_fingerprint"
-INFRA_RETRIES = 2  # extra attempts for samples whose sandbox kept failing (infra errors are never model errors)
+# Redraws of samples whose episode still ended in infra after the sandbox call's own retries
+# (ctpo.agent.turns.INFRA_RETRIES); infra is never a model error.
+INFRA_REDRAWS = 2
 
 
 # ----------------------------------------------------------------------------- chunks and seeds
@@ -143,7 +145,7 @@ def _draw(pairs: list[Pair], seed: int, plan: EvalPlan, rollout: Callable) -> li
     episodes = rollout([plan.problems[p].question for p, _ in pairs], seed)
     if len(episodes) != len(pairs):
         raise RuntimeError(f"the agent loop returned {len(episodes)} episodes for {len(pairs)} questions")
-    for attempt in range(1, INFRA_RETRIES + 1):
+    for attempt in range(1, INFRA_REDRAWS + 1):
         bad = [i for i, ep in enumerate(episodes) if ep.infra_failures > 0]
         if not bad:
             break
@@ -154,7 +156,7 @@ def _draw(pairs: list[Pair], seed: int, plan: EvalPlan, rollout: Callable) -> li
     still = sum(ep.infra_failures > 0 for ep in episodes)
     if still:
         raise RuntimeError(
-            f"{still} samples kept failing in the sandbox infrastructure after {INFRA_RETRIES} redraws; "
+            f"{still} samples kept failing in the sandbox infrastructure after {INFRA_REDRAWS} redraws; "
             "finished chunks are kept in the partial file; fix the sandbox and rerun"
         )
     return episodes
