@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 METHODS = ("grpo", "gspo", "ctpo", "ctpo_fixed", "full_seq")
+PROTOCOLS = ("ctpo_tir", "release")  # rollout.protocol: see RolloutConfig and docs/TOOL_PROTOCOL.md
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,10 @@ class RolloutConfig:
     void_turn_masking: bool = False  # SimpleTIR: mask trajectories with a turn holding neither code nor answer
     enable_thinking: bool = False
     template: str = "qwen3_tir"  # configs/tir/<template>.yaml: system prompt and chat format
+    # tool protocol (docs/TOOL_PROTOCOL.md): "ctpo_tir" = our code-fence loop with inline observations
+    # (the toy); "release" = the authors' release: verl's tool_agent loop, Hermes tool calls with a
+    # fenced-code fallback, `tool` messages, the code_interpreter tool of configs/verl/release_tool_config.yaml
+    protocol: str = "ctpo_tir"
 
 
 @dataclass
@@ -254,6 +259,13 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
         )
     if train["backend"] not in ("local", "verl"):
         raise ConfigError(f"{source}: train.backend must be 'local' or 'verl', got '{train['backend']}'")
+    if rollout["protocol"] not in PROTOCOLS:
+        raise ConfigError(f"{source}: rollout.protocol must be one of {PROTOCOLS}, got '{rollout['protocol']}'")
+    if rollout["protocol"] == "release" and train["backend"] != "verl":
+        raise ConfigError(
+            f"{source}: rollout.protocol 'release' (chat messages through a Hugging Face chat template) needs "
+            f"train.backend 'verl'; the local toy backend uses rollout.protocol 'ctpo_tir'"
+        )
     total = rollout["max_prompt_tokens"] + rollout["max_response_tokens"]
     if total > model["context_length"]:
         raise ConfigError(

@@ -79,6 +79,11 @@ class HFTokenizer:
         self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(self._tok)
 
+    @property
+    def hf(self):
+        """The wrapped transformers tokenizer (chat template, apply_chat_template) for verl's agent loops."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
