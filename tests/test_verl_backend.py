@@ -88,9 +88,12 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     assert ro.checkpoint_engine.update_weights_bucket_megabytes == 4096
     assert ro.multi_turn.enable is True
     assert (ro.multi_turn.max_assistant_turns, ro.multi_turn.max_user_turns) == (5, 5)
-    assert ro.multi_turn.tool_config_path == str(ROOT / "configs/verl/tool_config.yaml")
+    # the release's tool protocol (rollout.protocol: release in paper.yaml)
+    assert ro.multi_turn.tool_config_path == str(ROOT / "configs/verl/release_tool_config.yaml")
     assert ro.agent.agent_loop_config_path == str(wd.resolve() / "verl" / "agent_loop.yaml")
-    assert ro.agent.default_agent_loop == "ctpo_tir"
+    assert ro.agent.default_agent_loop == "ctpo_release" and ro.multi_turn.format == "hermes_fallback"
+    assert (ro.multi_turn.max_parallel_calls, ro.multi_turn.max_tool_response_length) == (1, 256)
+    assert ro.multi_turn.tool_response_truncate_side == "middle"
     assert (ro.val_kwargs.n, ro.val_kwargs.temperature, ro.val_kwargs.top_p, ro.val_kwargs.do_sample) == (32, 0.7, 1.0, True)
     rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
     assert (rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.bypass_mode) == (

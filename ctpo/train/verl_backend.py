@@ -33,15 +33,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, load_run_config
 from ctpo.train.workdir import claim
 from ctpo.io import write_json, write_text
 
 VERL_MAIN = "verl.trainer.main_ppo"
 PLUGIN_MODULE = "ctpo.verl_plugin"
-AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml
+AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml (rollout.protocol ctpo_tir)
 AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # template; each run gets a copy
-TOOL_CONFIG = REPO_ROOT / "configs" / "verl" / "tool_config.yaml"
 REWARD_FILE = REPO_ROOT / "ctpo" / "reward.py"
 REWARD_FN = "compute_score"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -176,9 +176,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         f"{ro}.multi_turn.max_assistant_turns={r.max_turns}",
         f"{ro}.multi_turn.max_user_turns={r.max_turns}",
         f"{ro}.multi_turn.max_tool_response_length={r.max_obs_tokens}",
-        f"{ro}.multi_turn.tool_config_path={_q(TOOL_CONFIG)}",
-        f"{ro}.agent.agent_loop_config_path={_q(agent_loop_path(workdir))}",
-        f"{ro}.agent.default_agent_loop={AGENT_LOOP_NAME}",
+        # tool protocol (rollout.protocol): agent loop, tool parser, tool config (ctpo.agent.protocols)
+        *verl_protocol_overrides(r.protocol, agent_loop_path(workdir), ro),
         # reward: math-verify based scorer
         f"reward.custom_reward_function.path={_q(REWARD_FILE)}",
         f"reward.custom_reward_function.name={REWARD_FN}",
