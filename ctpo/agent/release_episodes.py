@@ -182,4 +182,39 @@ async def _run(generator, hf_tok, questions, cfg, params, tool, hf_model_type, s
     return episodes
 
 
-__all__ = ["RoundBatcher", "run_release_episodes", "trainer_config"]
+
+def checkpoint_model_type(checkpoint) -> str | None:
+    """`model_type` of a checkpoint's config.json (local dir or hub id in the local cache); None if unknown."""
+    import json
+    from pathlib import Path
+
+    f = Path(checkpoint) / "config.json"
+    if f.is_file():
+        return json.loads(f.read_text()).get("model_type")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(checkpoint)).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def release_rollout(generator: Generator, tokenizer, cfg, sandbox, checkpoint):
+    """`(questions, params) -> [Episode]` for ctpo.eval: the release tool (configs/verl/release_tool_config.yaml)
+    on `sandbox` (a SandboxPool), the checkpoint's model type, the release's system prompt."""
+    from verl.tools.schemas import OpenAIFunctionToolSchema
+
+    from ctpo.agent.release_protocol import CodeInterpreterTool, load_tool_config
+
+    tool_cfg, schema = load_tool_config()
+    tool = CodeInterpreterTool(tool_cfg, OpenAIFunctionToolSchema.model_validate(schema), sandbox=sandbox)
+    model_type, prompt = checkpoint_model_type(checkpoint), release_system_prompt()
+
+    def run(questions: list[str], params: SamplingParams) -> list[Episode]:
+        return run_release_episodes(generator, tokenizer, questions, cfg, params, tool, hf_model_type=model_type,
+                                    system_prompt=prompt)
+
+    return run
+
+
+__all__ = ["RoundBatcher", "checkpoint_model_type", "release_rollout", "run_release_episodes", "trainer_config"]

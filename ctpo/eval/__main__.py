@@ -48,7 +48,7 @@ def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str)
     """What changes scores (rllm#12, open-r1#674), recorded with every result."""
     import torch
 
-    from ctpo.agent import template_hash
+    from ctpo.agent.protocols import protocol_hash
     from ctpo.provenance import git_state, hardware
 
     git = git_state()
@@ -69,8 +69,10 @@ def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str)
             "max_obs_tokens": cfg.rollout.max_obs_tokens,
             "enable_thinking": cfg.rollout.enable_thinking,
         },
+        "tool_protocol": cfg.rollout.protocol,
         "prompt_template": cfg.rollout.template,
-        "prompt_template_hash": template_hash(cfg.rollout.template),
+        # what the model sees: the TIR template (ctpo_tir) or the release's system prompt + tool config
+        "prompt_template_hash": protocol_hash(cfg.rollout.protocol, cfg.rollout.template),
         "benchmark_file": str(args.benchmark),
         "benchmark_sha256": benchmark_sha,
         "chunk_size": cfg.eval.chunk_size,
@@ -150,12 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
         prov["sandbox_isolation"] = pool.mode
 
+        if cfg.rollout.protocol == "release":  # the training loop's own class (ctpo.agent.release_episodes)
+            from ctpo.agent.release_episodes import release_rollout
+
+            run = release_rollout(generator, tokenizer, cfg.rollout, pool, args.checkpoint)
+        else:
+            def run(questions, params):
+                return run_episodes(generator, tokenizer, questions, cfg.rollout, params, sandbox=pool)
+
         def rollout(questions: list[str], seed: int) -> list:
             params = SamplingParams(
                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                 max_new_tokens=cfg.rollout.max_response_tokens, seed=seed,
             )
-            return run_episodes(generator, tokenizer, questions, cfg.rollout, params, sandbox=pool)
+            return run(questions, params)
 
         records = runner.evaluate(plan, rollout, score, partial)
     summary = metrics.summarize(records, cfg.eval.k, source=str(out), seed=runner.derive_seed(*seed_parts, "ci"))
