@@ -322,3 +322,73 @@ def test_eval_turn_budget_follows_verls_server_and_cuts_the_response():
     with pytest.raises(ValueError, match="over rollout.max_prompt_tokens"):
         run_release_episodes(ScriptedGenerator({"Q": []}), TOK, ["Q"], rollout_cfg(max_prompt_tokens=50),
                              SamplingParams(), make_tool(FakeSandbox()), hf_model_type="qwen3")
+
+
+def test_eval_cli_runs_the_release_protocol_end_to_end(tmp_path, monkeypatch):
+    """`python -m ctpo.eval` on the paper config (protocol release): the release loop, the real sandbox,
+    scoring and provenance; the generator is scripted (no model), the tokenizer a saved HF tokenizer."""
+    import pandas as pd
+
+    from ctpo.agent.protocols import protocol_hash
+    from ctpo.eval import backend as B
+    from ctpo.eval.__main__ import main
+    from ctpo.tokenizer import HFTokenizer
+
+    ckpt = tmp_path / "ckpt"
+    TOK.save_pretrained(str(ckpt))
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    tok = HFTokenizer(str(ckpt))
+    script = {"Add 2 and 3.": ["```python\nprint(2 + 3)\n```<|im_end|>", "It is \\boxed{5}.<|im_end|>"],
+              "Add 4 and 4.": ["\\boxed{7}<|im_end|>"]}
+
+    class Gen(ScriptedGenerator):
+        def generate(self, prompts, params, stop):
+            for p in prompts:  # every prompt carries the release's system prompt and the tools block
+                text = TOK.decode(p)
+                assert text.startswith("<|im_start|>system\n" + RELEASE_PROMPT) and "<tools>" in text
+            return super().generate(prompts, params, stop)
+
+    gen = Gen({q: t for q, t in script.items()})
+    monkeypatch.setattr(B, "build_generator", lambda backend, checkpoint, cfg: (gen, tok))
+    rows = [{"data_source": "toy", "ability": "math", "prompt": [{"role": "user", "content": q}],
+             "reward_model": {"style": "rule", "ground_truth": a}, "extra_info": {"split": "test", "index": i}}
+            for i, (q, a) in enumerate([("Add 2 and 3.", "5"), ("Add 4 and 4.", "8")])]
+    bench = tmp_path / "bench.parquet"
+    pd.DataFrame(rows).to_parquet(bench, index=False)
+    cfg = resolve_run(load_experiment("configs/experiments/paper.yaml"), "qwen3_4b_ctpo", 0)
+    cfg["eval"].update(k=1, max_problems=2, chunk_size=2)
+    cfg["wandb"]["mode"] = "disabled"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out" / "bench.parquet"
+    assert main(["--config", str(tmp_path / "cfg.json"), "--checkpoint", str(ckpt), "--benchmark", str(bench),
+                 "--step", "0", "--out", str(out), "--backend", "hf"]) == 0
+    recs = pd.read_parquet(out).sort_values("problem_id")
+    assert recs.correct.tolist() == [True, False] and recs.tool_calls.tolist() == [1, 0]
+    assert recs.turns.tolist() == [2, 1]
+    prov = json.loads(out.with_suffix(".json").read_text())["provenance"]
+    assert prov["tool_protocol"] == "release"
+    assert prov["prompt_template_hash"] == protocol_hash("release", "qwen3_tir") != protocol_hash("ctpo_tir", "qwen3_tir")
+
+
+def test_run_copy_of_agent_loop_yaml_instantiates_the_release_loop_as_verls_worker_does(tmp_path):
+    import hydra
+
+    from ctpo.agent.protocols import release_system_prompt as prompt_of
+    from ctpo.train.verl_backend import write_agent_loop_config
+
+    cfg = load_run_config(resolve_run(load_experiment("configs/experiments/paper.yaml"), "qwen3_4b_ctpo", 0))
+    path = write_agent_loop_config(cfg, tmp_path)
+    assert prompt_of(path) == RELEASE_PROMPT
+    entry = next(e for e in OmegaConf.load(path) if e.name == "ctpo_release")
+
+    async def build():  # the call in verl's AgentLoopWorker._run_agent_loop
+        return hydra.utils.instantiate(
+            config=entry, trainer_config=DictConfigWrap(config=trainer_config(cfg.rollout)), server_manager=None,
+            tokenizer=TOK, processor=None, hf_model_type="qwen3", dataset_cls=None,
+            data_config=DictConfigWrap(OmegaConf.create({"apply_chat_template_kwargs": {"enable_thinking": False}})),
+            tools=ToolListWrap([make_tool(FakeSandbox())]),
+        )
+
+    loop = asyncio.run(build())
+    assert isinstance(loop, ReleaseToolAgentLoop) and loop.system_prompt == RELEASE_PROMPT
+    assert type(loop.tool_parser).__name__ == "HermesFallbackToolParser" and list(loop.tools) == ["code_interpreter"]
