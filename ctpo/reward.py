@@ -2,29 +2,59 @@
 
     score(solution_str, ground_truth, timeout_s=5.0) -> RewardResult(score, extracted, reason)
     reason: "correct" | "wrong" | "no_answer" (no complete \\boxed{}) | "parse_error" (math-verify
-            could not read the answer or the ground truth) | "timeout"
+            could not read the answer) | "timeout"
 
-Extraction (done here, in plain Python): the last *complete* `\\boxed{..}` / `\\fbox{..}` (balanced
-braces) wins; a truncated final `\\boxed{12` does not count. Bold answers (`**7**`, `\\textbf{7}`),
-inline-math delimiters (`\\(..\\)`, `$..$`) and a trailing `\\%` inside the box are unwrapped.
+Extraction (plain Python, linear time): only the last `MAX_SCAN_CHARS` characters of the response are
+read; one pass matches braces with a stack and the last *complete* `\\boxed{..}` / `\\fbox{..}` wins (a
+truncated final `\\boxed{12` does not count). Bold answers (`**7**`, `\\textbf{7}`), inline-math
+delimiters (`\\(..\\)`, `$..$`) and a trailing `\\%` inside the box are unwrapped. An answer longer than
+`MAX_ANSWER_CHARS` is a parse_error (never handed to sympy).
 
-Time bound: math-verify's own timeout uses `signal.alarm`, which fails silently outside the main
-thread (verl#5635; verl calls `compute_score` from executor threads). Its timeouts are switched off
-and each check runs in a long-lived worker process instead; a check that overruns `timeout_s` gets
-its worker killed and replaced, and scores 0 with reason "timeout". Safe from any thread.
+Strict relations: when the ground truth is a value, an answer written as a relation earns credit only as
+an equation chain whose left side names the answer (a variable or expression, not a number) and whose
+every other side equals the ground truth: `x = 204`, `x = 2 \\cdot 102 = 204` are correct; `205 = 204`,
+`1 = 2 = 3 = 204`, `x = 205 = 204`, `205 \\implies 204`, `205 \\to 204`, `204 \\approx 205` are wrong.
+A ground truth that is itself a relation is compared whole by math-verify.
+
+Ground truth: None, NaN or empty is an error of the data (`GroundTruthError`, raised; never a match);
+`ctpo.data.problems` rejects such rows at load time.
+
+Time bound: math-verify's own timeout uses `signal.alarm`, which fails silently outside the main thread
+(verl#5635; verl calls `compute_score` from executor threads). Its timeouts are switched off and each
+check runs in a worker process (`python -m ctpo.reward`). One deadline covers a `score` call from start
+to verdict, waiting for a free worker included (a worker's own cold start is not charged: it is not the
+answer's doing). The pool grows to the caller's concurrency (one worker per concurrent call, up to
+`MAX_WORKERS`), so a slow answer never delays another. A check that overruns gets its worker killed
+and replaced and scores 0 with reason "timeout". A worker that dies (a signal from outside, e.g. SIGTERM
+to the job) is replaced and the answer regraded; only an answer that kills `REGRADE_ATTEMPTS` fresh
+workers in a row is scored (parse_error). Workers run in their own session (terminal / process-group
+signals do not reach them) and die with the process that started them (PR_SET_PDEATHSIG, set from a
+long-lived spawner thread: the death signal follows the *thread* that forked), even on SIGKILL.
 """
 from __future__ import annotations
 
 import atexit
+import logging
+import math
+import os
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout")
-_BOX_HEADS = ("\\boxed{", "\\fbox{")
+MAX_SCAN_CHARS = 1 << 16  # extraction reads at most the last 64 Ki characters of a response
+MAX_ANSWER_CHARS = 1024  # a longer boxed answer is not a final answer: parse_error, never parsed
+MAX_WORKERS = 32  # upper bound of the worker pool (it grows with the number of concurrent calls)
+REGRADE_ATTEMPTS = 3  # fresh workers tried for one answer when workers die under it
 _WORKER_START_TIMEOUT_S = 120.0
-N_WORKERS = 2
+_BOX = re.compile(r"\\(?:boxed|fbox)\{")
+log = logging.getLogger(__name__)
+
+
+class GroundTruthError(ValueError):
+    """A missing or empty ground truth: an error of the data, never scored."""
 
 
 @dataclass(frozen=True)
@@ -34,20 +64,27 @@ class RewardResult:
     reason: str  # one of REASONS
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} / \\fbox{...} (balanced braces), or None."""
+def last_boxed(text: str, max_scan: int = MAX_SCAN_CHARS) -> str | None:
+    """Content of the last complete \\boxed{...} / \\fbox{...} (balanced braces) within the last
+    `max_scan` characters, or None. One pass: O(len) with len <= max_scan."""
     if not isinstance(text, str):
         return None
-    found = None
-    starts = sorted(m.end() for head in _BOX_HEADS for m in re.finditer(re.escape(head), text))
-    for start in starts:
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            found = text[start : i - 1]
-    return found
+    if len(text) > max_scan:
+        text = text[-max_scan:]
+    heads = {m.end() - 1 for m in _BOX.finditer(text)}  # index of each head's opening brace
+    if not heads:
+        return None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None
+    for m in re.finditer(r"[{}]", text):
+        i = m.start()
+        if text[i] == "{":
+            stack.append(i)
+        elif stack:
+            j = stack.pop()
+            if j in heads and (best is None or j > best[0]):
+                best = (j, i)
+    return None if best is None else text[best[0] + 1 : best[1]]
 
 
 def normalize_answer(ans: str) -> str:
@@ -61,11 +98,61 @@ def normalize_answer(ans: str) -> str:
     return a
 
 
+def _gold_text(ground_truth) -> str:
+    """The ground truth as answer text; GroundTruthError when it is missing or empty."""
+    if ground_truth is None or (isinstance(ground_truth, float) and math.isnan(ground_truth)):
+        raise GroundTruthError(f"ctpo.reward: ground truth is missing ({ground_truth!r}); fix the data")
+    gold = normalize_answer(str(ground_truth))
+    g_boxed = last_boxed(gold)  # a ground truth given as \boxed{..} is unwrapped
+    gold = normalize_answer(g_boxed) if g_boxed is not None else gold
+    if not gold:
+        raise GroundTruthError(f"ctpo.reward: ground truth is empty ({ground_truth!r}); fix the data")
+    return gold
+
+
+# ----------------------------------------------------------------------------- relations
+
+_REL = re.compile(
+    r"[{}]|:=|==|<=|>=|!=|=|<|>|≤|≥|≠|≈|→|⇒|⟹|⇔|↔|∼|≅|≡"
+    r"|\\(?:implies|impliedby|iff|to|approx|le|leq|leqslant|ge|geq|geqslant|lt|gt|ne|neq|equiv|sim|simeq"
+    r"|cong|propto|mapsto|gets|rightarrow|Rightarrow|longrightarrow|Longrightarrow|leftarrow|Leftarrow"
+    r"|leftrightarrow|Leftrightarrow|longleftrightarrow|Longleftrightarrow)(?![A-Za-z])"
+)
+_NUMERIC_COMMANDS = re.compile(
+    r"\\(?:frac|dfrac|tfrac|sqrt|cdot|times|div|pi|left|right|circ|infty|pm|mp|mathrm|operatorname|text"
+    r"|mathbf|displaystyle|degree)(?![A-Za-z])|\\[,;:! ]|\\text\{[^{}]*\}"
+)
+
+
+def split_relations(expr: str) -> tuple[list[str], list[str]]:
+    """(sides, relations) of `expr` split at top-level relation symbols (outside braces); '=' ':=' '=='
+    are reported as '='. `x = 2 = 3` -> (['x', '2', '3'], ['=', '='])."""
+    sides, rels, depth, last = [], [], 0, 0
+    for m in _REL.finditer(expr):
+        tok = m.group()
+        if tok == "{":
+            depth += 1
+        elif tok == "}":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            sides.append(expr[last : m.start()].strip())
+            rels.append("=" if tok in ("=", ":=", "==") else tok)
+            last = m.end()
+    sides.append(expr[last:].strip())
+    return sides, rels
+
+
+def names_answer(side: str) -> bool:
+    """True when `side` is a variable or an expression naming a quantity (`x`, `f(3)`, `a+b`, `\\angle A`),
+    False for a plain number or numeric expression (`205`, `\\frac{1}{2}`, `2\\pi`)."""
+    rest = _NUMERIC_COMMANDS.sub(" ", side)
+    return bool(re.search(r"[A-Za-z]|\\[A-Za-z]+", rest))
+
+
 # ----------------------------------------------------------------------------- worker process
 
 
-def _verify(pred: str, gold: str) -> str:
-    """Runs inside the worker: 'correct' | 'wrong' | 'parse_error'. math-verify timeouts are off."""
+def _verify_one(pred: str, gold: str) -> str:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     configs = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -76,13 +163,38 @@ def _verify(pred: str, gold: str) -> str:
     return "correct" if verify(g, p, timeout_seconds=None) else "wrong"
 
 
+def _verify(pred: str, gold: str) -> str:
+    """Runs inside the worker: 'correct' | 'wrong' | 'parse_error' (strict relations, see module doc)."""
+    _, gold_rels = split_relations(gold)
+    sides, rels = split_relations(pred)
+    if gold_rels or not rels:
+        return _verify_one(pred, gold)
+    if any(r != "=" for r in rels) or not names_answer(sides[0]) or not all(sides[1:]):
+        return "wrong"
+    verdicts = [_verify_one(side, gold) for side in sides[1:]]
+    if "wrong" in verdicts:
+        return "wrong"
+    return "parse_error" if "parse_error" in verdicts else "correct"
+
+
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL), then exit if the parent is already gone (the race before prctl)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def _serve() -> None:
     """Worker loop (`python -m ctpo.reward`): one JSON request per stdin line, one verdict per line."""
     import json
-    import logging
     import sys
     import warnings
 
+    if os.environ.get("CTPO_REWARD_PARENT"):
+        _die_with_parent(int(os.environ["CTPO_REWARD_PARENT"]))
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: intended
     import math_verify  # noqa: F401  (import before signalling ready)
@@ -101,12 +213,39 @@ def _serve() -> None:
         out.flush()
 
 
+class _Spawner:
+    """One long-lived daemon thread that starts every worker: PR_SET_PDEATHSIG fires when the thread that
+    forked a child exits, so workers must not be forked by short-lived caller threads."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="ctpo-reward-spawner", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self.requests.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+            done.set()
+
+    def call(self, fn):
+        box: list = []
+        done = threading.Event()
+        self.requests.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
 class _Worker:
     """A `python -m ctpo.reward` subprocess (a plain subprocess, not multiprocessing: no re-import of
     the caller's __main__, and it works inside daemonic / Ray worker processes)."""
 
-    def __init__(self) -> None:
-        import os
+    def __init__(self, spawner: _Spawner) -> None:
         import subprocess
         import sys
         from pathlib import Path
@@ -114,18 +253,23 @@ class _Worker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
+        env["CTPO_REWARD_PARENT"] = str(os.getpid())
+        self.proc = spawner.call(lambda: subprocess.Popen(
             [sys.executable, "-m", "ctpo.reward"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1,
-        )
-        if self._readline(_WORKER_START_TIMEOUT_S) != "ready":
+            stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1, start_new_session=True,
+        ))  # only the fork happens on the spawner thread; waiting for "ready" happens here, in parallel
+        try:
+            ready = self._readline(_WORKER_START_TIMEOUT_S)
+        except EOFError:
+            ready = None
+        if ready != "ready":
             self.kill()
             raise RuntimeError("ctpo.reward: the math-verify worker process did not start")
 
     def _readline(self, timeout_s: float) -> str | None:
         import select
 
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout_s))
         if not ready:
             return None
         line = self.proc.stdout.readline()
@@ -134,7 +278,8 @@ class _Worker:
         return line.strip()
 
     def check(self, pred: str, gold: str, timeout_s: float) -> str | None:
-        """The verdict, or None when it overran `timeout_s` (the caller then kills this worker)."""
+        """The verdict, or None when it overran `timeout_s` (the caller then kills this worker).
+        Raises EOFError/OSError when the worker is dead."""
         import json
 
         self.proc.stdin.write(json.dumps([pred, gold]) + "\n")
@@ -153,39 +298,99 @@ class _Worker:
 
 
 class _WorkerPool:
-    """Up to N_WORKERS workers, started on demand, shared by all threads."""
+    """Workers shared by all threads: an idle one is reused, else a new one starts while fewer than
+    `max_workers` exist, else the call waits (within its deadline) for one to come back."""
 
-    def __init__(self, size: int) -> None:
-        self.idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
-        self.slots = threading.Semaphore(size)
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self.idle: list[_Worker] = []
         self.all: list[_Worker] = []
-        self.lock = threading.Lock()
+        self.starting = 0
+        self.cond = threading.Condition()
+        self.spawner = _Spawner()
 
-    def check(self, pred: str, gold: str, timeout_s: float) -> str | None:
-        with self.slots:
+    def _acquire(self, deadline: float) -> tuple[_Worker | None, float]:
+        """(worker, seconds spent starting it) or (None, 0) when the deadline passed while waiting."""
+        with self.cond:
+            while not self.idle and len(self.all) + self.starting >= self.max_workers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, 0.0
+                self.cond.wait(left)
+            if self.idle:
+                return self.idle.pop(), 0.0
+            self.starting += 1
+        t0 = time.monotonic()
+        try:
+            w = _Worker(self.spawner)
+        finally:
+            with self.cond:
+                self.starting -= 1
+                self.cond.notify()
+        with self.cond:
+            self.all.append(w)
+        return w, time.monotonic() - t0
+
+    def _release(self, w: _Worker, healthy: bool) -> None:
+        if not healthy:
+            w.kill()
+        with self.cond:
+            if healthy:
+                self.idle.append(w)
+            elif w in self.all:
+                self.all.remove(w)
+            self.cond.notify()
+
+    def check(self, pred: str, gold: str, timeout_s: float, t0: float) -> str | None:
+        """Verdict, or None on timeout. Deadline: t0 + timeout_s, plus worker cold starts."""
+        deadline = t0 + timeout_s
+        for _ in range(REGRADE_ATTEMPTS):
+            w, start_s = self._acquire(deadline)
+            if w is None:
+                return None
+            deadline += start_s
             try:
-                w = self.idle.get_nowait()
-            except queue.Empty:
-                w = _Worker()
-                with self.lock:
-                    self.all.append(w)
-            try:
-                verdict = w.check(pred, gold, timeout_s)
-            except (EOFError, OSError, ValueError):
-                verdict = "dead"
-            if verdict is None or verdict == "dead":
-                w.kill()
-                with self.lock:
-                    self.all.remove(w)
-                return None if verdict is None else "parse_error"
-            self.idle.put(w)
+                verdict = w.check(pred, gold, deadline - time.monotonic())
+            except (EOFError, OSError, ValueError):  # the worker died: replace it and regrade
+                self._release(w, healthy=False)
+                log.warning("ctpo.reward: a worker died while checking an answer; regrading on a fresh one")
+                deadline = max(deadline, time.monotonic() + timeout_s)
+                continue
+            self._release(w, healthy=verdict is not None)
             return verdict
+        log.warning("ctpo.reward: the answer killed %d fresh workers; scored parse_error", REGRADE_ATTEMPTS)
+        return "parse_error"
+
+    def prewarm(self, n: int) -> None:
+        """Start workers (in parallel) until at least min(n, max_workers) exist; all are left idle."""
+        n = min(n, self.max_workers)
+        with self.cond:
+            missing = n - len(self.all) - self.starting
+            self.starting += max(0, missing)
+
+        def start() -> None:
+            try:
+                w = _Worker(self.spawner)
+            finally:
+                with self.cond:
+                    self.starting -= 1
+            with self.cond:
+                self.all.append(w)
+                self.idle.append(w)
+                self.cond.notify()
+
+        threads = [threading.Thread(target=start) for _ in range(max(0, missing))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def close(self) -> None:
-        with self.lock:
+        with self.cond:
             for w in self.all:
                 w.kill()
             self.all.clear()
+            self.idle.clear()
 
 
 _POOL: _WorkerPool | None = None
@@ -196,7 +401,7 @@ def _pool() -> _WorkerPool:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = _WorkerPool(N_WORKERS)
+            _POOL = _WorkerPool(MAX_WORKERS)
             atexit.register(_POOL.close)
         return _POOL
 
@@ -205,22 +410,26 @@ def _pool() -> _WorkerPool:
 
 
 def score(solution_str: str, ground_truth: str, timeout_s: float = 5.0) -> RewardResult:
-    """Binary reward of a response against a ground truth; never raises on bad model output."""
+    """Binary reward of a response against a ground truth; never raises on bad model output.
+    Raises GroundTruthError for a missing/empty ground truth (a data error)."""
+    t0 = time.monotonic()
+    gold = _gold_text(ground_truth)
     boxed = last_boxed(solution_str) if isinstance(solution_str, str) else None
     if boxed is None:
         return RewardResult(0.0, "", "no_answer")
     extracted = normalize_answer(boxed)
-    if not extracted:
-        return RewardResult(0.0, "", "parse_error")
-    gold = normalize_answer(str(ground_truth))
-    g_boxed = last_boxed(gold)  # a ground truth given as \boxed{..} is unwrapped
-    gold = normalize_answer(g_boxed) if g_boxed is not None else gold
-    if not gold:
-        return RewardResult(0.0, extracted, "parse_error")
-    verdict = _pool().check(extracted, gold, timeout_s)
+    if not extracted or len(extracted) > MAX_ANSWER_CHARS:
+        return RewardResult(0.0, extracted[:MAX_ANSWER_CHARS], "parse_error")
+    verdict = _pool().check(extracted, gold, timeout_s, t0)
     if verdict is None:
         return RewardResult(0.0, extracted, "timeout")
     return RewardResult(1.0 if verdict == "correct" else 0.0, extracted, verdict)
+
+
+def prewarm(concurrency: int) -> None:
+    """Start reward workers for `concurrency` simultaneous `score` calls ahead of time (optional: the pool
+    also grows on demand), so the first batch does not wait for cold starts."""
+    _pool().prewarm(concurrency)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> dict:

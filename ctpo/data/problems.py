@@ -34,6 +34,14 @@ def _user_content(prompt, path: Path, row: int) -> str:
     return str(users[-1])
 
 
+def _ground_truth(rm: dict, path: Path, row: int) -> str:
+    """The row's ground truth as text; a missing or empty one is an error of the data (never a match)."""
+    gt = rm["ground_truth"]
+    if gt is None or (isinstance(gt, float) and gt != gt) or not str(gt).strip():
+        raise BenchmarkError(f"{path}: row {row}: 'reward_model.ground_truth' is missing or empty, got {gt!r}")
+    return str(gt)
+
+
 def load_benchmark(path: str | Path, max_problems: int | None = None) -> list[Problem]:
     """Problems of a verl-schema parquet: prompt [{role, content}], reward_model.ground_truth, and an id
     (the `id` column, else `extra_info.index`). The first `max_problems` rows in file order when set."""
@@ -60,7 +68,7 @@ def load_benchmark(path: str | Path, max_problems: int | None = None) -> list[Pr
             if not isinstance(info, dict) or info.get("index") is None:
                 raise BenchmarkError(f"{path}: row {i}: no 'id' column and no 'extra_info.index'")
             pid = info["index"]
-        problems.append(Problem(str(pid), _user_content(row.prompt, path, i), str(rm["ground_truth"])))
+        problems.append(Problem(str(pid), _user_content(row.prompt, path, i), _ground_truth(rm, path, i)))
     ids = [p.problem_id for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(x for x in ids if ids.count(x) > 1)
