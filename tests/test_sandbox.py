@@ -47,12 +47,24 @@ def test_wall_clock_timeout_returns_partial_output():
     assert 1.0 <= r.wall_s < 4.0
 
 
-def test_memory_error_is_memory_status():
+def test_memory_error_is_an_error_decided_by_the_parent():
+    """An uncaught MemoryError is an error with its traceback; "memory" is only a kernel fact (a cgroup
+    OOM kill, or a fatal signal at a large peak RSS), never what the program prints."""
     r = run_code("x = bytearray(600 * 1024 * 1024)", memory_mb=256)
-    assert r.status == "memory" and r.exit_code == 1
-    assert r.stderr.strip().endswith("MemoryError")
+    assert (r.status, r.exit_code) == ("error", 1)
+    assert r.stderr.strip().endswith("MemoryError") and "MemoryError" in r.detail
+    forged = run_code("import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)", memory_mb=256)
+    assert (forged.status, forged.exit_code) == ("error", 1)
     ok = run_code("x = bytearray(100 * 1024 * 1024)\nprint(len(x))", memory_mb=512)
     assert (ok.status, ok.stdout) == ("ok", f"{100 * 1024 * 1024}\n")
+
+
+def test_fatal_signal_at_a_large_peak_rss_is_memory():
+    code = "import os, signal\nx = bytearray(300 << 20)\nos.kill(os.getpid(), signal.SIGSEGV)"
+    r = run_code(code, memory_mb=400)
+    assert (r.status, r.exit_code) == ("memory", -11) and "peak RSS" in r.detail
+    small = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", memory_mb=400)
+    assert (small.status, small.exit_code) == ("error", -11)
 
 
 def test_output_is_capped_per_stream_and_flagged():
@@ -97,7 +109,8 @@ def test_run_many_keeps_input_order_under_concurrency():
 def test_pool_is_reusable_and_survives_hostile_programs():
     with SandboxPool(concurrency=3, timeout_s=2.0, memory_mb=256) as pool:
         bad = pool.run_many(["while True: pass", "x = bytearray(1 << 30)", "import os; os._exit(9)", "print(1)"])
-        assert [r.status for r in bad] == ["timeout", "memory", "error", "ok"]
+        assert [r.status for r in bad] == ["timeout", "error", "error", "ok"]
+        assert bad[1].stderr.strip().endswith("MemoryError")
         assert bad[2].exit_code == 9
         again = pool.run_many([f"print({i} + 1)" for i in range(5)])
         assert [r.stdout for r in again] == [f"{i + 1}\n" for i in range(5)]
@@ -140,6 +153,7 @@ def test_unisolated_mode_must_be_explicitly_allowed():
 def test_sandbox_that_cannot_start_is_infra(monkeypatch):
     monkeypatch.setattr(runner, "_CHILD", "/nonexistent/ctpo_child.py")
     r = runner._execute("print(1)", runner._Limits(5.0, 256, 1000, 16, 64, 1, 16), runner._host_mode())
+    assert r.status == "infra" and r.exit_code is None
     assert r.status == "infra" and r.exit_code is None
     assert "without running the code" in r.detail
 

@@ -132,9 +132,9 @@ def test_fork_bomb_is_bounded_and_killed(contained):
     assert r.status == "timeout"
 
 
-def test_memory_bomb_is_memory(contained):
+def test_memory_bomb_is_stopped(contained):
     r = run_code("x = []\nwhile True:\n    x.append(b'x' * 10_000_000)", memory_mb=400)
-    assert (r.status, r.exit_code) == ("memory", 1)
+    assert (r.status, r.exit_code) == ("error", 1) and r.stderr.strip().endswith("MemoryError")
 
 
 def test_100mb_print_is_capped(contained):
@@ -221,11 +221,11 @@ def test_host_home_and_run_sockets_are_hidden(contained, monkeypatch, isolation)
         (home / "secret.txt").write_text("hf_token_value")
         (home / "secret.txt").chmod(0o644)
         monkeypatch.setenv("HOME", str(home))
-        r = run_code(f"import os\nprint(os.listdir({str(home)!r}), os.listdir('/run'))\n"
+        r = run_code(f"import os\nprint(os.path.exists({str(home)!r}) or os.path.exists('/run') or None)\n"
                      f"open({str(home / 'secret.txt')!r}).read()", isolation=isolation)
     finally:
         shutil.rmtree(home)
-    assert r.stdout == "[] []\n" and "FileNotFoundError" in r.stderr and "hf_token_value" not in r.stdout
+    assert r.stdout == "None\n" and "FileNotFoundError" in r.stderr and "hf_token_value" not in r.stdout + r.stderr
 
 
 @ISOLATIONS
@@ -291,7 +291,7 @@ def test_pool_survives_a_hostile_batch(contained):
     ]
     with SandboxPool(concurrency=3, timeout_s=1.5, memory_mb=400, nproc=64) as pool:
         first = pool.run_many(hostile)
-        assert [r.status for r in first] == ["timeout", "timeout", "memory", "error", "ok"], first
+        assert [r.status for r in first] == ["timeout", "timeout", "error", "error", "ok"], first
         second = pool.run_many([f"print({i} ** 2)" for i in range(6)])
     assert [r.stdout for r in second] == [f"{i * i}\n" for i in range(6)]
 
@@ -346,8 +346,6 @@ def test_unprivileged_host_isolates_with_user_namespace(host_state, tmp_path):
     if "SandboxUnavailable" in out.stderr:
         pytest.skip(f"unprivileged user namespaces disabled here: {out.stderr.strip().splitlines()[-1]}")
     words = out.stdout.split()
-    # the repo write fails with EROFS; or ENOENT when the checkout lives under /tmp (hidden by the private
-    # /tmp); or EACCES when uid 65534 cannot enter the checkout's directory (e.g. under /root)
-    assert words[:4] == ["userns", "ok", "blocked", "30"] and words[6:] == ["False"], out.stderr
-    assert words[4] == "blocked" and words[5] in {"2", "13", "30"}, out.stdout
+    # neither the home directory nor the repo exists in the sandbox's filesystem: ENOENT
+    assert words == ["userns", "ok", "blocked", "2", "blocked", "2", "False"], (out.stdout, out.stderr)
     assert not (REPO / MARK).exists()

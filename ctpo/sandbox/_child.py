@@ -1,36 +1,56 @@
-"""The program that runs inside the sandbox: `python -I -S _child.py SPEC`, code on stdin.
+"""The program that runs inside the sandbox: `python -I -S -c <import _child> SPEC`, code on stdin.
 
 SPEC is a marshal-encoded dict in hex (marshal: builtin, unlike json, whose `re` import costs ~20 ms).
 
 Self-contained on purpose (run with `-I`, so it cannot import `ctpo`). Three processes:
 
-  W (this script, started by the host)  unshare(mnt, net, ipc, uts, pid [, user]); mounts; forks I
-    I (pid 1 of the new pid namespace)   mounts /proc; forks U; reaps every process; reports U's end
+  W (this script, started by the host)  unshare(user, mnt, net, ipc, uts, pid); forks I; relays signals
+    I (pid 1 of the new pid namespace)   builds the sandbox's root filesystem, pivots into it; forks U;
+                                         reaps every process; reports how U ended
       U (user code)                      drops privileges, sets rlimits, runs the code like `python -c`
 
-Started as `python -I -S`: site-packages come from spec["site_dirs"] (see _add_site_dirs).
-
-Protocol on the status pipe (fd spec["status_fd"], one line per message, written by W and I only; U closes it):
-  "P <host pid of I>"                         so the host can kill the namespace init on timeout
-  "F <message>"                               setup failed (the host reports status "infra")
-  "X <started> <mem> <how> <value> <rss_kb>"  U ended: started 0/1 (U reached user code),
-                                              mem 0/1 (uncaught MemoryError), how exit|signal
+Protocol on the status pipe (fd spec["status_fd"], one line per message, written by W and I only; U
+closes it before user code runs and cannot reach it: I's fds are not ptrace-accessible to U):
+  "P <host pid of I>"                   so the host can kill the namespace init on timeout
+  "F <message>"                         setup failed before user code ran (the host reports "infra")
+  "E <signal>"                          W received a signal from outside the sandbox (host: "infra")
+  "X <started> <how> <value> <rss_kb>"  U ended: started 0/1 (U reached user code; U writes "S" on a
+                                        private pipe and closes it before the first user instruction),
+                                        how exit|signal, value, U's peak RSS (kernel rusage)
 When I exits, the kernel kills every process left in the pid namespace (background children die).
 
+The filesystem U sees (root and userns modes) is a fresh tmpfs holding only:
+  /usr /bin /lib* /sbin  the host's system directories, read-only (shared libraries, /bin/sh)
+  the interpreter        its binary, libpython and standard library, read-only, at their host paths,
+                         with the interpreter's own site-packages covered by an empty tmpfs
+  /sandbox/site-packages the allowed packages only (spec["packages"], named in runner.SANDBOX_PACKAGES)
+  /etc                   passwd, group, hosts written here; ld.so.cache and localtime bound read-only
+  /dev                   null zero full random urandom, fd/stdin/stdout/stderr links, a private /dev/shm
+  /proc                  the new pid namespace's own (an empty tmpfs where a container forbids it)
+  /tmp                   a private tmpfs of disk_mb (the work dir is /tmp/work)
+No project tree, data, runs, home directories, /sys, /run or host devices. Paths in spec["hide"]
+(the project root, home directories) that fall inside a bound tree are covered by an empty tmpfs.
+
+Per-sandbox limits without a cgroup (the host adds a cgroup v2 when one is delegated, see runner):
+  - a user namespace in which nested user namespaces are refused (user.max_user_namespaces = 0 there);
+  - the private IPC namespace's SysV limits (kernel.shm*, msg*) bound shared memory to spec["shm_mb"];
+    /dev/shm is a tmpfs of the same size; RLIMIT_MSGQUEUE 0 (no POSIX message queues);
+  - RLIMIT_NPROC counts per (user namespace, uid), so each sandbox has its own process limit; as root,
+    U also runs as its own host uid (spec["host_uid"], one per concurrent slot), which older kernels
+    that count per host uid need.
+
 Isolation modes (spec["mode"]):
-  root    host euid 0: no user namespace; U switches to uid/gid spec["uid"] (65534, nobody).
-  userns  unprivileged host: a user namespace maps ns-root to the host user; U drops every capability.
+  root    host euid 0: a helper still in the host namespace writes W's uid map (ns 0 -> host 0,
+          ns 65534 -> spec["host_uid"]); U switches to uid/gid 65534 inside.
+  userns  unprivileged host: ns-root maps to the host user; U drops every capability.
   none    no namespaces (only when the caller explicitly allowed it): rlimits, scrubbed env, temp dir.
-In root/userns, /proc is the new pid namespace's own (or, where a container forbids that, an empty
-tmpfs: the host's processes are never visible). Every mount is made read-only (recursive
-mount_setattr) and nosuid; /tmp and /dev/shm get fresh tmpfs; the host's home directories are hidden
-behind a tmpfs, re-exposing only the interpreter's own prefix/sys.path entries (read-only), so U can
-import but not read ~/.netrc etc. Mode none adds PR_SET_CHILD_SUBREAPER so U's orphans are still
-killed and reaped.
+W, I and the helper die with their parent (PR_SET_PDEATHSIG SIGKILL, then a check that the parent is
+still the one that started them), so a SIGKILLed trainer leaves nothing behind.
 """
 import marshal
 import os
 import resource
+import signal
 import sys
 
 _STATUS_FD = -1  # set from spec["status_fd"]
@@ -38,12 +58,19 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic syscall table)
-PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 38, 24, 36
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 1, 38, 24, 36
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR = "/tmp/work"
+NEWROOT = "/tmp"  # the new root's tmpfs is mounted here (in our mount namespace only), then pivoted into
+SANDBOX_UID = 65534  # nobody, inside the user namespace
+DEVICES = ("null", "zero", "full", "random", "urandom")
+EXTERNAL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE")
+_I_PID = 0
 
 
 class SetupError(Exception):
@@ -64,6 +91,14 @@ def _check(ret: int, what: str, ctypes) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise SetupError(f"{what}: {os.strerror(err)} (errno {err})")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent (thread) dies; exit now if the parent is already gone."""
+    ctypes, libc = _libc()
+    _check(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)", ctypes)
+    if os.getppid() != parent:
+        os._exit(125)
 
 
 def _mount(libc, ctypes, src, target, fstype, flags: int, data=None) -> None:
@@ -91,73 +126,140 @@ def _readonly_tree(libc, ctypes, path: str) -> None:
         points = [line.split()[4] for line in f]
     for point in points:
         if point == path or point.startswith(path.rstrip("/") + "/"):
-            st = os.statvfs(point)
+            try:
+                st = os.statvfs(point)
+            except OSError:
+                continue
             keep = st.f_flag & (MS_NODEV | MS_NOEXEC)  # locked flags must be kept in a user namespace
             flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep
             ret = libc.mount(None, point.encode(), None, ctypes.c_ulong(flags), None)
             _check(ret, f"remount read-only {point}", ctypes)
 
 
-def _exposed_paths() -> list[str]:
-    """The interpreter's own files (prefixes, sys.path), resolved, outermost first."""
-    cands = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    cands |= {p for p in sys.path if p}
-    cands.add(os.path.dirname(sys.executable))
-    real = sorted({os.path.realpath(p) for p in cands if os.path.exists(p)})
-    out: list[str] = []
-    for p in real:
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
-            out.append(p)
-    return out
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
-def _hide(libc, ctypes, hidden: list[str]) -> None:
-    """Cover each hidden dir with an empty tmpfs, re-binding (read-only) the interpreter paths in it."""
-    exposed = _exposed_paths()
-    for h in sorted({os.path.realpath(p) for p in hidden}):
-        if h == "/" or not os.path.isdir(h):
-            continue
-        inside = [p for p in exposed if p.startswith(h.rstrip("/") + "/")]
-        fds = [(p, os.open(p, os.O_PATH)) for p in inside]
-        _mount(libc, ctypes, "tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        for p, fd in fds:
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(p, mode=0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(p), mode=0o755, exist_ok=True)
-                open(p, "a").close()
-            _mount(libc, ctypes, f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
-            os.close(fd)
+def _limit_ipc_and_userns(spec: dict) -> None:
+    """In the sandbox's own user and IPC namespaces: no nested user namespaces, SysV IPC bounded."""
+    shm_bytes = spec["shm_mb"] << 20
+    for name, value in (("user/max_user_namespaces", 0), ("kernel/shmmax", shm_bytes),
+                        ("kernel/shmall", shm_bytes // 4096), ("kernel/shmmni", 64),
+                        ("kernel/msgmni", 16), ("kernel/msgmnb", 65536), ("kernel/msgmax", 8192)):
+        try:
+            _write(f"/proc/sys/{name}", str(value))
+        except OSError as e:
+            raise SetupError(f"cannot set {name} in the sandbox's namespace: {e}") from None
+
+
+def _build_root(libc, ctypes, spec: dict) -> None:
+    """I: assemble the new root on a tmpfs (see the module doc), pivot into it, drop the old root."""
+    binds = spec["binds"]  # [(host source, target inside, "dir" | "file")]
+    fds = [os.open(src, os.O_PATH) for src, _, _ in binds]  # before NEWROOT (maybe /tmp) is covered
+    dev_fds = [os.open(f"/dev/{d}", os.O_PATH) for d in DEVICES]
+    r = NEWROOT
+    _mount(libc, ctypes, "tmpfs", r, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
+    for (src, dst, kind), fd in zip(binds, fds):
+        target = r + dst
+        if kind == "dir":
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            if not os.path.lexists(target):
+                open(target, "a").close()
+        _mount(libc, ctypes, f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        os.close(fd)
+    for link, dest in spec["symlinks"]:
+        if not os.path.lexists(r + link):
+            os.symlink(dest, r + link)
+    for path in spec["hide"]:  # host paths inside a bound tree that must stay invisible
+        if os.path.isdir(r + path):
+            _mount(libc, ctypes, "tmpfs", r + path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4k")
+    os.makedirs(r + "/etc", mode=0o755, exist_ok=True)
+    _write(r + "/etc/passwd", "root:x:0:0:root:/tmp/work:/bin/sh\nnobody:x:65534:65534:nobody:/tmp/work:/bin/sh\n")
+    _write(r + "/etc/group", "root:x:0:\nnogroup:x:65534:\n")
+    _write(r + "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n")
+    os.makedirs(r + "/dev", mode=0o755)
+    _mount(libc, ctypes, "tmpfs", r + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in zip(DEVICES, dev_fds):
+        open(f"{r}/dev/{name}", "a").close()
+        _mount(libc, ctypes, f"/proc/self/fd/{fd}", f"{r}/dev/{name}", None, MS_BIND)
+        os.close(fd)
+    for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                       ("stderr", "/proc/self/fd/2")):
+        os.symlink(dest, f"{r}/dev/{name}")
+    for d in ("/dev/shm", "/proc", "/tmp", "/.old"):
+        os.makedirs(r + d, mode=0o755, exist_ok=True)
+    try:
+        _mount(libc, ctypes, "proc", r + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:  # e.g. a container with masked /proc paths refuses a new proc in a userns
+        _mount(libc, ctypes, "tmpfs", r + "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+    import platform
+
+    nr = SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise SetupError(f"pivot_root: unknown syscall number on {platform.machine()}")
+    _check(libc.syscall(ctypes.c_long(nr), r.encode(), (r + "/.old").encode()), "pivot_root", ctypes)
+    os.chdir("/")
+    _check(libc.umount2(b"/.old", MNT_DETACH), "umount old root", ctypes)
+    os.rmdir("/.old")
+    _readonly_tree(libc, ctypes, "/")
+    _mount(libc, ctypes, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['disk_mb']}m")
+    _mount(libc, ctypes, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['shm_mb']}m")
+
+
+def _map_ids_as_root(spec: dict) -> int:
+    """Root mode, before unshare: fork a helper that stays in the host user namespace and, once W has
+    unshared, writes W's uid/gid maps (ns 0 -> host 0, ns 65534 -> the slot's host uid). Returns a
+    pipe fd: write one byte to it after unshare, then wait for the helper."""
+    r, w = os.pipe()
+    parent = os.getpid()
+    if os.fork() == 0:
+        code = 1
+        try:
+            os.close(w)
+            _die_with_parent(parent)
+            if os.read(r, 1) == b"1":
+                line = f"0 0 1\n{SANDBOX_UID} {spec['host_uid']} 1\n"
+                _write(f"/proc/{parent}/uid_map", line)
+                _write(f"/proc/{parent}/gid_map", line)
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(r)
+    return w
 
 
 def _enter_namespaces(spec: dict) -> None:
-    """W: new namespaces, private read-only mount tree, fresh writable /tmp and /dev/shm."""
+    """W: new user, mount, net, ipc, uts and pid namespaces, with the uid map in place."""
     ctypes, libc = _libc()
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
     uid, gid = os.geteuid(), os.getegid()
-    if spec["mode"] == "userns":
-        flags |= CLONE_NEWUSER
+    go = _map_ids_as_root(spec) if spec["mode"] == "root" else -1
     _check(libc.unshare(ctypes.c_int(flags)), "unshare", ctypes)
-    if spec["mode"] == "userns":
+    if spec["mode"] == "root":
+        os.write(go, b"1")
+        os.close(go)
+        _, st = os.wait()
+        if st != 0:
+            raise SetupError(f"writing the uid map for host uid {spec['host_uid']} failed")
+    else:
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
+            _write(f"/proc/self/{name}", text)
+    # credentials changed (new user namespace): PR_SET_PDEATHSIG may have been reset, set it again
+    _die_with_parent(spec["host_pid"])
     _mount(libc, ctypes, None, "/", None, MS_REC | MS_PRIVATE)
-    _hide(libc, ctypes, spec["hide"])
-    _readonly_tree(libc, ctypes, "/")
-    _mount(libc, ctypes, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['disk_mb']}m")
-    if os.path.isdir("/dev/shm"):
-        _mount(libc, ctypes, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
 
 
 def _drop_privileges(spec: dict) -> None:
-    """U: give up root. root mode: setuid to an unprivileged uid. userns mode: drop every capability."""
+    """U: give up root. root mode: setuid to 65534 (a host uid of its own). userns: drop every capability."""
     ctypes, libc = _libc()
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)", ctypes)
     if spec["mode"] == "root":
         os.setgroups([])
-        os.setgid(spec["uid"])
-        os.setuid(spec["uid"])
+        os.setgid(SANDBOX_UID)
+        os.setuid(SANDBOX_UID)
         return
     for cap in range(64):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
@@ -176,6 +278,7 @@ def _set_limits(spec: dict) -> None:
         resource.RLIMIT_NOFILE: (spec["nofile"],) * 2,
         resource.RLIMIT_FSIZE: (spec["fsize_mb"] << 20,) * 2,
         resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_MSGQUEUE: (0, 0),
     }
     for res, (soft, hard) in lim.items():
         resource.setrlimit(res, (soft, hard))
@@ -186,6 +289,7 @@ def _run_user_code(code: str, report_fd: int) -> int:
     import types
 
     os.write(report_fd, b"S")
+    os.close(report_fd)  # nothing user code does can change what I reports
     main = types.ModuleType("__main__")
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
@@ -201,8 +305,6 @@ def _run_user_code(code: str, report_fd: int) -> int:
         print(e.code, file=sys.stderr)
         return 1
     except BaseException as e:
-        if isinstance(e, MemoryError):
-            os.write(report_fd, b"M")
         e.__traceback__ = e.__traceback__.tb_next  # hide this frame: the traceback looks like `python -c`
         sys.excepthook(type(e), e, e.__traceback__)
         return 1
@@ -211,15 +313,21 @@ def _run_user_code(code: str, report_fd: int) -> int:
 def _user(spec: dict, code: str, report_fd: int) -> int:
     """U: detach from the status pipe, drop privileges, limit resources, run."""
     os.close(_STATUS_FD)
+    for sig in EXTERNAL_SIGNALS:  # W's/I's relays are not the user's: default dispositions
+        signal.signal(getattr(signal, sig), signal.SIG_DFL)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     if spec["mode"] != "none":
         os.makedirs(WORKDIR, mode=0o700, exist_ok=True)
         if spec["mode"] == "root":
-            os.chown(WORKDIR, spec["uid"], spec["uid"])
+            os.chown(WORKDIR, SANDBOX_UID, SANDBOX_UID)
         _drop_privileges(spec)
+        sys.executable = spec["executable"]
+    else:
+        _die_with_parent(spec["parent"])
     os.chdir(spec["workdir"] if spec["mode"] == "none" else WORKDIR)
+    _add_site_dirs(spec["site_dirs"])
     _set_limits(spec)
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout.reconfigure(line_buffering=True)
@@ -229,8 +337,6 @@ def _user(spec: dict, code: str, report_fd: int) -> int:
 
 def _kill_orphans() -> None:
     """Mode none: SIGKILL and reap every remaining descendant (adopted by us as subreaper)."""
-    import signal
-
     while True:
         with open(f"/proc/self/task/{os.getpid()}/children") as f:
             kids = [int(p) for p in f.read().split()]
@@ -249,15 +355,14 @@ def _kill_orphans() -> None:
 
 
 def _supervise(spec: dict, code: str) -> int | None:
-    """I: fork U, reap everything, report how U ended. Returns U's exit code in U, None in I."""
+    """I: build the root, fork U, reap everything, report how U ended. Returns U's exit code in U, None in I."""
     ctypes, libc = _libc()
     if spec["mode"] != "none":
-        try:
-            _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except SetupError:  # e.g. a container with masked /proc paths refuses a new proc in a userns
-            _mount(libc, ctypes, "tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+        _limit_ipc_and_userns(spec)
+        _build_root(libc, ctypes, spec)
     else:  # no pid namespace: adopt U's orphans ourselves so they can be killed and reaped below
         _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)", ctypes)
+        spec["parent"] = os.getpid()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -279,23 +384,24 @@ def _supervise(spec: dict, code: str) -> int | None:
             break
     if spec["mode"] == "none":
         _kill_orphans()
-    os.set_blocking(r, False)  # U's own descendants may still hold the write end: never wait for EOF
+    os.set_blocking(r, False)  # U closed its end before user code; its children hold none
     report = b""
     try:
         while chunk := os.read(r, 4096):
             report += chunk
     except BlockingIOError:
         pass
-    if b"F" in report and b"S" not in report:
-        _status("F " + report[report.index(b"F") + 1 :].decode("utf-8", "replace"))
+    if not report.startswith(b"S"):
+        msg = report[1:] if report.startswith(b"F") else b"the user process ended before running the code"
+        _status("F " + msg.decode("utf-8", "replace"))
     else:
         how, val = ("signal", os.WTERMSIG(wstatus)) if os.WIFSIGNALED(wstatus) else ("exit", os.WEXITSTATUS(wstatus))
-        _status(f"X {int(b'S' in report)} {int(b'M' in report)} {how} {val} {usage.ru_maxrss}")
+        _status(f"X 1 {how} {val} {usage.ru_maxrss}")
     return None
 
 
 def _add_site_dirs(dirs: list[str]) -> None:
-    """Started with -S: put the host interpreter's site-packages (and .pth path lines) on sys.path.
+    """Started with -S: put the site-packages dirs on sys.path (with their .pth path lines).
 
     .pth `import` lines are skipped: they install editable-package finders and setuptools shims that
     user code does not need, and processing them costs ~30 ms per execution."""
@@ -331,20 +437,52 @@ def _finish(code: int) -> None:
     os._exit(code & 0xFF)
 
 
+def _relay(signum, _frame) -> None:
+    """W: a signal from outside the sandbox (U cannot see or signal W). Report it, end the sandbox."""
+    try:
+        _status(f"E {signum}")
+    except OSError:
+        pass
+    if _I_PID:
+        try:
+            os.kill(_I_PID, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def main() -> None:
-    global _STATUS_FD
+    global _STATUS_FD, _I_PID
     spec = marshal.loads(bytes.fromhex(sys.argv[1]))
     _STATUS_FD = spec["status_fd"]
-    _add_site_dirs(spec["site_dirs"])
-    code = sys.stdin.buffer.read().decode("utf-8")
+    for sig in EXTERNAL_SIGNALS:
+        signal.signal(getattr(signal, sig), _relay)
     try:
+        _die_with_parent(spec["host_pid"])
+        code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
         if spec["mode"] != "none":
             _enter_namespaces(spec)
+            alive_r, alive_w = os.pipe()  # I sees EOF here once W is gone
             pid = os.fork()
             if pid != 0:  # W: wait for the namespace init, then leave
+                os.close(alive_r)
+                _I_PID = pid
                 _status(f"P {pid}")
-                os.waitpid(pid, 0)
+                while True:
+                    try:
+                        os.waitpid(pid, 0)
+                        break
+                    except ChildProcessError:
+                        break
                 os._exit(0)
+            os.close(alive_w)
+            _die_with_parent(0)  # I is pid 1: its parent, outside the namespace, shows as pid 0
+            import select
+
+            if select.select([alive_r], [], [], 0)[0]:  # EOF: W died before PDEATHSIG was armed
+                os._exit(125)
+            os.close(alive_r)
+            for sig in EXTERNAL_SIGNALS:  # I: no handlers (signals from outside to a pid-ns init are
+                signal.signal(getattr(signal, sig), signal.SIG_DFL)  # dropped; U's to I too)
         exit_code = _supervise(spec, code)
     except (SetupError, OSError) as e:
         _status(f"F {type(e).__name__}: {e}")

@@ -2,16 +2,20 @@
 
 Host side of `_child.py` (read its docstring for what happens inside). Each call:
   - starts `python -I -S -c <import _child> SPEC` in a new session, with a fixed minimal environment (no secrets);
-  - the child enters new mount/net/ipc/uts/pid namespaces (+ a user namespace when we are not root),
-    makes the whole mount tree read-only, mounts a private tmpfs work dir, drops privileges, sets
-    rlimits (CPU, address space, processes, open files, file size) and runs the code;
+  - the child enters new user/mount/net/ipc/uts/pid namespaces, builds a root filesystem holding only the
+    interpreter, its standard library, the packages in `SANDBOX_PACKAGES`, a private /tmp and a minimal
+    /dev (see `_fs_plan`), drops privileges, sets rlimits and runs the code;
+  - per-sandbox limits: a cgroup v2 of its own where one is delegated (`ctpo.sandbox.cgroup`), else the
+    namespace fallback (bounded SysV/POSIX shm, no nested user namespaces, a process limit and, as root,
+    a host uid per concurrent slot); `describe()` reports which is active (recorded in provenance);
   - the host enforces the wall-clock timeout by killing the namespace init (every process inside dies
     with it and is reaped inside), caps captured stdout/stderr at `max_output_bytes` each, and maps
-    the end to one status: ok | error | timeout | memory | infra.
+    the end to one status from facts the code cannot forge: ok | error | timeout | memory | infra.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -21,16 +25,29 @@ import subprocess
 import sys
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctpo.sandbox import cgroup
+
 _CHILD = str(Path(__file__).with_name("_child.py"))
 # `python -c` importing _child (its .pyc is cached: compiling the source costs ~20 ms per start);
 # the directory leaves sys.path again before any user code runs.
 _BOOT = "import sys; sys.path.insert(0, {dir!r}); import _child; del sys.path[0]; _child.main()"
-_SANDBOX_UID = 65534  # nobody: the uid user code runs as when the host is root
+# The packages model code may import (plus the standard library); nothing else of the host's
+# site-packages is visible. Missing ones are skipped. Their bundled shared libraries (NAME.libs) come along.
+SANDBOX_PACKAGES = ("numpy", "sympy", "mpmath", "scipy", "networkx", "gmpy2")
+SANDBOX_SITE = "/sandbox/site-packages"  # where they appear inside the sandbox
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# As root, each concurrent sandbox runs as its own host uid, SLOT_UID_BASE + slot (systemd's "unused"
+# range 1879048192-2147483646, never a login or container uid), so RLIMIT_NPROC is per sandbox even on
+# kernels that count processes per host uid.
+SLOT_UID_BASE = 1879048192
+SHM_MB = 64  # /dev/shm tmpfs size and SysV shm total of one sandbox
 _KILL_GRACE_S = 5.0
 _MEMORY_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
 # A fixed environment: nothing from the host (API keys, tokens, cloud credentials) reaches the code.
@@ -118,6 +135,28 @@ def _probe(mode: str) -> str:
     return res.detail or f"probe returned status={res.status} stdout={res.stdout[:100]!r}"
 
 
+def describe(isolation: str = "auto") -> dict:
+    """What confines sandboxes in this process, for the run's provenance: isolation mode, the limit
+    mechanism (cgroup v2 path, or the namespace fallback and why no cgroup), and the visible packages.
+    Does not start a sandbox; `isolation_probe` says whether the isolated mode was verified here."""
+    parent, why = cgroup.detect()
+    mode = _host_mode() if isolation == "auto" else isolation
+    limits = {"mechanism": "cgroup2", "cgroup_parent": str(parent)} if parent else {
+        "mechanism": "namespaces",
+        "detail": "no delegated cgroup v2 (" + why + "): SysV/POSIX shm bounded by the IPC namespace's "
+                  f"limits ({SHM_MB} MB), nested user namespaces refused, RLIMIT_NPROC per sandbox"
+                  + (", a host uid per concurrent slot" if mode == "root" else ""),
+    }
+    binds, _, _, _ = _fs_plan()
+    return {
+        "isolation": mode,
+        "isolation_probe": "ok" if mode in _PROBED_OK else "not run",
+        "limits": limits,
+        "packages": sorted({os.path.basename(d) for _, d, _ in binds if d.startswith(SANDBOX_SITE + "/")
+                            and not d.endswith((".dist-info", ".libs"))}),
+    }
+
+
 def isolation_mode(allow_unisolated: bool = False, isolation: str = "auto") -> str:
     """The mode run_code will use: 'root' | 'userns' | 'none'. Raises SandboxUnavailable (fails closed)."""
     if isolation not in ("auto", "root", "userns", "none"):
@@ -177,14 +216,116 @@ def _site_dirs() -> list[str]:
     return [d for d in site.getsitepackages() if os.path.isdir(d)]
 
 
-def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int) -> str:
+def _host_site_dirs() -> list[str]:
+    """Every directory the host interpreter may import third-party code from."""
+    import site
+    import sysconfig
+
+    cands = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
+             sysconfig.get_paths()["platlib"], "/usr/lib/python3/dist-packages",
+             f"/usr/local/lib/python{sys.version_info.major}.{sys.version_info.minor}/dist-packages"]
+    cands += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    cands.append(os.path.join(os.path.dirname(os.__file__), "site-packages"))  # the base interpreter's
+    return list(dict.fromkeys(os.path.realpath(c) for c in cands if c and os.path.isdir(c)))
+
+
+def _package_paths(name: str, dirs: list[str]) -> list[str]:
+    """Host paths making up importable package `name`: the package (dir, module or extension), its
+    bundled libraries (NAME.libs) and metadata (NAME-VERSION.dist-info), from the first dir that has it."""
+    norm = name.lower().replace("-", "_")
+    for d in dirs:
+        entries = os.listdir(d)
+        hits = [e for e in entries if e == name or e == name + ".py"
+                or (e.startswith(name + ".") and e.endswith(".so") and "cpython" in e)]
+        if hits:
+            extra = [e for e in entries if e.lower() in (f"{norm}.libs", f"{name}.libs")
+                     or (e.endswith(".dist-info") and e.lower().split("-")[0].replace("-", "_") == norm)]
+            return [os.path.join(d, e) for e in hits + extra]
+    return []
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@functools.lru_cache(maxsize=None)
+def _fs_plan() -> tuple[tuple, tuple, tuple, str]:
+    """(binds, symlinks, hide, executable) of the sandbox's root filesystem; see _child.py.
+
+    binds: (host source, target inside, dir|file): system dirs, the interpreter binary, libpython, the
+    standard library, the allowed packages (under SANDBOX_SITE), /etc/ld.so.cache and /etc/localtime.
+    hide: host paths inside a bound tree that are covered by an empty tmpfs (site-packages dirs, the
+    project root, home directories), so e.g. a system python's dist-packages stays invisible."""
+    import sysconfig
+    from pathlib import Path
+
+    binds: list[tuple[str, str, str]] = []
+    links: list[tuple[str, str]] = []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            links.append((d, os.readlink(d)))
+        elif os.path.isdir(d):
+            binds.append((d, d, "dir"))
+
+    def covered(p: str) -> bool:
+        return any(kind == "dir" and _inside(p, dst) for _, dst, kind in binds)
+
+    exe = os.path.realpath(sys.executable)
+    files = [exe] + [os.path.realpath(f) for f in _ETC_FILES if os.path.exists(f)]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
+        if os.path.isfile(lib):
+            files.append(lib)
+            files.append(os.path.realpath(lib))
+    for f, dst in zip(files, [exe] + [f for f in _ETC_FILES if os.path.exists(f)] + [None, None]):
+        dst = dst or f
+        if not covered(dst) and all(b[1] != dst for b in binds):
+            binds.append((f, dst, "file"))
+    # the base interpreter's standard library and lib-dynload (never a venv's lib dir: it holds site-packages)
+    stdlib = [os.path.dirname(os.__file__)] + [p for p in sys.path if p.endswith("lib-dynload")]
+    for d in dict.fromkeys(os.path.realpath(p) for p in stdlib):
+        if os.path.isdir(d) and not covered(d):
+            binds.append((d, d, "dir"))
+    site_dirs = _host_site_dirs()
+    for name in SANDBOX_PACKAGES:
+        for p in _package_paths(name, site_dirs):
+            binds.append((p, f"{SANDBOX_SITE}/{os.path.basename(p)}", "dir" if os.path.isdir(p) else "file"))
+    repo = str(Path(__file__).resolve().parents[2])
+    homes = [os.path.expanduser("~"), "/root", "/home", "/run", "/var/run", repo, os.getcwd()]
+    hide = [h for h in dict.fromkeys(os.path.realpath(h) for h in site_dirs + homes)
+            if covered(h) and not any(_inside(dst, h) for _, dst, _ in binds)]
+    return tuple(binds), tuple(links), tuple(sorted(hide)), exe
+
+
+class _Slots:
+    """Small integers for concurrent sandboxes (one host uid each in root mode), lowest free first."""
+
+    def __init__(self) -> None:
+        self.lock, self.used = threading.Lock(), set()
+
+    def take(self) -> int:
+        with self.lock:
+            slot = next(i for i in itertools.count() if i not in self.used)
+            self.used.add(slot)
+            return slot
+
+    def give(self, slot: int) -> None:
+        with self.lock:
+            self.used.discard(slot)
+
+
+_SLOTS = _Slots()
+
+
+def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int, slot: int) -> str:
     import marshal
 
-    # Home directories (tokens, ~/.netrc, ~/.cache/huggingface) and /run (sockets: dbus, ssh-agent, docker)
-    hide = sorted({"/root", "/run", os.path.expanduser("~")})
+    binds, links, hide, exe = _fs_plan()
     return marshal.dumps({
-        "mode": mode, "status_fd": status_fd, "site_dirs": _site_dirs(), "uid": _SANDBOX_UID, "hide": hide,
-        "workdir": workdir,
+        "mode": mode, "status_fd": status_fd, "host_pid": os.getpid(), "host_uid": SLOT_UID_BASE + slot,
+        "site_dirs": _site_dirs() if mode == "none" else [SANDBOX_SITE],
+        "binds": list(binds), "symlinks": list(links), "hide": list(hide), "executable": exe,
+        "workdir": workdir, "shm_mb": SHM_MB,
         "cpu_s": math.ceil(lim.timeout_s) + 1, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     }).hex()  # same interpreter on both sides, so the marshal format matches
@@ -208,32 +349,57 @@ class _Capture:
 def _execute(code: str, lim: _Limits, mode: str) -> ExecResult:
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="ctpo-sbx-") if mode == "none" else ""
+    slot = _SLOTS.take()
+    group = None
     try:
-        return _execute_in(code, lim, mode, workdir, t0)
+        parent, _ = cgroup.detect() if mode != "none" else (None, "")
+        if parent is not None:
+            try:
+                group = cgroup.SandboxCgroup(parent, (lim.memory_mb + lim.disk_mb + SHM_MB) << 20, lim.nproc)
+            except OSError as e:
+                return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra",
+                                  f"cannot create the sandbox's cgroup under {parent}: {e}")
+        return _execute_in(code, lim, mode, workdir, t0, slot, group)
     finally:
+        if group is not None:
+            group.remove()
+        _SLOTS.give(slot)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float) -> ExecResult:
+def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float, slot: int,
+                group: cgroup.SandboxCgroup | None) -> ExecResult:
     status_r, status_w = os.pipe()
     try:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _BOOT.format(dir=os.path.dirname(_CHILD)),
-             _spec(lim, mode, workdir, status_w)],
+             _spec(lim, mode, workdir, status_w, slot)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/", start_new_session=True, pass_fds=(status_w,),
-            preexec_fn=None, close_fds=True,
+            env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/",
+            start_new_session=True, pass_fds=(status_w,), close_fds=True,
         )
     except OSError as e:
         os.close(status_r)
         return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra", f"cannot start sandbox: {e}")
     finally:
         os.close(status_w)
-    return _drive(proc, status_r, code.encode("utf-8", "surrogatepass"), lim, t0)
+    if group is not None:  # W blocks reading its code from stdin until _drive feeds it: attach first
+        try:
+            group.attach(proc.pid)
+        except OSError as e:
+            _killpg(proc.pid)
+            proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                f.close()
+            os.close(status_r)
+            return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra",
+                              f"cannot attach the sandbox to its cgroup: {e}")
+    return _drive(proc, status_r, code.encode("utf-8", "surrogatepass"), lim, t0, group)
 
 
-def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0: float) -> ExecResult:
+def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0: float,
+           group: cgroup.SandboxCgroup | None = None) -> ExecResult:
     """Feed stdin, capture output, enforce the wall clock, reap; then classify the end."""
     out, err, status = _Capture(lim.max_output_bytes), _Capture(lim.max_output_bytes), bytearray()
     readers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: None}
@@ -291,7 +457,8 @@ def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0:
         proc.stdout.close()
         proc.stderr.close()
     wall = time.monotonic() - t0
-    res = _classify(status.decode("utf-8", "replace"), proc.returncode, timed_out, out, err, lim)
+    oom = group is not None and group.oom_killed()
+    res = _classify(status.decode("utf-8", "replace"), proc.returncode, timed_out, out, err, lim, oom)
     exit_code, st, detail = res
     truncated = bool(out.dropped or err.dropped)
     if truncated:
@@ -322,31 +489,40 @@ def _kill_init(status: bytearray) -> bool:
     return True
 
 
-def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: _Limits):
-    """(exit_code, status, detail) from the child's report; every end maps to exactly one status."""
+def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: _Limits,
+              oom: bool = False):
+    """(exit_code, status, detail) from facts the code cannot forge: the status pipe (written by W and I,
+    which user code cannot reach), W's exit status, U's wait status and kernel rusage, the cgroup's OOM
+    count. Nothing U prints or writes decides the status; every end maps to exactly one status."""
     lines = status.splitlines()
     fails = [ln[2:] for ln in lines if ln.startswith("F ")]
+    external = [ln[2:] for ln in lines if ln.startswith("E ")]
     ends = [ln.split() for ln in lines if ln.startswith("X ")]
+    if external:
+        sig = int(external[0]) if external[0].isdigit() else 0
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else external[0]
+        return None, "infra", f"the sandbox received {name} from outside (not the code's doing); retry"
     if fails:
         return None, "infra", f"sandbox setup failed: {fails[0]}"
     if timed_out:
         return None, "timeout", f"wall-clock limit of {lim.timeout_s:g} s exceeded; process tree killed"
-    if not ends or ends[0][1] != "1":
+    if oom:
+        return (-signal.SIGKILL, "memory",
+                f"out of memory: the sandbox's cgroup limit ({lim.memory_mb} MB + tmpfs) was hit and it was killed")
+    if not ends or len(ends[0]) != 5 or ends[0][2] not in ("exit", "signal"):
         tail = err.text().strip().splitlines()[-1:] or [""]
         return None, "infra", f"sandbox exited ({returncode}) without running the code: {tail[0][:200]}"
-    _, _, mem, how, val, rss_kb = ends[0]
-    val, mem = int(val), mem == "1"
+    _, _, how, val, rss_kb = ends[0]
+    val = int(val)
     last = (err.text().strip().splitlines() or [""])[-1]
     if how == "signal":
         name = signal.Signals(val).name if val in signal.Signals._value2member_map_ else str(val)
         if val == signal.SIGXCPU:
             return -val, "timeout", "CPU-time limit exceeded (SIGXCPU)"
         big = int(rss_kb) * 1024 >= (lim.memory_mb << 20) // 2
-        if mem or (val in _MEMORY_SIGNALS and big):
-            return -val, "memory", f"killed by {name} near the {lim.memory_mb} MB address-space limit"
+        if val in (*_MEMORY_SIGNALS, signal.SIGKILL) and big:
+            return -val, "memory", f"killed by {name} near the {lim.memory_mb} MB limit (peak RSS {int(rss_kb) >> 10} MB)"
         return -val, "error", f"killed by signal {name}"
-    if mem or (val != 0 and last.split(":")[0].endswith("MemoryError")):
-        return val, "memory", f"MemoryError (address-space limit {lim.memory_mb} MB)"
     if val == 0:
         return 0, "ok", ""
     return val, "error", f"exit code {val}" + (f": {last[:200]}" if last else "")
