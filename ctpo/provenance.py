@@ -54,7 +54,10 @@ def hardware() -> dict:
 
 def provenance(cfg: dict | None = None) -> dict:
     """Everything needed to tell two results apart. `cfg` is a resolved (plain) config dict."""
-    rec = {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "argv": sys.argv}
+    from ctpo.sandbox import describe as sandbox_mechanism
+
+    rec = {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "argv": sys.argv,
+           "sandbox": sandbox_mechanism()}
     if cfg is not None:
         rec["config"] = cfg
         rec["config_hash"] = config_hash(cfg)

@@ -1,12 +1,15 @@
-"""Hardened sandbox for model-written Python: namespaces, read-only filesystem, no network, rlimits.
+"""Hardened sandbox for model-written Python: namespaces, its own minimal root filesystem, no network,
+per-sandbox limits (cgroup v2 when delegated, else namespace limits), rlimits.
 
     from ctpo.sandbox import run_code, run_many, SandboxPool
     r = run_code("print(1 + 1)", timeout_s=10.0)   # ExecResult(stdout='2\\n', status='ok', ...)
 
 Statuses: ok | error | timeout | memory | infra (infra = the sandbox failed; never the model's fault).
 Fails closed: `SandboxUnavailable` when isolation is impossible, unless allow_unisolated=True.
+`describe()` says which mechanism confines sandboxes here (recorded in every run's provenance).
 """
 from ctpo.sandbox.pool import SandboxPool, run_many
-from ctpo.sandbox.runner import ExecResult, SandboxUnavailable, isolation_mode, run_code
+from ctpo.sandbox.runner import SANDBOX_PACKAGES, ExecResult, SandboxUnavailable, describe, isolation_mode, run_code
 
-__all__ = ["ExecResult", "SandboxPool", "SandboxUnavailable", "isolation_mode", "run_code", "run_many"]
+__all__ = ["ExecResult", "SANDBOX_PACKAGES", "SandboxPool", "SandboxUnavailable", "describe", "isolation_mode",
+           "run_code", "run_many"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from ctpo.sandbox.runner import ExecResult, isolation_mode, run_code
+from ctpo.sandbox.runner import ExecResult, describe, isolation_mode, run_code
 
 
 class SandboxPool:
@@ -44,6 +44,10 @@ class SandboxPool:
         )
         self.concurrency = concurrency
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(concurrency, thread_name_prefix="sandbox")
+
+    def describe(self) -> dict:
+        """Isolation mode, limit mechanism (cgroup v2 or the namespace fallback) and visible packages."""
+        return describe(self.mode)
 
     def run(self, code: str, timeout_s: float | None = None) -> ExecResult:
         """One execution through the pool (blocks until done). timeout_s overrides the pool's."""
