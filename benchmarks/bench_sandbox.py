@@ -4,8 +4,12 @@ Same interpreter, same concurrency, same thread pool shape, measured side by sid
 memory of one concurrent execution (summed RSS and PSS of its processes, sampled while programs sleep).
 
     .venv/bin/python benchmarks/bench_sandbox.py --n 96 --concurrency 8 [--out results/bench/sandbox.json]
+    .venv/bin/python benchmarks/bench_sandbox.py --attacks     # host memory held during hostile programs
 
-Target: overhead ratio (bare exec/s / sandbox exec/s) <= 1.5.
+Target: overhead ratio (bare exec/s / sandbox exec/s) <= 1.5 (issue 12: at or above bare speed).
+--attacks: the growth of the host's shared memory (/proc/meminfo Shmem: SysV segments, tmpfs and
+/dev/shm pages) and of its used memory while a hostile program holds what it could get, sampled every
+50 ms, max over the run minus the value before; one program at a time.
 """
 from __future__ import annotations
 
@@ -123,13 +127,102 @@ def memory(concurrency: int, sleep_s: float = 3.0) -> dict[str, dict[str, float]
     return out
 
 
+ATTACKS = {
+    # SysV shared memory: 16 MB segments, every page touched, `ask_mb` in all, then POSIX /dev/shm
+    "shm": """
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+seg, held = 16 << 20, 0
+while held < {ask_mb} << 20:
+    sid = libc.shmget(0, ctypes.c_size_t(seg), 0o1600)
+    if sid < 0:
+        break
+    addr = libc.shmat(sid, None, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        break
+    ctypes.memset(addr, 1, seg)
+    libc.shmdt(ctypes.c_void_p(addr))  # detached, the segment stays (no IPC_RMID) and is off RLIMIT_AS
+    held += seg
+try:
+    with open('/dev/shm/fill', 'wb') as f:
+        for _ in range({ask_mb} // 16):
+            f.write(b'x' * seg)
+except OSError:
+    pass
+time.sleep(2)
+""",
+    # a nested user + mount namespace with its own large tmpfs (falls back to the sandbox's /tmp when refused)
+    "tmpfs": """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+target = '/tmp/big'
+os.makedirs(target, exist_ok=True)
+uid, gid = os.getuid(), os.getgid()
+libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/*_map writable by us after a setuid
+if libc.unshare(0x10000000 | 0x00020000) == 0:
+    for f, v in (('setgroups', 'deny'), ('uid_map', f'0 {{uid}} 1'), ('gid_map', f'0 {{gid}} 1')):
+        with open(f'/proc/self/{{f}}', 'w') as fh:
+            fh.write(v)
+    libc.mount(b'tmpfs', target.encode(), b'tmpfs', 0, b'size={ask_mb}m')
+n = 0
+try:
+    for i in range({ask_mb} // 16):
+        with open(f'{{target}}/f{{i}}', 'wb') as f:
+            f.write(b'x' * (16 << 20))
+        n += 1
+except OSError:
+    pass
+time.sleep(2)
+""",
+}
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        out[k] = int(v.split()[0])
+    return out
+
+
+def attack_memory(ask_mb: int = 3072, memory_mb: int = 512, disk_mb: int = 256) -> dict[str, dict[str, float]]:
+    """Peak growth of host Shmem and used memory (MB) while each attack runs in one sandbox."""
+    from ctpo.sandbox import run_code
+
+    out = {}
+    for name, code in ATTACKS.items():
+        base = _meminfo()
+        peak = {"Shmem": 0, "used": 0}
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(run_code, code.format(ask_mb=ask_mb), 60.0, memory_mb=memory_mb, disk_mb=disk_mb)
+            while not fut.done():
+                m = _meminfo()
+                peak["Shmem"] = max(peak["Shmem"], m["Shmem"] - base["Shmem"])
+                peak["used"] = max(peak["used"], base["MemAvailable"] - m["MemAvailable"])
+                time.sleep(0.05)
+            r = fut.result()
+        out[name] = {"asked_mb": ask_mb, "host_shmem_growth_mb": peak["Shmem"] / 1024,
+                     "host_used_growth_mb": peak["used"] / 1024, "status": r.status}
+        print(f"{name:6s} asked {ask_mb} MB: host Shmem +{peak['Shmem'] / 1024:.0f} MB, "
+              f"used +{peak['used'] / 1024:.0f} MB (status {r.status}; memory_mb={memory_mb}, disk_mb={disk_mb})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=96, help="executions per path")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None, help="optional JSON output")
+    ap.add_argument("--attacks", action="store_true", help="only the host-memory-under-attack measurement")
+    ap.add_argument("--ask-mb", type=int, default=3072, help="--attacks: memory each attack asks for")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args.attacks:
+        res = attack_memory(args.ask_mb)
+        if args.out:
+            write_json(args.out, {"attacks": res})
+        return
     tp = throughput(args.n, args.concurrency)
     mem = memory(args.concurrency)
     print(f"| path | exec/s | RSS MB/exec | PSS MB/exec | processes/exec |\n|---|---|---|---|---|")

@@ -36,20 +36,22 @@ Per-sandbox limits without a cgroup (the host adds a cgroup v2 when one is deleg
   - the private IPC namespace's SysV limits (kernel.shm*, msg*) bound shared memory to spec["shm_mb"];
     /dev/shm is a tmpfs of the same size; RLIMIT_MSGQUEUE 0 (no POSIX message queues);
   - RLIMIT_NPROC counts per (user namespace, uid), so each sandbox has its own process limit; as root,
-    U also runs as its own host uid (spec["host_uid"], one per concurrent slot), which older kernels
-    that count per host uid need.
+    the sandbox also runs as its own host uid (spec["host_uid"], one per concurrent slot), which older
+    kernels that count per host uid need (and host uid 0 would be exempt from RLIMIT_NPROC).
 
 Isolation modes (spec["mode"]):
-  root    host euid 0: a helper still in the host namespace writes W's uid map (ns 0 -> host 0,
-          ns 65534 -> spec["host_uid"]); U switches to uid/gid 65534 inside.
-  userns  unprivileged host: ns-root maps to the host user; U drops every capability.
+  root    host euid 0: W/I set up as real root (no user namespace yet); U becomes the slot's own host
+          uid (spec["host_uid"]), enters a user namespace of its own (ns-root = that uid, nested user
+          namespaces refused) and drops every capability.
+  userns  unprivileged host: W's user namespace maps ns-root to the host user; U drops every capability.
   none    no namespaces (only when the caller explicitly allowed it): rlimits, scrubbed env, temp dir.
-W, I and the helper die with their parent (PR_SET_PDEATHSIG SIGKILL, then a check that the parent is
-still the one that started them), so a SIGKILLed trainer leaves nothing behind.
+W and I die with their parent (PR_SET_PDEATHSIG SIGKILL, then a check that the parent is still the one
+that started them), so a SIGKILLed trainer leaves nothing behind.
 """
 import marshal
 import os
 import resource
+import select  # imported before W gives up root (as root, lib-dynload may sit in a directory only root can enter)
 import signal
 import sys
 
@@ -63,11 +65,10 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic syscall table)
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 1, 38, 24, 36
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 24, 36
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR = "/tmp/work"
 NEWROOT = "/tmp"  # the new root's tmpfs is mounted here (in our mount namespace only), then pivoted into
-SANDBOX_UID = 65534  # nobody, inside the user namespace
 DEVICES = ("null", "zero", "full", "random", "urandom")
 EXTERNAL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE")
 _I_PID = 0
@@ -144,7 +145,8 @@ def _write(path: str, text: str) -> None:
 def _limit_ipc_and_userns(spec: dict) -> None:
     """In the sandbox's own user and IPC namespaces: no nested user namespaces, SysV IPC bounded."""
     shm_bytes = spec["shm_mb"] << 20
-    for name, value in (("user/max_user_namespaces", 0), ("kernel/shmmax", shm_bytes),
+    own_userns = [("user/max_user_namespaces", 0)] if spec["mode"] == "userns" else []  # root: set by U
+    for name, value in (*own_userns, ("kernel/shmmax", shm_bytes),
                         ("kernel/shmall", shm_bytes // 4096), ("kernel/shmmni", 64),
                         ("kernel/msgmni", 16), ("kernel/msgmnb", 65536), ("kernel/msgmax", 8192)):
         try:
@@ -195,72 +197,56 @@ def _build_root(libc, ctypes, spec: dict) -> None:
         _mount(libc, ctypes, "proc", r + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except SetupError:  # e.g. a container with masked /proc paths refuses a new proc in a userns
         _mount(libc, ctypes, "tmpfs", r + "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
-    import platform
-
-    nr = SYS_PIVOT_ROOT.get(platform.machine())
+    nr = SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise SetupError(f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise SetupError(f"pivot_root: unknown syscall number on {os.uname().machine}")
     _check(libc.syscall(ctypes.c_long(nr), r.encode(), (r + "/.old").encode()), "pivot_root", ctypes)
     os.chdir("/")
     _check(libc.umount2(b"/.old", MNT_DETACH), "umount old root", ctypes)
     os.rmdir("/.old")
     _readonly_tree(libc, ctypes, "/")
+    if spec["mode"] == "root":  # U writes its own user namespace's maps (owner and caps checks still apply)
+        _mount(libc, ctypes, None, "/proc", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(libc, ctypes, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['disk_mb']}m")
     _mount(libc, ctypes, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['shm_mb']}m")
 
 
-def _map_ids_as_root(spec: dict) -> int:
-    """Root mode, before unshare: fork a helper that stays in the host user namespace and, once W has
-    unshared, writes W's uid/gid maps (ns 0 -> host 0, ns 65534 -> the slot's host uid). Returns a
-    pipe fd: write one byte to it after unshare, then wait for the helper."""
-    r, w = os.pipe()
-    parent = os.getpid()
-    if os.fork() == 0:
-        code = 1
-        try:
-            os.close(w)
-            _die_with_parent(parent)
-            if os.read(r, 1) == b"1":
-                line = f"0 0 1\n{SANDBOX_UID} {spec['host_uid']} 1\n"
-                _write(f"/proc/{parent}/uid_map", line)
-                _write(f"/proc/{parent}/gid_map", line)
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(r)
-    return w
-
-
 def _enter_namespaces(spec: dict) -> None:
-    """W: new user, mount, net, ipc, uts and pid namespaces, with the uid map in place."""
+    """W: new mount, net, ipc, uts and pid namespaces, plus (userns mode) a user namespace mapping ns-root
+    to the host user. Root mode stays in the host user namespace here; U makes its own (see _user)."""
     ctypes, libc = _libc()
-    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
     uid, gid = os.geteuid(), os.getegid()
-    go = _map_ids_as_root(spec) if spec["mode"] == "root" else -1
+    if spec["mode"] == "userns":
+        flags |= CLONE_NEWUSER
     _check(libc.unshare(ctypes.c_int(flags)), "unshare", ctypes)
-    if spec["mode"] == "root":
-        os.write(go, b"1")
-        os.close(go)
-        _, st = os.wait()
-        if st != 0:
-            raise SetupError(f"writing the uid map for host uid {spec['host_uid']} failed")
-    else:
+    if spec["mode"] == "userns":
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
             _write(f"/proc/self/{name}", text)
-    # credentials changed (new user namespace): PR_SET_PDEATHSIG may have been reset, set it again
-    _die_with_parent(spec["host_pid"])
+        _die_with_parent(spec["host_pid"])  # credentials changed: PR_SET_PDEATHSIG was reset, set it again
     _mount(libc, ctypes, None, "/", None, MS_REC | MS_PRIVATE)
 
 
+def _own_user_namespace(spec: dict) -> None:
+    """U in root mode: become the slot's own host uid, then enter a user namespace of our own (ns-root =
+    that uid) in which nested user namespaces are refused. Host uid 0 would be exempt from RLIMIT_NPROC,
+    and without a user namespace of ours the host's user.max_user_namespaces would apply."""
+    ctypes, libc = _libc()
+    uid = spec["host_uid"]
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(DUMPABLE)", ctypes)  # /proc/self/*_map are ours
+    _check(libc.unshare(ctypes.c_int(CLONE_NEWUSER)), "unshare(user)", ctypes)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {uid} 1"),
+                       ("sys/user/max_user_namespaces", "0")):
+        _write(f"/proc/self/{name}" if "/" not in name else f"/proc/{name}", text)
+
+
 def _drop_privileges(spec: dict) -> None:
-    """U: give up root. root mode: setuid to 65534 (a host uid of its own). userns: drop every capability."""
+    """U: drop every capability (U stays ns-root, i.e. the unprivileged host uid of W, with no caps)."""
     ctypes, libc = _libc()
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)", ctypes)
-    if spec["mode"] == "root":
-        os.setgroups([])
-        os.setgid(SANDBOX_UID)
-        os.setuid(SANDBOX_UID)
-        return
     for cap in range(64):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
             _check(-1, f"prctl(CAPBSET_DROP, {cap})", ctypes)
@@ -321,7 +307,8 @@ def _user(spec: dict, code: str, report_fd: int) -> int:
     if spec["mode"] != "none":
         os.makedirs(WORKDIR, mode=0o700, exist_ok=True)
         if spec["mode"] == "root":
-            os.chown(WORKDIR, SANDBOX_UID, SANDBOX_UID)
+            os.chown(WORKDIR, spec["host_uid"], spec["host_uid"])
+            _own_user_namespace(spec)
         _drop_privileges(spec)
         sys.executable = spec["executable"]
     else:
@@ -476,8 +463,6 @@ def main() -> None:
                 os._exit(0)
             os.close(alive_w)
             _die_with_parent(0)  # I is pid 1: its parent, outside the namespace, shows as pid 0
-            import select
-
             if select.select([alive_r], [], [], 0)[0]:  # EOF: W died before PDEATHSIG was armed
                 os._exit(125)
             os.close(alive_r)
