@@ -280,6 +280,9 @@ def _run_user_code(code: str, report_fd: int) -> int:
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
     sys.argv = ["-c"]
+    import gc
+
+    gc.enable()
     try:
         exec(compile(code, "<string>", "exec"), main.__dict__)
         return 0
@@ -439,6 +442,9 @@ def _relay(signum, _frame) -> None:
 
 def main() -> None:
     global _STATUS_FD, _I_PID
+    import gc
+
+    gc.disable()  # W and I allocate little and live briefly; U turns it back on before the user's code
     spec = marshal.loads(bytes.fromhex(sys.argv[1]))
     _STATUS_FD = spec["status_fd"]
     for sig in EXTERNAL_SIGNALS:
