@@ -150,12 +150,14 @@ def test_unisolated_mode_must_be_explicitly_allowed():
         run_code("print(1)", isolation="none")
 
 
-def test_sandbox_that_cannot_start_is_infra(monkeypatch):
+@pytest.mark.parametrize("forkserver", [False, True])
+def test_sandbox_that_cannot_start_is_infra(monkeypatch, forkserver):
     monkeypatch.setattr(runner, "_CHILD", "/nonexistent/ctpo_child.py")
+    monkeypatch.setattr(runner, "USE_FORKSERVER", forkserver)
+    monkeypatch.setattr(runner, "_FORKSERVER", None)  # a fresh fork server cannot start either
     r = runner._execute("print(1)", runner._Limits(5.0, 256, 1000, 16, 64, 1, 16), runner._host_mode())
     assert r.status == "infra" and r.exit_code is None
-    assert r.status == "infra" and r.exit_code is None
-    assert "without running the code" in r.detail
+    assert "without running the code" in r.detail or "fork server did not launch" in r.detail
 
 
 def test_userns_mode_runs_without_capabilities():

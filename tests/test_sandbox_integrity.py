@@ -89,6 +89,19 @@ def _pids_with(marker: str) -> list[int]:
     return found
 
 
+def _sleepers(marker: str) -> list[int]:
+    """Processes running exactly `sleep <marker>` (not the test programs that mention the marker)."""
+    want = b"sleep\0" + marker.encode() + b"\0"
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{entry}/cmdline").read_bytes() == want:
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
 def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -283,8 +296,8 @@ def test_the_code_cannot_choose_its_outcome(who, pkg):
 
 def _w_of(marker: str) -> int:
     """Host pid of W for the sandbox whose user process exec'd `sleep <marker>` (U -> I -> W)."""
-    assert _wait_for(lambda: _pids_with(marker)), "sandbox never started"
-    return _ppid(_ppid(_pids_with(marker)[0]))
+    assert _wait_for(lambda: _sleepers(marker)), "sandbox never started"
+    return _ppid(_ppid(_sleepers(marker)[0]))
 
 
 @WHO
@@ -300,7 +313,7 @@ def test_a_signal_from_outside_is_infra(who, pkg):
     r = box["r"][0]
     assert (r["status"], r["exit_code"]) == ("infra", None), r
     assert "SIGTERM" in r["detail"] and "outside" in r["detail"]
-    assert _wait_for(lambda: not _pids_with(marker), 30)
+    assert _wait_for(lambda: not _sleepers(marker), 30)
 
 
 TRAINER = """
@@ -322,14 +335,33 @@ def test_sandboxes_die_with_a_sigkilled_trainer(who, pkg):
         argv = _unpriv_argv(pkg, "-c", TRAINER % marker, src)
     trainer = subprocess.Popen(argv, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
     try:
-        assert _wait_for(lambda: _pids_with(marker)), "sandbox never started"
+        assert _wait_for(lambda: _sleepers(marker)), "sandbox never started"
+        server = [p for p in _pids_with("_child.forkserver") if _ppid(p) == trainer.pid]
+        assert len(server) == 1  # the trainer's sandbox launcher
         trainer.kill()  # SIGKILL: no handler, no atexit, no finally
         trainer.wait()
-        assert _wait_for(lambda: not _pids_with(marker), 30), _pids_with(marker)
+        assert _wait_for(lambda: not _sleepers(marker), 30), _sleepers(marker)
+        assert _wait_for(lambda: not Path(f"/proc/{server[0]}").exists(), 30)
     finally:
         if trainer.poll() is None:
             trainer.kill()
             trainer.wait()
+
+
+def test_a_dead_fork_server_is_infra_and_replaced():
+    marker = _marker("current", 3)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", runner.run_code(
+        f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])", timeout_s=60.0)))
+    t.start()
+    assert _wait_for(lambda: _sleepers(marker))
+    server = runner._FORKSERVER.proc
+    server.kill()  # the launcher dies: its sandboxes die with it (PDEATHSIG), the call is infra
+    t.join(timeout=60)
+    assert box["r"].status == "infra", box["r"]
+    assert _wait_for(lambda: not _sleepers(marker), 30)
+    r = runner.run_code("print(5)")
+    assert (r.status, r.stdout) == ("ok", "5\n") and runner._FORKSERVER.proc.pid != server.pid
 
 
 # ------------------------------------------------------------------------------------------ mechanism

@@ -483,5 +483,88 @@ def main() -> None:
     _finish(exit_code)  # U
 
 
+def forkserver(sock_fd: int, host_pid: int) -> None:
+    """Z: a pre-started launcher (`runner._ForkServer`). It forks one W per request, so a sandbox does not
+    pay for W's interpreter start (~14 ms CPU). Request (SOCK_SEQPACKET, SCM_RIGHTS): SPEC hex, with the
+    fds stdin, stdout, stderr, status and a per-request reply socket; Z answers "<pid>" on the reply
+    socket, then, when W ends, its raw wait status, and closes it. Z dies with its host (PDEATHSIG) and
+    ends when the host closes the control socket; every W dies with Z."""
+    import fcntl
+    import socket
+
+    import gc
+
+    gc.disable()
+    _die_with_parent(host_pid)
+    _libc()  # import ctypes and load libc now, once, for every W
+    ctl = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    replies: dict[int, socket.socket] = {}
+    poller = select.poll()
+    poller.register(ctl.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            events = []
+        for fd, _ in events:
+            if fd == wake_r:
+                os.read(wake_r, 4096)
+                continue
+            msg, fds, _, _ = socket.recv_fds(ctl, 1 << 20, 5)
+            if not msg:
+                os._exit(0)  # the host is gone
+            high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 100) for f in fds]
+            for f in fds:
+                os.close(f)
+            reply = socket.socket(fileno=high[4])
+            pid = os.fork()
+            if pid == 0:
+                _forked_w(msg, high, ctl, wake_r, wake_w)
+            for f in high[:4]:
+                os.close(f)
+            replies[pid] = reply
+            try:
+                reply.send(str(pid).encode())
+            except OSError:
+                pass
+        while replies:  # reap every W that ended, tell its host thread
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            reply = replies.pop(pid, None)
+            if reply is not None:
+                try:
+                    reply.send(str(status).encode())
+                except OSError:
+                    pass
+                reply.close()
+
+
+def _forked_w(msg: bytes, fds: list[int], ctl, wake_r: int, wake_w: int) -> None:
+    """In a fresh child of Z: become W (own session, the request's stdio and status fd 3), run main()."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        ctl.close()
+        os.close(wake_r)
+        os.close(wake_w)
+        os.setsid()
+        for target, src in zip((0, 1, 2, 3), fds[:4]):
+            os.dup2(src, target)  # dup2 targets are inheritable, sources (>= 100) close-on-exec
+        os.closerange(4, 1 << 16)
+        sys.argv = ["-c", msg.decode()]
+        main()
+    finally:
+        os._exit(125)
+
+
 if __name__ == "__main__":
     main()

@@ -317,12 +317,16 @@ class _Slots:
 _SLOTS = _Slots()
 
 
-def _spec(lim: _Limits, mode: str, workdir: str, status_fd: int, slot: int) -> str:
+def _spec(lim: _Limits, mode: str, workdir: str, status_w: int, slot: int, status_fd: int | None = None,
+          host_pid: int | None = None) -> str:
+    """W's instructions. status_fd: the status pipe's number in W; host_pid: W's parent (this process,
+    or the fork server)."""
     import marshal
 
     binds, links, hide, exe = _fs_plan()
     return marshal.dumps({
-        "mode": mode, "status_fd": status_fd, "host_pid": os.getpid(), "host_uid": SLOT_UID_BASE + slot,
+        "mode": mode, "status_fd": status_w if status_fd is None else status_fd,
+        "host_pid": os.getpid() if host_pid is None else host_pid, "host_uid": SLOT_UID_BASE + slot,
         "site_dirs": _site_dirs() if mode == "none" else [SANDBOX_SITE],
         "binds": list(binds), "symlinks": list(links), "hide": list(hide), "executable": exe,
         "workdir": workdir, "shm_mb": SHM_MB,
@@ -368,17 +372,163 @@ def _execute(code: str, lim: _Limits, mode: str) -> ExecResult:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _Spawner:
+    """A long-lived daemon thread that starts the fork server: PR_SET_PDEATHSIG fires when the *thread*
+    that forked a child exits, so it must not be a short-lived caller thread."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="ctpo-sandbox-spawner", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self.requests.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+            done.set()
+
+    def call(self, fn):
+        box: list = []
+        done = threading.Event()
+        self.requests.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
+class _ForkServer:
+    """`_child.forkserver` in a pre-started process: launches W by fork instead of a new interpreter."""
+
+    _BOOT_Z = ("import sys; sys.path.insert(0, {dir!r}); import _child; del sys.path[0]; "
+               "_child.forkserver(int(sys.argv[1]), int(sys.argv[2]))")
+
+    def __init__(self, spawner: _Spawner) -> None:
+        import socket
+
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = spawner.call(lambda: subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", self._BOOT_Z.format(dir=os.path.dirname(_CHILD)),
+                 str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.DEVNULL, env=_ENV, cwd="/", start_new_session=True,
+                pass_fds=(theirs.fileno(),), close_fds=True))
+        finally:
+            theirs.close()
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def launch(self, spec: str, stdin: int, stdout: int, stderr: int, status: int) -> _Launched:
+        import socket
+
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self.lock:
+                socket.send_fds(self.ctl, [spec.encode()], [stdin, stdout, stderr, status, theirs.fileno()])
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.settimeout(30.0)
+        try:
+            pid = int(mine.recv(64) or b"0")
+        except (OSError, ValueError):
+            pid = 0
+        if not pid:
+            mine.close()
+            raise OSError("the sandbox fork server did not launch")
+        return _Launched(pid, mine)
+
+
+class _Launched:
+    """W started by the fork server: the part of subprocess.Popen that _drive uses."""
+
+    def __init__(self, pid: int, reply) -> None:
+        self.pid, self.reply, self.returncode = pid, reply, None
+        self.stdin = self.stdout = self.stderr = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.reply.settimeout(timeout)
+            try:
+                data = self.reply.recv(64)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired("sandbox", timeout) from None
+            self.reply.close()
+            # no status: the fork server died; W got SIGKILL from PR_SET_PDEATHSIG
+            self.returncode = os.waitstatus_to_exitcode(int(data)) if data else -signal.SIGKILL
+        return self.returncode
+
+
+_FORKSERVER: _ForkServer | None = None
+_FORKSERVER_LOCK = threading.Lock()
+_SPAWNER: _Spawner | None = None
+USE_FORKSERVER = True  # isolated modes launch W through the fork server (False: a new interpreter each)
+
+
+def _forkserver() -> _ForkServer:
+    global _FORKSERVER, _SPAWNER
+    with _FORKSERVER_LOCK:
+        if _FORKSERVER is None or not _FORKSERVER.alive():
+            _SPAWNER = _SPAWNER or _Spawner()
+            _FORKSERVER = _ForkServer(_SPAWNER)
+        return _FORKSERVER
+
+
+def _launch_via_forkserver(spec_args, status_w: int) -> _Launched:
+    """Pipes for W's stdio, one request to the fork server (restarted once if it died)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        for attempt in range(2):
+            server = _forkserver()
+            try:
+                proc = server.launch(_spec(*spec_args, status_fd=3, host_pid=server.proc.pid),
+                                     in_r, out_w, err_w, status_w)
+                break
+            except OSError:
+                if attempt:
+                    raise
+                with _FORKSERVER_LOCK:
+                    server.proc.kill()
+                    server.proc.wait()
+    except BaseException:
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+    proc.stdin, proc.stdout, proc.stderr = open(in_w, "wb", 0), open(out_r, "rb", 0), open(err_r, "rb", 0)
+    return proc
+
+
 def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float, slot: int,
                 group: cgroup.SandboxCgroup | None) -> ExecResult:
     status_r, status_w = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOT.format(dir=os.path.dirname(_CHILD)),
-             _spec(lim, mode, workdir, status_w, slot)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/",
-            start_new_session=True, pass_fds=(status_w,), close_fds=True,
-        )
+        if mode != "none" and USE_FORKSERVER:
+            proc = _launch_via_forkserver((lim, mode, workdir, status_w, slot), status_w)
+        else:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOT.format(dir=os.path.dirname(_CHILD)),
+                 _spec(lim, mode, workdir, status_w, slot)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/",
+                start_new_session=True, pass_fds=(status_w,), close_fds=True,
+            )
     except OSError as e:
         os.close(status_r)
         return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra", f"cannot start sandbox: {e}")
@@ -398,7 +548,7 @@ def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float, slo
     return _drive(proc, status_r, code.encode("utf-8", "surrogatepass"), lim, t0, group)
 
 
-def _drive(proc: subprocess.Popen, status_r: int, code: bytes, lim: _Limits, t0: float,
+def _drive(proc: subprocess.Popen | _Launched, status_r: int, code: bytes, lim: _Limits, t0: float,
            group: cgroup.SandboxCgroup | None = None) -> ExecResult:
     """Feed stdin, capture output, enforce the wall clock, reap; then classify the end."""
     out, err, status = _Capture(lim.max_output_bytes), _Capture(lim.max_output_bytes), bytearray()
