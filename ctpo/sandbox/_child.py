@@ -2,9 +2,11 @@
 
 SPEC is a marshal-encoded dict in hex (marshal: builtin, unlike json, whose `re` import costs ~20 ms).
 
-Self-contained on purpose (run with `-I`, so it cannot import `ctpo`). Three processes:
+Self-contained on purpose (run with `-I`, so it cannot import `ctpo`). Three processes per sandbox:
 
-  W (this script, started by the host)  unshare(user, mnt, net, ipc, uts, pid); forks I; relays signals
+  Z (forkserver(), optional)            pre-started by the host; forks one W per request (no interpreter
+                                         start per sandbox); W's parent. Dies with the host.
+  W (this script, or forked by Z)        unshare(mnt, net, ipc, uts, pid [, user]); forks I; relays signals
     I (pid 1 of the new pid namespace)   builds the sandbox's root filesystem, pivots into it; forks U;
                                          reaps every process; reports how U ended
       U (user code)                      drops privileges, sets rlimits, runs the code like `python -c`
