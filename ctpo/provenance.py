@@ -56,8 +56,12 @@ def provenance(cfg: dict | None = None) -> dict:
     """Everything needed to tell two results apart. `cfg` is a resolved (plain) config dict."""
     from ctpo.sandbox import describe as sandbox_mechanism
 
+    try:
+        sandbox = sandbox_mechanism()  # which isolation/limit mechanism confines tool code on this host
+    except Exception as e:  # recorded, never fatal: the sandbox itself fails closed when it is used
+        sandbox = {"unavailable": f"{type(e).__name__}: {e}"}
     rec = {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "argv": sys.argv,
-           "sandbox": sandbox_mechanism()}
+           "sandbox": sandbox}
     if cfg is not None:
         rec["config"] = cfg
         rec["config_hash"] = config_hash(cfg)
