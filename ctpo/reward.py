@@ -308,6 +308,7 @@ class _WorkerPool:
         self.starting = 0
         self.cond = threading.Condition()
         self.spawner = _Spawner()
+        self.owner = os.getpid()
 
     def _acquire(self, deadline: float) -> tuple[_Worker | None, float]:
         """(worker, seconds spent starting it) or (None, 0) when the deadline passed while waiting."""
@@ -400,7 +401,7 @@ _POOL_LOCK = threading.Lock()
 def _pool() -> _WorkerPool:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL.owner != os.getpid():  # a forked copy of the caller starts its own
             _POOL = _WorkerPool(MAX_WORKERS)
             atexit.register(_POOL.close)
         return _POOL

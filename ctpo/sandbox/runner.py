@@ -421,9 +421,11 @@ class _ForkServer:
         finally:
             theirs.close()
         self.lock = threading.Lock()
+        self.owner = os.getpid()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Running, and ours (a forked copy of this process starts its own fork server)."""
+        return self.owner == os.getpid() and self.proc.poll() is None
 
     def launch(self, spec: str, stdin: int, stdout: int, stderr: int, status: int) -> _Launched:
         import socket
@@ -481,7 +483,8 @@ def _forkserver() -> _ForkServer:
     global _FORKSERVER, _SPAWNER
     with _FORKSERVER_LOCK:
         if _FORKSERVER is None or not _FORKSERVER.alive():
-            _SPAWNER = _SPAWNER or _Spawner()
+            if _SPAWNER is None or _FORKSERVER is not None and _FORKSERVER.owner != os.getpid():
+                _SPAWNER = _Spawner()  # threads do not survive fork(): a forked process needs its own
             _FORKSERVER = _ForkServer(_SPAWNER)
         return _FORKSERVER
 
