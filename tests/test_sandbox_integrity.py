@@ -434,3 +434,22 @@ def test_fails_closed_when_no_mechanism_works(monkeypatch):
     monkeypatch.setattr(runner, "_probe", lambda mode: "writing kernel/shmmax: Permission denied")
     with pytest.raises(SandboxUnavailable, match="shmmax"):
         run_code("print(1)")
+
+
+def test_a_forked_caller_gets_its_own_fork_server_and_reward_pool():
+    from ctpo import reward
+
+    assert runner.run_code("print(1)").status == "ok" and reward.score("\\boxed{1}", "1").reason == "correct"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # threads (the spawners) do not survive fork: the child must start its own helpers
+        try:
+            res = runner.run_code("print(2)")
+            os.write(w, f"{res.status} {res.stdout.strip()} {reward.score(chr(92) + 'boxed{2}', '2').reason} "
+                        f"{runner._FORKSERVER.owner == os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 200).decode() == "ok 2 correct True"
+    os.close(r)
