@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hang import HANG_S
 
 from ctpo.sandbox import SandboxPool, run_many, runner
 from ctpo.sandbox import cgroup as cg
@@ -67,10 +68,11 @@ def _unpriv_argv(pkg: Path, *args: str) -> list[str]:
 
 
 def run(who: str, codes: list[str], pkg: Path, concurrency: int = 1, **kw) -> list[dict]:
+    kw.setdefault("timeout_s", 120.0)  # a hang guard, not a speed limit: a loaded machine is slow
     if who == "current":
         return [r.__dict__ for r in run_many(codes, concurrency=concurrency, **kw)]
-    out = subprocess.run(_unpriv_argv(pkg, "-c", DRIVER, str(pkg)), capture_output=True, text=True, timeout=300,
-                         cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+    out = subprocess.run(_unpriv_argv(pkg, "-c", DRIVER, str(pkg)), capture_output=True, text=True,
+                         cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}, timeout=HANG_S,
                          input=json.dumps({"codes": codes, "concurrency": concurrency, "kw": kw}))
     if "SandboxUnavailable" in out.stderr:
         pytest.skip(f"unprivileged user namespaces unavailable: {out.stderr.strip().splitlines()[-1]}")
@@ -106,7 +108,7 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _wait_for(pred, timeout_s: float = 60.0) -> bool:
+def _wait_for(pred, timeout_s: float = HANG_S) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if pred():
@@ -239,10 +241,12 @@ def test_nested_user_namespaces_and_big_tmpfs_are_refused(who, pkg):
     assert lines[2] == "-1 EPERM"
 
 
-BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+# the bomb exhausts its own process limit, then every copy idles a while (no CPU hogging) and exits
+BOMB = ("import os, time\nend = time.monotonic() + 6\nwhile time.monotonic() < end:\n    try:\n        os.fork()\n"
+        "    except OSError:\n        time.sleep(0.05)\nos._exit(0)\n")
 NEIGHBOUR = """
 import os, threading, time
-time.sleep(1.0)  # the bomb next door has exhausted its own process limit by now
+time.sleep(2.0)  # the bomb next door has exhausted its own process limit by now (on an idle machine)
 kids = []
 for _ in range(8):
     pid = os.fork()
@@ -260,8 +264,8 @@ print('neighbour fine')
 
 @WHO
 def test_a_fork_bomb_does_not_starve_its_neighbours(who, pkg):
-    rs = run(who, [BOMB, NEIGHBOUR], pkg, concurrency=2, timeout_s=4.0, nproc=32)
-    assert rs[0]["status"] == "timeout"
+    rs = run(who, [BOMB, NEIGHBOUR], pkg, concurrency=2, nproc=32)
+    assert rs[0]["status"] in ("ok", "error"), rs[0]
     assert (rs[1]["status"], rs[1]["stdout"]) == ("ok", "neighbour fine\n"), rs[1]
 
 
@@ -305,15 +309,15 @@ def test_a_signal_from_outside_is_infra(who, pkg):
     marker = _marker(who, 1)
     code = f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])"
     box = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", run(who, [code], pkg, timeout_s=60.0)))
+    t = threading.Thread(target=lambda: box.setdefault("r", run(who, [code], pkg, timeout_s=HANG_S)))
     t.start()
     w = _w_of(marker)
     os.killpg(w, signal.SIGTERM)  # what SLURM sends to a job's processes on preemption
-    t.join(timeout=120)
+    t.join(timeout=HANG_S)
     r = box["r"][0]
     assert (r["status"], r["exit_code"]) == ("infra", None), r
     assert "SIGTERM" in r["detail"] and "outside" in r["detail"]
-    assert _wait_for(lambda: not _sleepers(marker), 30)
+    assert _wait_for(lambda: not _sleepers(marker))
 
 
 TRAINER = """
@@ -340,8 +344,8 @@ def test_sandboxes_die_with_a_sigkilled_trainer(who, pkg):
         assert len(server) == 1  # the trainer's sandbox launcher
         trainer.kill()  # SIGKILL: no handler, no atexit, no finally
         trainer.wait()
-        assert _wait_for(lambda: not _sleepers(marker), 30), _sleepers(marker)
-        assert _wait_for(lambda: not Path(f"/proc/{server[0]}").exists(), 30)
+        assert _wait_for(lambda: not _sleepers(marker)), _sleepers(marker)
+        assert _wait_for(lambda: not Path(f"/proc/{server[0]}").exists())
     finally:
         if trainer.poll() is None:
             trainer.kill()
@@ -352,14 +356,14 @@ def test_a_dead_fork_server_is_infra_and_replaced():
     marker = _marker("current", 3)
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", runner.run_code(
-        f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])", timeout_s=60.0)))
+        f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])", timeout_s=HANG_S)))
     t.start()
     assert _wait_for(lambda: _sleepers(marker))
     server = runner._FORKSERVER.proc
     server.kill()  # the launcher dies: its sandboxes die with it (PDEATHSIG), the call is infra
-    t.join(timeout=60)
+    t.join(timeout=HANG_S)
     assert box["r"].status == "infra", box["r"]
-    assert _wait_for(lambda: not _sleepers(marker), 30)
+    assert _wait_for(lambda: not _sleepers(marker))
     r = runner.run_code("print(5)")
     assert (r.status, r.stdout) == ("ok", "5\n") and runner._FORKSERVER.proc.pid != server.pid
 
@@ -424,7 +428,7 @@ REAL_CGROUP = cg.detect()
 def test_cgroup_bounds_the_sandbox_as_a_whole():
     code = ("import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n        x = bytearray(200 << 20)\n"
             "        time.sleep(5)\n        os._exit(0)\nfor _ in range(6):\n    os.wait()\nprint('all held')")
-    r = run("current", [code], None, memory_mb=512, timeout_s=30.0)[0]
+    r = run("current", [code], None, memory_mb=512)[0]
     assert r["status"] == "memory" and "cgroup" in r["detail"], r
 
 
