@@ -159,3 +159,33 @@ def test_loops_share_one_sandbox_pool_per_setting():
     assert a.run_batch.__self__ is b.run_batch.__self__  # the same SandboxPool's bound run_many
     c, _ = make_loop([], sandbox_concurrency=2)
     assert c.run_batch.__self__ is not a.run_batch.__self__
+
+
+class VersionedServerManager(FakeServerManager):
+    """Like verl's LLMServerClient: each output carries the server's weight version (`global_steps`) and
+    the client tags it as min/max_global_steps; the weights move from step 3 to step 4 between turns."""
+
+    def __init__(self, turns, versions):
+        super().__init__(turns)
+        self.versions = list(versions)
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        out = await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+        g = self.versions.pop(0)
+        out.extra_fields = {"global_steps": g, "min_global_steps": g, "max_global_steps": g}
+        return out
+
+
+def test_agent_loop_carries_verls_weight_versions_across_turns():
+    """verl's V1 trainer reads min/max_global_steps of every trajectory as int after each step; a loop that
+    drops them crashes the run right after step 1 is saved."""
+    import numpy as np
+
+    loop, _ = make_loop([])
+    loop.server_manager = VersionedServerManager(["```python\nprint(6*7)\n```\n", "\\boxed{42}" + EOS], [3, 4])
+    out = run(loop)
+    assert out.extra_fields["min_global_steps"] == 3 and out.extra_fields["max_global_steps"] == 4
+    tags = [out.extra_fields, out.extra_fields]
+    spans = np.array([t["max_global_steps"] for t in tags], dtype=int) - np.array(
+        [t["min_global_steps"] for t in tags], dtype=int)  # verl trainer_base: the conversion that failed on None
+    assert spans.tolist() == [1, 1]

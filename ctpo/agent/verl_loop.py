@@ -12,7 +12,9 @@ Generation goes through verl's async server manager (token ids in, token ids + l
 turn rule, observations and infra retries are `ctpo.agent.turns` (the same code as the CPU loop).
 Trajectories that SimpleTIR masks (finish "void" with `void_turn_masking`) and trajectories whose
 sandbox infrastructure failed (finish "infra") get an all-zero `response_mask`: they add nothing to
-the loss. `extra_fields` carries finish_reason, tool_calls, infra_failures and void for metrics.
+the loss. `extra_fields` carries finish_reason, tool_calls, infra_failures and void for metrics, and
+verl's weight-version tags `min_global_steps` (first turn) / `max_global_steps` (last turn) from the
+server outputs, as verl's `tool_agent` loop does: verl's V1 trainer converts them to int after each step.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ class CtpoTirAgentLoop(AgentLoopBase):
         question = question_from_messages(kwargs["raw_prompt"])
         prompt_ids = self._encode(render_prompt(question, self.cfg.template, enable_thinking=self.cfg.enable_thinking))
         state = EpisodeState.from_rollout_config(prompt_ids, self.cfg)
-        await run_turns(state, self, sampling_params, uuid4().hex)
+        versions = await run_turns(state, self, sampling_params, uuid4().hex)
         mask = list(state.response_mask)
         if state.finish_reason in MASKED_FINISHES:
             mask = [0] * len(mask)
@@ -107,19 +109,34 @@ class CtpoTirAgentLoop(AgentLoopBase):
                 "tool_calls": state.tool_calls,
                 "infra_failures": state.infra_failures,
                 "void": int(state.finish_reason == "void"),
+                **versions,
             },
         )
 
 
-async def run_turns(state: EpisodeState, agent: CtpoTirAgentLoop, sampling_params: dict, request_id: str) -> None:
-    """Drive one episode: generate a turn with `agent.server_manager`, run its code, repeat."""
+WEIGHT_VERSION_KEYS = ("min_global_steps", "max_global_steps")
+
+
+def merge_weight_versions(versions: dict, extra_fields: dict) -> None:
+    """verl's `tool_agent` rule: the first turn's tags start the trajectory, later turns raise the max."""
+    if not versions:
+        versions.update({k: extra_fields[k] for k in WEIGHT_VERSION_KEYS if k in extra_fields})
+    elif extra_fields.get("max_global_steps") is not None:
+        versions["max_global_steps"] = extra_fields["max_global_steps"]
+
+
+async def run_turns(state: EpisodeState, agent: CtpoTirAgentLoop, sampling_params: dict, request_id: str) -> dict:
+    """Drive one episode: generate a turn with `agent.server_manager`, run its code, repeat. Returns the
+    trajectory's weight-version tags ({min,max}_global_steps) from the server outputs."""
     loop = asyncio.get_running_loop()
+    versions: dict = {}
     eos = agent.tokenizer.eos_token_id
     while state.live and state.turns < state.max_turns:
         budget = state.remaining
         sp = dict(sampling_params)
         sp.update(max_tokens=budget, stop=list(agent.template.stop), include_stop_str_in_output=True, logprobs=True)
         out = await agent.server_manager.generate(request_id=request_id, prompt_ids=state.context_ids(), sampling_params=sp)
+        merge_weight_versions(versions, out.extra_fields or {})
         ids = list(out.token_ids)[:budget]
         if out.log_probs is None:
             raise RuntimeError("the rollout server returned no log-probs: set actor_rollout_ref.rollout.calculate_log_probs=True")
@@ -140,3 +157,4 @@ async def run_turns(state: EpisodeState, agent: CtpoTirAgentLoop, sampling_param
         state.add_tool_result(results[0], agent.template, agent._encode)
     if state.live:
         state.finish_reason = "max_turns"
+    return versions
