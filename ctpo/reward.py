@@ -434,7 +434,7 @@ def prewarm(concurrency: int) -> None:
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> dict:
-    """verl `reward.custom_reward_function` entry point (path: ctpo/reward.py, name: compute_score).
+    """verl `reward.custom_reward_function` entry point (path: pkg://ctpo.reward, name: compute_score).
     Returns verl's dict form: `score` plus numeric extras averaged into the reward metrics."""
     r = score(solution_str, ground_truth)
     return {

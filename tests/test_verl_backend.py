@@ -98,7 +98,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
     assert (rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.bypass_mode) == (
         "sequence", 5.0, False, False)
-    assert c.reward.custom_reward_function.path == str(ROOT / "ctpo/reward.py")
+    assert c.reward.custom_reward_function.path == "pkg://ctpo.reward"
     assert c.reward.custom_reward_function.name == "compute_score"
     assert (t.nnodes, t.n_gpus_per_node, t.total_training_steps) == (1, 8, 305)
     assert (t.save_freq, t.test_freq, t.val_before_train, t.resume_mode) == (20, 20, False, "auto")
@@ -419,3 +419,35 @@ def test_agent_loop_copy_carries_the_run_rollout_config(tmp_path):
     assert entry["rollout"] == asdict(cfg.rollout)
     assert (entry["rollout"]["max_turns"], entry["rollout"]["max_response_tokens"]) == (5, 8000)
     assert rollout_config_from(entry["rollout"]) == cfg.rollout  # what the loop builds from it
+
+
+def test_verl_loads_the_reward_from_the_composed_config(composed):
+    """verl's own loader on the launcher's reward path: a file path fails (the @dataclass in ctpo/reward.py
+    needs its module in sys.modules); the package path loads and scores."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    _, c, _ = composed["ctpo"]
+    fn = get_custom_reward_fn(c)
+    assert fn(data_source="toy", solution_str="so \\boxed{42}", ground_truth="42", extra_info={})["score"] == 1.0
+    assert fn(data_source="toy", solution_str="so \\boxed{41}", ground_truth="42", extra_info={})["score"] == 0.0
+
+
+def test_verl_v1_task_runner_imports_and_its_deps_are_pinned_for_both_installs():
+    """verl 0.9.1's main_ppo (TaskRunnerV1) imports transfer_queue (+ pyzmq, msgspec) unconditionally; plain
+    `verl` does not pull them, so the CPU install (pyproject) and the GPU env (envs/gpu.yaml) pin them."""
+    import importlib
+    import re
+
+    import yaml
+
+    importlib.import_module("verl.trainer.ppo.v1.trainer_base")  # `import transfer_queue as tq` at the top
+    importlib.import_module("verl.trainer.ppo.v1.agent_loop_tq")
+    import tomllib
+
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    gpu = [d for d in yaml.safe_load((ROOT / "envs" / "gpu.yaml").read_text())["dependencies"]
+           if isinstance(d, dict)][0]["pip"]
+    for name, module in (("TransferQueue", "transfer_queue"), ("pyzmq", "zmq"), ("msgspec", "msgspec")):
+        pins = [re.split(r"\s*#", d)[0].strip() for d in (*core, *gpu) if d.split("==")[0].strip() == name]
+        assert len(pins) == 2 and len(set(pins)) == 1 and "==" in pins[0], (name, pins)
+        importlib.import_module(module)

@@ -42,7 +42,9 @@ VERL_MAIN = "verl.trainer.main_ppo"
 PLUGIN_MODULE = "ctpo.verl_plugin"
 AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml (rollout.protocol ctpo_tir)
 AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # template; each run gets a copy
-REWARD_FILE = REPO_ROOT / "ctpo" / "reward.py"
+# a package path, not a file: verl loads a file path without registering the module in sys.modules, so
+# the @dataclass in ctpo/reward.py fails at import and every reward worker dies
+REWARD_MODULE = "pkg://ctpo.reward"
 REWARD_FN = "compute_score"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -179,7 +181,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         # tool protocol (rollout.protocol): agent loop, tool parser, tool config (ctpo.agent.protocols)
         *verl_protocol_overrides(r.protocol, agent_loop_path(workdir), ro),
         # reward: math-verify based scorer
-        f"reward.custom_reward_function.path={_q(REWARD_FILE)}",
+        f"reward.custom_reward_function.path={REWARD_MODULE}",
         f"reward.custom_reward_function.name={REWARD_FN}",
         # trainer: 1 node x 8 GPUs, 305 steps, save + validate every 20, resume from our workdir
         f"trainer.nnodes={t.n_nodes}",
