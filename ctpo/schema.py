@@ -42,6 +42,10 @@ LOG_RATIO_MEAN = "ctpo/log_ratio_mean"  # per-token log r_t over model tokens
 LOG_RATIO_ABS_MAX = "ctpo/log_ratio_abs_max"
 LOG_RHO_CUM_MEAN = "ctpo/log_rho_cum_mean"
 LOG_RHO_CUM_STD = "ctpo/log_rho_cum_std"
+# verl backend only (not in TRAIN_KEYS): verl averages loss metrics over micro-batches, so the step's true
+# max |log r_t| is lost (LOG_RATIO_ABS_MAX is null there); this is the largest per-mini-batch mean of the
+# per-micro-batch maxima, a lower bound on it (ctpo.train.verl_metrics)
+LOG_RATIO_ABS_MAX_LB = "ctpo/log_ratio_abs_max_lb"
 STEP_TIME_S = "time/step_s"
 VAL_PREFIX = "val/"  # val/{benchmark}/avg_at_k when a validation ran at this step
 

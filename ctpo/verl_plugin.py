@@ -17,7 +17,9 @@ range (`clip_ratio_low/high/c`) stays on verl's actor config, as for `vanilla`.
 Per-token losses come from `ctpo.losses`; rollout IS weights multiply them and verl's own `agg_loss`
 aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
 `actor/pg_clipfrac` (clipped branch active), `actor/pg_clipfrac_lower` (dual clip active), `actor/ppo_kl`,
-plus the `ctpo/*` names of `ctpo.schema`.
+plus the `ctpo/*` names of `ctpo.schema` (verl logs them as `actor/ctpo/*`) and per-micro-batch token sums
+`ctpo/sum/*` from which `ctpo.train.verl_metrics` recovers exact step statistics; the std and max of a
+micro-batch are not logged as such (verl would average them over micro-batches), see verl_metrics.
 
 Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.train.verl_dumps.record` (a no-op
 unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
@@ -35,6 +37,7 @@ from ctpo import schema
 from ctpo.config import LossConfig
 from ctpo.losses import policy_token_losses
 from ctpo.train import verl_dumps
+from ctpo.train.verl_metrics import NOT_AVERAGEABLE, loss_metric_sums
 
 REGISTERED = ("ctpo", "ctpo_fixed", "full_seq")
 _PREFIX = "actor_rollout_ref.actor"
@@ -95,7 +98,9 @@ def _verl_loss(method: str):
             "actor/pg_clipfrac_lower": metrics[schema.DUAL_CLIP_FRAC],
             "actor/ppo_kl": -metrics[schema.LOG_RATIO_MEAN],
         }
-        out.update(metrics)
+        out.update({k: v for k, v in metrics.items() if k not in NOT_AVERAGEABLE})
+        out[schema.LOG_RATIO_ABS_MAX_LB] = metrics[schema.LOG_RATIO_ABS_MAX]  # verl averages it: a lower bound
+        out.update(loss_metric_sums(metrics, response_mask))  # exact step statistics (verl_metrics)
         return loss, out
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{method}"

@@ -89,8 +89,12 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
         d_loss, d_grad, d_m = loss_and_grad(compute_policy_loss, olp, lp, adv, mask, cfg=cfg, rollout_is_weights=w)
         torch.testing.assert_close(v_loss, d_loss, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(v_grad, d_grad, rtol=1e-6, atol=1e-9)
-    for k in (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.LOG_RHO_CUM_STD):
+    for k in (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.LOG_RHO_CUM_MEAN):
         assert v_m[k] == d_m[k]
+    # a micro-batch's std and max are not averageable: logged as token sums / a labelled lower bound
+    assert schema.LOG_RHO_CUM_STD not in v_m and schema.LOG_RATIO_ABS_MAX not in v_m
+    assert v_m[schema.LOG_RATIO_ABS_MAX_LB] == d_m[schema.LOG_RATIO_ABS_MAX]
+    assert v_m["ctpo/sum/tokens"].item() == mask.sum().item()
     assert v_m["actor/pg_clipfrac"] == pytest.approx((d_m[schema.CLIP_FRAC_LOW] + d_m[schema.CLIP_FRAC_HIGH]).item())
     assert v_m["actor/ppo_kl"].item() == pytest.approx(-d_m[schema.LOG_RATIO_MEAN].item())
     if method != "full_seq":

@@ -6,11 +6,28 @@ training metrics and, every test_freq steps, the validation metrics). verl opens
 each launch writes its own file (`attempt{K}.jsonl`); after a resume the steps since the last checkpoint
 are trained again and the later attempt's values win.
 
+Names. verl 0.9.1's trainer prefixes every actor metric (`rename_dict(update_actor metrics, "actor/")`
+in verl/trainer/ppo/v1/trainer_base.py), so the plugin's `ctpo/x` arrives as `actor/ctpo/x`; keys that
+already start with `actor/` keep their name. Both spellings are read (`actor/` first).
+
+Exact token statistics. verl wraps each loss metric in `Metric(MEAN)` (verl/workers/utils/losses.py
+`ppo_loss`): a step's value is the mean over micro-batches (and data-parallel ranks, and mini-batches) of
+per-micro-batch values, so a per-micro-batch std or max averaged that way is neither the step's std nor its
+max. The plugin therefore also logs token *sums* per micro-batch (`loss_metric_sums`: `ctpo/sum/tokens`,
+`ctpo/sum/<metric>` = value x tokens, `ctpo/sum/log_rho_cum_sq`); a ratio of two equally-weighted means is
+the ratio of the sums, so `exact_token_stats` recovers the step's token-weighted clip fractions, log-ratio
+mean, log rho_cum mean and std exactly (every mini-batch has the same number of micro-batches: fixed
+micro-batch sizes, `use_dynamic_bsz=false`). A max cannot be recovered from means: on this backend
+`ctpo/log_ratio_abs_max` is null and `ctpo/log_ratio_abs_max_lb` (schema.LOG_RATIO_ABS_MAX_LB) holds what verl
+reduces the per-micro-batch maxima to, a lower bound on the step's max.
+
 Key mapping (first source present wins; a key that verl and our plugin both lack is written as null):
   train/reward_mean          critic/rewards/mean (= critic/score/mean without a KL penalty)
   train/accuracy             critic/score/mean: ctpo.reward scores are 0/1, so the mean score is the
                              fraction of responses with reward 1
-  ctpo/clip_frac             ctpo/clip_frac from our plugin, else verl's actor/pg_clipfrac
+  ctpo/clip_frac (+_low, _high), ctpo/log_ratio_mean, ctpo/log_rho_cum_{mean,std}
+                             exact from actor/ctpo/sum/* (our plugin), else actor/ctpo/x or ctpo/x; clip_frac
+                             alone falls back to verl's actor/pg_clipfrac (verl's own losses: grpo, gspo)
   train/response_length_mean response_length/mean (all response tokens, observations included)
   train/turns_mean           training/num_turns/mean, num_turns/mean (verl's count, set by the agent loop)
   actor/entropy, actor/grad_norm, actor/pg_loss   same names
@@ -41,6 +58,59 @@ VERL_SOURCES: dict[str, list[tuple[str, float]]] = {
     schema.LOG_RATIO_MEAN: [("actor/ppo_kl", -1.0)],
     schema.STEP_TIME_S: [("timing_s/step", 1.0)],
 }
+VERL_ACTOR_PREFIX = "actor/"  # verl 0.9.1: rename_dict(actor metrics, "actor/")
+SUM_PREFIX = "ctpo/sum/"
+SUM_TOKENS = SUM_PREFIX + "tokens"  # model tokens of the micro-batch
+SUM_LOG_RHO_CUM_SQ = SUM_PREFIX + "log_rho_cum_sq"  # sum over model tokens of log_rho_cum^2
+# per-token means over model tokens (ctpo.losses: each is a count or sum / #model tokens)
+TOKEN_MEAN_KEYS = (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.DUAL_CLIP_FRAC,
+                   schema.LOG_RATIO_MEAN, schema.LOG_RHO_CUM_MEAN)
+# per-micro-batch values whose micro-batch mean would be misnamed: not logged as such (see module doc)
+NOT_AVERAGEABLE = (schema.LOG_RHO_CUM_STD, schema.LOG_RATIO_ABS_MAX)
+
+
+def sum_key(key: str) -> str:
+    """`ctpo/clip_frac` -> `ctpo/sum/clip_frac` (no 'min'/'max' in any: verl reduces such names by min/max)."""
+    return SUM_PREFIX + key.split("/", 1)[1]
+
+
+def loss_metric_sums(metrics: dict, response_mask) -> dict:
+    """One micro-batch's loss metrics (ctpo.losses, 0-d tensors) as token sums; verl averages each over
+    micro-batches, and `exact_token_stats` divides them back. response_mask: (B, T) model tokens."""
+    tokens = response_mask.sum().float()
+    n = tokens.clamp(min=1)  # ctpo.losses divides by the clamped count (0 / 1 = 0 for an empty micro-batch)
+    out = {sum_key(k): metrics[k].detach().float() * n for k in TOKEN_MEAN_KEYS if k in metrics}
+    mean, std = metrics[schema.LOG_RHO_CUM_MEAN].detach().float(), metrics[schema.LOG_RHO_CUM_STD].detach().float()
+    out[SUM_LOG_RHO_CUM_SQ] = (std.square() + mean.square()) * n  # E[x^2] = Var + mean^2 within the micro-batch
+    out[SUM_TOKENS] = tokens
+    return out
+
+
+def _get(data: dict, key: str):
+    """verl's `actor/`-prefixed spelling first, then the bare name."""
+    for k in (VERL_ACTOR_PREFIX + key, key):
+        v = _num(data.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def exact_token_stats(data: dict) -> dict[str, float]:
+    """Token-weighted step statistics from the micro-batch-averaged sums; {} when the plugin logged none."""
+    tokens = _get(data, SUM_TOKENS)
+    if not tokens:
+        return {}
+    out = {}
+    for key in TOKEN_MEAN_KEYS:
+        v = _get(data, sum_key(key))
+        if v is not None:
+            out[key] = v / tokens
+    sq = _get(data, SUM_LOG_RHO_CUM_SQ)
+    if sq is not None and schema.LOG_RHO_CUM_MEAN in out:
+        out[schema.LOG_RHO_CUM_STD] = math.sqrt(max(sq / tokens - out[schema.LOG_RHO_CUM_MEAN] ** 2, 0.0))
+    return out
+
+
 _VAL_RE = re.compile(r"^val-core/(?P<source>.+)/(?P<var>[^/]+)/mean@(?P<k>\d+)$")
 _VAL_VAR_PRIORITY = ("acc", "reward", "score")
 
@@ -95,10 +165,13 @@ def _val_metrics(data: dict) -> dict[str, float]:
 def convert_step(step: int, data: dict) -> dict:
     """One metrics.jsonl row: every TRAIN_KEYS key (null when absent) plus val/{bench}/avg_at_k."""
     row: dict = {schema.STEP: step}
+    exact = exact_token_stats(data)
     for key in schema.TRAIN_KEYS:
         if key == schema.STEP:
             continue
-        value = _num(data.get(key))
+        value = exact.get(key)
+        if value is None and key not in NOT_AVERAGEABLE:
+            value = _get(data, key)
         if value is None:
             for src, sign in VERL_SOURCES.get(key, []):
                 v = _num(data.get(src))
@@ -106,6 +179,9 @@ def convert_step(step: int, data: dict) -> dict:
                     value = sign * v + 0.0  # + 0.0: no -0.0
                     break
         row[key] = value
+    lb = _get(data, schema.LOG_RATIO_ABS_MAX_LB)
+    if lb is not None:
+        row[schema.LOG_RATIO_ABS_MAX_LB] = lb
     row.update(_val_metrics(data))
     return row
 
