@@ -124,6 +124,9 @@ class TrainConfig:
     rollout_is_threshold: float = 5.0
     n_gpus: int = 8
     n_nodes: int = 1
+    # verl backend only: gpu (the paper run) | cpu (ctpo.train.verl_cpu: verl's own trainer on a CPU-only
+    # machine, n_gpus logical devices; the toy DAG's `toy_verl` experiment and config debugging)
+    verl_device: str = "gpu"
 
 
 @dataclass

@@ -20,6 +20,10 @@ PAD = "<|endoftext|>"
 EOS = "<|im_end|>"
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 TOKENIZER_FILE = "ctpo_char_tokenizer.json"
+CHAT_TEMPLATE = (  # Qwen3's message layout (configs/tir/*.yaml `chat:`), for verl's dataset length checks
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class CharTokenizer:
@@ -54,9 +58,27 @@ class CharTokenizer:
         return "".join(self.vocab[i] for i in ids if 0 <= i < self.vocab_size)
 
     def save(self, directory: str | Path) -> None:
+        """Our file, plus the same tokenizer in transformers' format (`AutoTokenizer.from_pretrained(dir)`,
+        which verl loads): the toy policy dir is a model dir for verl as it is for our own trainer."""
         from ctpo.io import write_json
 
         write_json(Path(directory) / TOKENIZER_FILE, {"kind": "char", "vocab": self.vocab})
+        self.to_hf().save_pretrained(str(directory))
+
+    def to_hf(self):
+        """A transformers fast tokenizer with the same ids, encoding and decoding (one id per character,
+        the chat specials as special tokens) and a Qwen3-style chat template."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(vocab=dict(self._id), unk_token="?"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False,
+            chat_template=CHAT_TEMPLATE,
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> "CharTokenizer":

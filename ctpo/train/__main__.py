@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.backend == "verl":
         from ctpo.train import verl_backend
 
-        return verl_backend.main(cfg, args.results, args.workdir, print_command=args.print_command)
+        return verl_backend.main(cfg, args.results, args.workdir, print_command=args.print_command, init=args.init)
     if args.print_command:
         print(f"error: --print-command is for train.backend=verl ({args.config} has '{cfg.train.backend}')",
               file=sys.stderr)

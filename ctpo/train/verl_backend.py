@@ -107,9 +107,13 @@ def experiment_name(cfg: RunConfig) -> str:
     return f"{cfg.run}-seed{cfg.seed}"
 
 
-def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
-    """Hydra overrides for everything but the loss (the paper's setup, values from `cfg`)."""
+def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None = None) -> list[str]:
+    """Hydra overrides for everything but the loss (the paper's setup, values from `cfg`). init: the policy
+    dir to start from (the toy's SFT warm start), else `model.path`."""
     t, r, m = cfg.train, cfg.rollout, cfg.model
+    model_path = str(Path(init).resolve()) if init else m.path
+    if not model_path:
+        raise ValueError("run config: model.path must name the policy (or pass --init POLICY_DIR) for the verl backend")
     if not cfg.data.val:
         raise ValueError("run config: data.val must name at least one validation parquet for the verl backend")
     val = "[" + ",".join(_q(v) for v in cfg.data.val) + "]"
@@ -136,7 +140,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path) -> list[str]:
         f"data.seed={cfg.seed}",
         f"+data.apply_chat_template_kwargs.enable_thinking={_b(r.enable_thinking)}",
         # model + our plugin (registers the ctpo losses in every worker at import)
-        f"actor_rollout_ref.model.path={m.path}",
+        f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
         "actor_rollout_ref.model.use_remove_padding=true",
         "actor_rollout_ref.model.enable_gradient_checkpointing=true",
@@ -210,12 +214,45 @@ def _loggers(cfg: RunConfig) -> str:
     return "[" + ",".join(loggers) + "]"
 
 
-def build_command(cfg: RunConfig, results_dir: str | Path, workdir: str | Path) -> list[str]:
-    """argv of the verl run: `python -m verl.trainer.main_ppo <overrides>` (loss from ctpo.verl_plugin)."""
+VERL_DEVICES = ("gpu", "cpu")
+
+
+def device_profile(cfg: RunConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(Hydra key -> value, environment) that `train.verl_device` changes; empty for the paper's gpu."""
+    dev = cfg.train.verl_device
+    if dev not in VERL_DEVICES:
+        raise ValueError(f"run config: train.verl_device: expected one of {VERL_DEVICES}, got '{dev}'")
+    if dev == "gpu":
+        return {}, {}
+    from ctpo.train import verl_cpu  # fails with one line on a verl other than the pinned one
+
+    return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes), verl_cpu.env()
+
+
+def apply_profile(overrides: list[str], profile: dict[str, str]) -> list[str]:
+    """`overrides` with the profile's keys replaced in place (others appended): one value per key."""
+    bare = {k.lstrip("+"): (k, v) for k, v in profile.items()}
+    out, seen = [], set()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+")
+        if key in bare:
+            k, v = bare[key]
+            out.append(f"{k}={v}")
+            seen.add(key)
+        else:
+            out.append(o)
+    return out + [f"{k}={v}" for key, (k, v) in bare.items() if key not in seen]
+
+
+def build_command(cfg: RunConfig, results_dir: str | Path, workdir: str | Path,
+                  init: str | Path | None = None) -> list[str]:
+    """argv of the verl run: `python -m verl.trainer.main_ppo <overrides>` (loss from ctpo.verl_plugin), with
+    the device profile's keys replaced (`train.verl_device`)."""
     from ctpo.verl_plugin import verl_overrides
 
     del results_dir  # verl writes nothing into results/; we convert after the run (`finalize`)
-    return [sys.executable, "-m", VERL_MAIN, *paper_overrides(cfg, workdir), *verl_overrides(cfg.loss)]
+    argv = [*paper_overrides(cfg, workdir, init), *verl_overrides(cfg.loss)]
+    return [sys.executable, "-m", VERL_MAIN, *apply_profile(argv, device_profile(cfg)[0])]
 
 
 def format_command(argv: list[str]) -> str:
@@ -283,6 +320,7 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     env["CTPO_DUMP_START_STEP"] = str(latest_step(workdir) + 1)
     env["CTPO_DUMP_CALLS_PER_STEP"] = str(loss_calls_per_step(cfg))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(device_profile(cfg)[1])
     return env
 
 
@@ -364,10 +402,11 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
     return done
 
 
-def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False) -> int:
+def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
+         init: str | Path | None = None) -> int:
     """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs."""
     workdir = Path(workdir)
-    argv = build_command(cfg, results_dir, workdir)
+    argv = build_command(cfg, results_dir, workdir, init)
     if print_command:
         sys.stdout.write(format_command(argv))
         return 0
@@ -437,6 +476,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", required=True, help="resolved run config (.json or .yaml)")
         s.add_argument("--results", required=True, help="results/{exp}/train/{run}/seed{seed}")
         s.add_argument("--workdir", required=True, help="runs/{exp}/{run}/seed{seed}")
+        s.add_argument("--init", default=None, help="policy dir to start from (the toy's SFT warm start)")
     m = sub.add_parser("merge", help="merge global_step_N/actor to <workdir>/hf/stepN, then write the marker")
     m.add_argument("--workdir", required=True)
     m.add_argument("--step", type=int, required=True)
@@ -454,7 +494,7 @@ def cli(args: list[str] | None = None) -> int:
             write_json(a.done, {"workdir": str(a.workdir), "step": a.step, "hf_dir": str(out)})
             return 0
         cfg = load_run_config(a.config)
-        return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"))
+        return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"), init=a.init)
     except (ConfigError, VerlRunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,76 @@
+"""The `cpu` device profile of the verl launcher: verl 0.9.1's own trainer (`verl.trainer.main_ppo`, V1
+engine workers, FSDP2, agent loop, TransferQueue) on a CPU-only machine, for the toy and for debugging a
+verl configuration before booking GPUs. Selected by `train.verl_device: cpu`; `ctpo.train.verl_backend`
+builds the same command as for the paper run and replaces only the keys of `overrides()` below.
+
+Importing this package (verl does so in every process through `VERL_USE_EXTERNAL_MODULES`, see `env()`)
+registers, through verl's own registries:
+  - platform `cpu` (`VERL_PLATFORM=cpu`): `ctpo.train.verl_cpu.platform`;
+  - verl's FSDP / FSDP2 engine classes for device `cpu` (verl lists them for cuda / npu only; the classes
+    themselves run on CPU with gloo);
+  - rollout `hf`: a transformers-generate server behind verl's replica / adapter contract
+    (`ctpo.train.verl_cpu.rollout`).
+These reach into verl internals, so they are pinned to verl 0.9.1: any other version fails with one line.
+"""
+from __future__ import annotations
+
+VERL_VERSION = "0.9.1"
+MODULE = __name__
+
+
+def check_verl_version() -> None:
+    import verl
+
+    found = getattr(verl, "__version__", "?")
+    if found != VERL_VERSION:
+        raise RuntimeError(f"ctpo.train.verl_cpu: needs verl {VERL_VERSION} (its platform, engine and rollout "
+                           f"registries), found verl {found}; use train.verl_device: gpu or install verl=={VERL_VERSION}")
+
+
+def overrides(n_devices: int) -> dict[str, str]:
+    """Hydra key -> value for the cpu profile (every other key is the paper run's)."""
+    a, m, ro = "actor_rollout_ref.actor", "actor_rollout_ref.model", "actor_rollout_ref.rollout"
+    return {
+        f"{m}.use_remove_padding": "false",  # flash-attn varlen path only
+        f"{m}.enable_gradient_checkpointing": "false",
+        f"+{m}.override_config.attn_implementation": "eager",  # verl's default is flash_attention_2
+        f"{a}.strategy": "fsdp2",  # FSDP1 refuses CPU parameters with sync_module_states
+        f"{a}.fsdp_config.param_offload": "false",
+        f"{a}.fsdp_config.optimizer_offload": "false",
+        f"{a}.fsdp_config.use_torch_compile": "false",
+        f"{a}.use_torch_compile": "false",
+        f"{a}.fsdp_config.dtype": "float32",  # no bf16 mixed precision: trainer and rollout agree exactly
+        f"{ro}.name": "hf",
+        f"{ro}.free_cache_engine": "false",
+        "trainer.device": "cpu",
+        "+ray_kwargs.ray_init.num_gpus": str(n_devices),  # the logical "GPU" resources verl's pools ask for
+    }
+
+
+def env() -> dict[str, str]:
+    """Environment of the verl process (inherited by its Ray workers)."""
+    return {
+        "VERL_PLATFORM": "cpu",
+        "VERL_USE_EXTERNAL_MODULES": MODULE,
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def register() -> None:
+    check_verl_version()
+    from ctpo.train.verl_cpu import platform as _platform  # noqa: F401  (registers `cpu`, before any device query)
+
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    from ctpo.train.verl_cpu import rollout
+
+    engines = EngineRegistry._engines
+    for model_type, cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
+        for backend in ("fsdp", "fsdp2"):
+            engines.setdefault(model_type, {}).setdefault(backend, {})["cpu"] = cls
+    rollout.register()
+
+
+register()
