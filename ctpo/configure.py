@@ -99,20 +99,21 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
 def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
     """The toy SFT warm start's config: experiment defaults + the shared model, with no run's overrides and
     no method file in it (`loss` holds LossConfig defaults), so editing one method or one run never
-    retrains the warm start that every local-backend run starts from.
+    retrains the warm start that every toy-model run (either backend) starts from.
 
-    Every local-backend run must resolve to the same model section."""
+    Every toy-model run must resolve to the same model section."""
     local = {}
     for run in experiment["runs"]:
         cfg = resolve_run(experiment, run, seed, config_dir)
-        if cfg["train"]["backend"] == "local":
+        if cfg["model"]["kind"] == "toy":
             local[run] = cfg
     if not local:
-        raise ConfigError(f"experiment '{experiment['experiment']}': no run uses train.backend local; no warm start")
+        raise ConfigError(f"experiment '{experiment['experiment']}': no run uses a toy model (model.kind toy); "
+                          "no warm start")
     models = {json.dumps(c["model"], sort_keys=True) for c in local.values()}
     if len(models) > 1:
         raise ConfigError(
-            f"experiment '{experiment['experiment']}': local-backend runs {sorted(local)} use different models; "
+            f"experiment '{experiment['experiment']}': toy-model runs {sorted(local)} use different models; "
             "the toy warm start is shared per seed, so they must agree"
         )
     first = next(iter(local))

@@ -224,8 +224,12 @@ def device_profile(cfg: RunConfig) -> tuple[dict[str, str], dict[str, str]]:
         raise ValueError(f"run config: train.verl_device: expected one of {VERL_DEVICES}, got '{dev}'")
     if dev == "gpu":
         return {}, {}
-    from ctpo.train import verl_cpu  # fails with one line on a verl other than the pinned one
+    from ctpo.train import verl_cpu
 
+    try:
+        verl_cpu.check_verl_version()  # the profile reaches into verl internals
+    except RuntimeError as e:
+        raise VerlRunError(str(e)) from None
     return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes), verl_cpu.env()
 
 

@@ -73,6 +73,11 @@ def is_local(wildcards):
     return run_cfg(wildcards)["train"]["backend"] == "local"
 
 
+def needs_warmstart(wildcards):
+    """The toy model starts from the SFT warm start on either backend (verl: `--init` = its model path)."""
+    return run_cfg(wildcards)["model"]["kind"] == "toy"
+
+
 def get_data_marker(wildcards=None):
     """The done marker of the training data (a checksum manifest in results/, copied with results)."""
     return P["data_toy"] if config["data"]["kind"] == "toy" else P["data_deepscaler"]
@@ -101,13 +106,13 @@ def get_train_inputs(wildcards):
         "config": P["run_config"].format(**wildcards),
         "data": get_data_marker(),
     }
-    if is_local(wildcards):
+    if needs_warmstart(wildcards):
         inputs["sft"] = P["sft_done"].format(seed=wildcards.seed)
     return inputs
 
 
 def get_init_arg(wildcards):
-    return f"--init {P['sft_workdir'].format(seed=wildcards.seed)}/policy" if is_local(wildcards) else ""
+    return f"--init {P['sft_workdir'].format(seed=wildcards.seed)}/policy" if needs_warmstart(wildcards) else ""
 
 
 def get_checkpoint_dir(wildcards):

@@ -3,8 +3,8 @@ engine workers, FSDP2, agent loop, TransferQueue) on a CPU-only machine, for the
 verl configuration before booking GPUs. Selected by `train.verl_device: cpu`; `ctpo.train.verl_backend`
 builds the same command as for the paper run and replaces only the keys of `overrides()` below.
 
-Importing this package (verl does so in every process through `VERL_USE_EXTERNAL_MODULES`, see `env()`)
-registers, through verl's own registries:
+Importing `ctpo.train.verl_cpu.registry` (verl does so in every process through `VERL_USE_EXTERNAL_MODULES`,
+see `env()`; this package itself stays light for the launcher) registers, through verl's own registries:
   - platform `cpu` (`VERL_PLATFORM=cpu`): `ctpo.train.verl_cpu.platform`;
   - verl's FSDP / FSDP2 engine classes for device `cpu` (verl lists them for cuda / npu only; the classes
     themselves run on CPU with gloo);
@@ -15,7 +15,10 @@ These reach into verl internals, so they are pinned to verl 0.9.1: any other ver
 from __future__ import annotations
 
 VERL_VERSION = "0.9.1"
-MODULE = __name__
+REGISTRY_MODULE = f"{__name__}.registry"
+
+
+RAY_LOGICAL_CPUS = 16
 
 
 def check_verl_version() -> None:
@@ -44,6 +47,10 @@ def overrides(n_devices: int) -> dict[str, str]:
         f"{ro}.free_cache_engine": "false",
         "trainer.device": "cpu",
         "+ray_kwargs.ray_init.num_gpus": str(n_devices),  # the logical "GPU" resources verl's pools ask for
+        # Ray's CPU count is logical: verl's and TransferQueue's actors reserve 1 each (task runner, TQ
+        # controller, storage units, reward workers); with the detected 2 they wait on each other forever
+        "ray_kwargs.ray_init.num_cpus": str(RAY_LOGICAL_CPUS),
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units": "1",  # default 8 processes
     }
 
 
@@ -51,26 +58,6 @@ def env() -> dict[str, str]:
     """Environment of the verl process (inherited by its Ray workers)."""
     return {
         "VERL_PLATFORM": "cpu",
-        "VERL_USE_EXTERNAL_MODULES": MODULE,
-        "CUDA_VISIBLE_DEVICES": "",
+        "VERL_USE_EXTERNAL_MODULES": REGISTRY_MODULE,
         "TOKENIZERS_PARALLELISM": "false",
     }
-
-
-def register() -> None:
-    check_verl_version()
-    from ctpo.train.verl_cpu import platform as _platform  # noqa: F401  (registers `cpu`, before any device query)
-
-    from verl.workers.engine.base import EngineRegistry
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
-
-    from ctpo.train.verl_cpu import rollout
-
-    engines = EngineRegistry._engines
-    for model_type, cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
-        for backend in ("fsdp", "fsdp2"):
-            engines.setdefault(model_type, {}).setdefault(backend, {})["cpu"] = cls
-    rollout.register()
-
-
-register()
