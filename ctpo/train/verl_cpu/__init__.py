@@ -51,6 +51,9 @@ def overrides(n_devices: int) -> dict[str, str]:
         # controller, storage units, reward workers); with the detected 2 they wait on each other forever
         "ray_kwargs.ray_init.num_cpus": str(RAY_LOGICAL_CPUS),
         "transfer_queue.backend.SimpleStorage.num_data_storage_units": "1",  # default 8 processes
+        f"{ro}.agent.num_workers": "1",  # agent-loop worker processes (default 8)
+        "reward.num_workers": "1",  # reward worker processes (default 8)
+        "data.dataloader_num_workers": "0",
     }
 
 

@@ -25,8 +25,8 @@ class _CPUDevice(ModuleType):
         return True
 
     @staticmethod
-    def current_device() -> int:
-        return 0
+    def current_device():
+        return torch.device("cpu")  # verl passes it to .to(device=...): an int would mean an accelerator
 
     @staticmethod
     def device_count() -> int:
@@ -111,8 +111,8 @@ class PlatformCPU(PlatformBase):
     def is_platform_available(self, use_smi_check=False) -> bool:
         return False  # never auto-detected: only an explicit VERL_PLATFORM=cpu selects it
 
-    def current_device(self) -> int:
-        return 0
+    def current_device(self):
+        return torch.device("cpu")  # verl passes it to .to(device=...): an int would mean an accelerator
 
     def device_count(self) -> int:
         return 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ctpo.train.verl_cpu import check_verl_version
 
+ROLLOUT_NAME = "hf"  # ctpo.train.verl_cpu.rollout.NAME
+
 
 def register() -> None:
     check_verl_version()
@@ -12,14 +14,27 @@ def register() -> None:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
-    from ctpo.train.verl_cpu import rollout
-
     engines = EngineRegistry._engines
     for model_type, cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
         for backend in ("fsdp", "fsdp2"):
             engines.setdefault(model_type, {}).setdefault(backend, {})["cpu"] = cls
-    rollout.register()
+    _register_rollout()
     _gloo_process_groups()
+
+
+def _load_hf_replica():
+    from ctpo.train.verl_cpu.rollout import HFReplica
+
+    return HFReplica
+
+
+def _register_rollout() -> None:
+    """Lazily (a name and a loader): ctpo.train.verl_cpu.rollout imports verl, which imports this module."""
+    from verl.workers.rollout import base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
+    base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "ctpo.train.verl_cpu.rollout.HFServerAdapter"
 
 
 def _gloo_process_groups() -> None:

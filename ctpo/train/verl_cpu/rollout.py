@@ -45,13 +45,22 @@ class _Tok:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
+def _model_path(model_config) -> str:
+    """`local_path` (HFModelConfig, set after a hub copy) or `path`; the replica passes verl's DictConfig."""
+    for key in ("local_path", "path"):
+        value = model_config.get(key) if hasattr(model_config, "get") else getattr(model_config, key, None)
+        if value:
+            return str(value)
+    raise ValueError("rollout.name=hf: actor_rollout_ref.model.path is empty")
+
+
 class HFRolloutServer:
     def __init__(self, config, model_config, replica_rank: int = 0, node_rank: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ctpo.agent.generation import HFGenerator
 
-        path = model_config.local_path or model_config.path
+        path = _model_path(model_config)
         torch.set_num_threads(max(1, int(os.environ.get("CTPO_ROLLOUT_THREADS", "1"))))
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
         self.model.eval()
@@ -183,17 +192,3 @@ class HFServerAdapter(BaseRollout):
                 tensor = tensor.full_tensor()
             state[name] = tensor.detach().to("cpu", torch.float32).clone()
         await self._server().update_weights.remote(state, global_steps)
-
-
-def _load_replica() -> type[RolloutReplica]:
-    return HFReplica
-
-
-def register() -> None:
-    from verl.workers.rollout import base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    RolloutReplicaRegistry.register(NAME, _load_replica)
-    base._ROLLOUT_REGISTRY[(NAME, "async")] = f"{__name__}.HFServerAdapter"
-
-
