@@ -25,6 +25,18 @@ class _CPUDevice(ModuleType):
         return True
 
     @staticmethod
+    def is_initialized() -> bool:
+        return True
+
+    @staticmethod
+    def get_device_name(*_a) -> str:
+        return "CPU"  # verl's flops table has no entry: MFU is reported as 0
+
+    @staticmethod
+    def ipc_collect() -> None:
+        pass
+
+    @staticmethod
     def current_device():
         return torch.device("cpu")  # verl passes it to .to(device=...): an int would mean an accelerator
 

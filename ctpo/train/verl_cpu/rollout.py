@@ -62,7 +62,7 @@ class HFRolloutServer:
 
         path = _model_path(model_config)
         torch.set_num_threads(max(1, int(os.environ.get("CTPO_ROLLOUT_THREADS", "1"))))
-        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         self.model.eval()
         self.tokenizer = _Tok(AutoTokenizer.from_pretrained(path))
         self.generator = HFGenerator(self.model, self.tokenizer)
