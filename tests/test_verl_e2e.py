@@ -43,10 +43,11 @@ def _run_config(root: Path, run: str) -> dict:
     d["data"]["val"] = [str(root / "data/toy_arith.parquet")]
     d["wandb"]["mode"] = "offline"
     d["eval"].update(k=2, max_problems=2)
-    # the smallest run with the paper's structure: 2 prompts x groups of 2, 3 steps, a save every step,
+    # the smallest run with the paper's structure: 2 prompts x groups of 2, two mini-batch updates per step
+    # (the second sees moved ratios), 3 steps, a save every step,
     # validation at step 2 (and, verl's rule, after the last step), a rollout dump at step 1
     d["rollout"].update(n=2)
-    d["train"].update(prompts_per_step=2, mini_batch_prompts=2, micro_batch_size_per_gpu=2, total_steps=3,
+    d["train"].update(prompts_per_step=2, mini_batch_prompts=1, micro_batch_size_per_gpu=2, total_steps=3,
                       save_freq=1, test_freq=2, dump_steps=[1])
     return d
 
@@ -130,6 +131,14 @@ def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp
         assert 0.0 <= r[schema.CLIP_FRAC] <= 1.0 and r[schema.LOG_RHO_CUM_STD] >= 0.0
     assert "val/toy_arith/avg_at_k" in rows[1]  # validation at test_freq
     assert any(r[schema.REWARD_MEAN] > 0 for r in rows)  # the warm start earns reward: advantages are live
+    assert any(r[schema.LOG_RHO_CUM_STD] > 0 for r in rows)  # the second mini-batch saw a moved policy
+    # fp32 trainer and fp32 HF rollout: verl's own rollout-vs-trainer comparison finds the same log-probs
+    from ctpo.train.verl_metrics import read_verl_log
+
+    for attempt in sorted((wd / "verl_logs").glob("attempt*.jsonl")):
+        for step, data in read_verl_log(attempt).items():
+            if "rollout_corr/log_ppl_abs_diff" in data:
+                assert data["rollout_corr/log_ppl_abs_diff"] < 1e-4, (attempt.name, step, data)
 
     # rollout dump of step 1 -> the diagnostics
     dump = wd / "rollouts" / "step1.npz"

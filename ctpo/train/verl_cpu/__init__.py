@@ -42,7 +42,10 @@ def overrides(n_devices: int) -> dict[str, str]:
         f"{a}.fsdp_config.optimizer_offload": "false",
         f"{a}.fsdp_config.use_torch_compile": "false",
         f"{a}.use_torch_compile": "false",
-        f"{a}.fsdp_config.dtype": "float32",  # no bf16 mixed precision: trainer and rollout agree exactly
+        f"{a}.fsdp_config.dtype": "float32",
+        # no bf16 autocast (verl's FSDP engine defaults param_dtype to bf16): the trainer's log-probs equal
+        # the fp32 rollout server's, so rollout IS weights are 1 up to float rounding
+        f"+{a}.fsdp_config.mixed_precision": "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
         f"{ro}.name": "hf",
         f"{ro}.free_cache_engine": "false",
         "trainer.device": "cpu",
