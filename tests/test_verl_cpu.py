@@ -146,3 +146,14 @@ def test_hf_rollout_server_returns_verls_token_output_with_true_log_probs(toy_di
     assert o.extra_fields == {"global_steps": 7}
     uniform = -torch.log(torch.tensor(float(tok.vocab_size)))
     assert all(abs(x - uniform.item()) < 1e-4 for x in o.log_probs)  # a zero final norm: uniform logits
+
+
+def test_toy_verl_runs_start_from_the_shared_warm_start():
+    """The DAG gives every toy-model run the SFT warm start, on either backend (verl: `--init`)."""
+    from ctpo.configure import warmstart_config
+
+    exp = load_experiment(REPO / "configs/experiments/toy_verl.yaml")
+    ws = warmstart_config(exp, 0)
+    assert ws["model"]["kind"] == "toy" and ws["train"]["backend"] == "verl"
+    smk = (REPO / "workflow/rules/common.smk").read_text()
+    assert 'if needs_warmstart(wildcards) else ""' in smk and 'inputs["sft"]' in smk
