@@ -59,6 +59,9 @@ def toy(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("verl_e2e")
     write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
+    reuse = os.environ.get("CTPO_E2E_WARMSTART")  # a toy warm-start policy dir built earlier (saves minutes)
+    if reuse:
+        return root, Path(reuse)
     cfg = _run_config(root, "toy_ctpo")
     (root / "sft.json").write_text(json.dumps(cfg))
     os.environ["WANDB_MODE"] = "offline"
