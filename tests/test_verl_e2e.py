@@ -33,7 +33,7 @@ from ctpo.io import read_json  # noqa: E402
 from ctpo.train import verl_backend as vb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-LAUNCH_TIMEOUT_S = 1500  # one verl launch (Ray start-up + steps) on 2 loaded cores
+LAUNCH_TIMEOUT_S = 3600  # a hang guard only (one launch took ~4 min at load average 15 on 2 cores)
 pytestmark = [pytest.mark.verl_e2e, pytest.mark.timeout(3600)]
 
 
@@ -174,7 +174,8 @@ def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp
     actor_bf16 = AutoModelForCausalLM.from_pretrained(policy, torch_dtype=torch.float32)
     actor_bf16.load_state_dict({k: v.bfloat16().float() for k, v in actor_state.items()}, strict=False)
     torch.testing.assert_close(logp(merged), logp(actor_bf16), rtol=0, atol=1e-5)  # the same weights
-    assert (logp(merged) - logp(actor)).abs().max() < 0.05  # bf16 rounding of the fp32 actor only
+    # verl 0.9.1's merger writes bf16 (model_merger/base_model_merger.py: torch_dtype=torch.bfloat16): the
+    # evaluated model is the fp32 actor rounded to bf16 (measured: up to 0.18 in log-prob over the vocab)
     assert (logp(actor) - logp(initial)).abs().max() > 1e-4  # and training moved the policy
 
     # evaluation of the merged checkpoint through ctpo.eval (the DAG's eval rule)
@@ -183,6 +184,6 @@ def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp
                           "--benchmark", str(root / "data" / "toy_arith.parquet"), "--step", "3", "--out", str(ev),
                           "--backend", "hf"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    side = read_json(Path(str(ev) + ".json")) if Path(str(ev) + ".json").exists() else read_json(ev.with_suffix(".json"))
+    side = read_json(ev.with_suffix(".json"))
     assert side["n_problems"] == 2 and side["k"] == 2 and 0.0 <= side["avg_at_k"] <= 1.0
     print("verl e2e timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
