@@ -48,6 +48,7 @@ class LossConfig:
     power: float = 0.5
     fixed_bounds: Optional[List[float]] = None  # ctpo_fixed: rho_cum clipped to [lo, hi] (Table 3: [0.5, 5])
     dual_clip_c: Optional[float] = None  # CTPO log-space dual clip: loss of A<0 tokens <= -A * exp(c * t^power)
+    fixed_dual_clip: Optional[float] = None  # ctpo_fixed: loss of A<0 tokens <= -A * c at every position (c >= hi)
 
 
 @dataclass
@@ -245,6 +246,20 @@ def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
     return obj
 
 
+def check_fixed_ablation(fixed_bounds, dual_clip_c, fixed_dual_clip) -> None:
+    """Table 3's ablation is fixed at every position for both advantage signs: a ValueError naming the key
+    unless fixed_bounds is [lo, hi], the position-scaled dual_clip_c is off, and the constant dual clip (if any)
+    is no tighter than the upper bound (a cap below hi would zero A < 0 gradients inside the band)."""
+    if not fixed_bounds or len(fixed_bounds) != 2:
+        raise ValueError(f"loss.fixed_bounds: method ctpo_fixed needs [lo, hi], got {fixed_bounds}")
+    if dual_clip_c is not None:
+        raise ValueError(f"loss.dual_clip_c: method ctpo_fixed must not scale its dual clip with position "
+                         f"(got {dual_clip_c}); use loss.fixed_dual_clip, a constant ratio cap >= fixed_bounds[1]")
+    if fixed_dual_clip is not None and fixed_dual_clip < fixed_bounds[1]:
+        raise ValueError(f"loss.fixed_dual_clip: {fixed_dual_clip} is tighter than the upper bound "
+                         f"fixed_bounds[1] = {fixed_bounds[1]}; expected >= it")
+
+
 def validate_run_config(cfg: dict, source: str = "run config") -> None:
     """Checks that span keys; raises ConfigError naming the key."""
     loss, train, rollout, model = cfg["loss"], cfg["train"], cfg["rollout"], cfg["model"]
@@ -255,6 +270,14 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
     fb = loss.get("fixed_bounds")
     if fb is not None and (len(fb) != 2 or not 0 < fb[0] < 1 < fb[1]):
         raise ConfigError(f"{source}: loss.fixed_bounds must be [lo, hi] with 0 < lo < 1 < hi, got {fb}")
+    if loss["method"] == "ctpo_fixed":
+        try:
+            check_fixed_ablation(fb, loss.get("dual_clip_c"), loss.get("fixed_dual_clip"))
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    elif loss.get("fixed_dual_clip") is not None:
+        raise ConfigError(f"{source}: loss.fixed_dual_clip is only for method ctpo_fixed, got method "
+                          f"'{loss['method']}'")
     if train["prompts_per_step"] % train["mini_batch_prompts"] != 0:
         raise ConfigError(
             f"{source}: train.prompts_per_step ({train['prompts_per_step']}) must be divisible by "

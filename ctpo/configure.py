@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, resolve_run
+from ctpo.diagnostics.run import FIXED_METHOD, method_loss  # Figure 1: the fixed band is the ablation's
 from ctpo.io import sha256_file, write_json
 
 # The warm start trains no policy loss; its config carries the LossConfig defaults under this method
@@ -68,6 +69,13 @@ def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict]) ->
     diag = experiment["diagnostics"]
     if diag["run"] not in runs:
         raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
+    band = method_loss(FIXED_METHOD).fixed_bounds
+    for (run, _), cfg in sorted(resolved.items()):
+        if cfg["loss"]["method"] == FIXED_METHOD and list(cfg["loss"]["fixed_bounds"]) != list(band):
+            raise ConfigError(
+                f"experiment runs.{run}: loss.fixed_bounds {cfg['loss']['fixed_bounds']} differs from "
+                f"configs/methods/{FIXED_METHOD}.yaml {band}, where Figure 1's fixed band comes from; edit the method file"
+            )
     for seed in experiment["seeds"]:
         dumped = set(resolved[(diag["run"], int(seed))]["train"]["dump_steps"])
         missing = sorted(set(diag["steps"]) - dumped)

@@ -25,8 +25,10 @@ method-specific IS ratio exceeds the corresponding clipping threshold"), over mo
     CLIP_FRAC      = #{w_t outside [lo_t, hi_t]}            / #model tokens
     CLIP_FRAC_LOW  = #{w_t < lo_t and A_t < 0}              / #model tokens   (clip active, no gradient)
     CLIP_FRAC_HIGH = #{w_t > hi_t and A_t > 0}              / #model tokens   (clip active, no gradient)
+    CLIP_FRAC_ACTIVE = LOW + HIGH   (verl's `pg_clipfrac`: the clipped branch is the one taken)
 
-so CLIP_FRAC >= LOW + HIGH; the rest are out-of-range tokens where the min() keeps the unclipped term.
+so CLIP_FRAC >= CLIP_FRAC_ACTIVE; the rest are out-of-range tokens where the min() keeps the unclipped term.
+Figure 2 plots CLIP_FRAC for every method, on both backends; CLIP_FRAC_ACTIVE is kept as its own metric.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ctpo import schema
-from ctpo.config import LossConfig
+from ctpo.config import LossConfig, check_fixed_ablation
 
 LOG_RATIO_CLAMP = 20.0  # per-token |log r_t| clamp (verl, released CTPO)
 LOG_WEIGHT_CAP = 10.0  # cumulative / sequence log-weight capped before exp (released CTPO, verl GSPO)
@@ -143,10 +145,12 @@ def _clip_stats(adv: Tensor, mask: Tensor, below: Tensor, above: Tensor, capped:
     bounds, (B, T) or (B, 1); capped: (B, T) bool or None."""
     below = below & mask
     above = above & mask
+    low, high = _count(below & (adv < 0)) / n, _count(above & (adv > 0)) / n
     return {
         schema.CLIP_FRAC: _count(below | above) / n,
-        schema.CLIP_FRAC_LOW: _count(below & (adv < 0)) / n,
-        schema.CLIP_FRAC_HIGH: _count(above & (adv > 0)) / n,
+        schema.CLIP_FRAC_LOW: low,
+        schema.CLIP_FRAC_HIGH: high,
+        schema.CLIP_FRAC_ACTIVE: low + high,
         schema.DUAL_CLIP_FRAC: torch.zeros((), device=n.device) if capped is None else _count(capped & mask) / n,
     }
 
@@ -201,8 +205,11 @@ def cumulative_log_ratio(log_prob: Tensor, old_log_prob: Tensor, response_mask: 
 def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                       eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
                       fixed_bounds: Optional[Sequence[float]] = None,
-                      dual_clip_c: Optional[float] = None) -> tuple[Tensor, dict]:
+                      dual_clip_c: Optional[float] = None,
+                      fixed_dual_clip: Optional[float] = None) -> tuple[Tensor, dict]:
     """Per-token CTPO loss (B, T) and metrics; see `ctpo_loss`."""
+    if dual_clip_c is not None and fixed_dual_clip is not None:
+        raise ValueError("dual_clip_c (position-scaled) and fixed_dual_clip (constant) are exclusive")
     _check_shapes(old_log_prob, log_prob, advantages, response_mask)
     mask = response_mask.bool()
     with torch.no_grad():
@@ -216,6 +223,8 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
         log_w = s.clamp_(max=LOG_WEIGHT_CAP)  # released: log ratio capped at 10 before exp
         t_p = torch.cumsum(mask, dim=-1, dtype=torch.float32).pow_(power)  # t^p, t = 1-based model-token index
         cap = None if dual_clip_c is None else torch.mul(t_p, dual_clip_c).exp_()  # loss(A<0) <= -A exp(c t^p)
+        if fixed_dual_clip is not None:  # Table 3 ablation: loss(A<0) <= -A c at every position
+            cap = torch.tensor(float(fixed_dual_clip), device=adv.device)
         if fixed_bounds is None:  # position-adaptive: log rho_cum in [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
             hi = t_p * eps_high
             lo = t_p.mul_(-eps_low)
@@ -234,7 +243,8 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
 def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
               eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
               fixed_bounds: Optional[Sequence[float]] = None, dual_clip_c: Optional[float] = None,
-              loss_agg_mode: str = "token-mean", batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+              fixed_dual_clip: Optional[float] = None, loss_agg_mode: str = "token-mean", batch_num_tokens=None,
+              global_batch_size=None) -> tuple[Tensor, dict]:
     """CTPO loss (paper Eq. J_CTPO, Sec. 3.3), negated for minimisation.
 
         loss = agg_t  max(-A_t rho_cum_t, -A_t clip(rho_cum_t, e^{-eps_low t^p}, e^{eps_high t^p}))
@@ -244,13 +254,15 @@ def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respon
         eps_low, eps_high, power: position-adaptive log-space bounds [-eps_low t^p, eps_high t^p].
         fixed_bounds: (lo, hi) clips rho_cum to [lo, hi] instead (Table 3 ablation: (0.5, 5)).
         dual_clip_c: for A < 0 the token loss is capped at -A exp(c t^p) (released CTPO, c = 0.05).
+        fixed_dual_clip: for A < 0 the token loss is capped at -A c at every position (the Table 3 ablation,
+            whose clip does not scale with t; exclusive with dual_clip_c).
         loss_agg_mode, batch_num_tokens, global_batch_size: see `agg_loss`.
     Returns: scalar loss; metrics dict (schema names -> 0-d tensors).
     Gradient: d loss / d log_prob_t = -A_t rho_cum_t / N where the unclipped branch is taken, else 0
     (Proposition 1's estimator); rho_cum's value is capped at e^10.
     """
     loss_mat, metrics = ctpo_token_losses(old_log_prob, log_prob, advantages, response_mask, eps_low, eps_high,
-                                          power, fixed_bounds, dual_clip_c)
+                                          power, fixed_bounds, dual_clip_c, fixed_dual_clip)
     return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
 
 
@@ -428,12 +440,13 @@ def policy_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     if m == "gspo":
         return gspo_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high)
     if m == "ctpo":
+        if cfg.fixed_dual_clip is not None:
+            raise ValueError("loss.fixed_dual_clip: only for method ctpo_fixed (ctpo scales its dual clip: dual_clip_c)")
         return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, None, cfg.dual_clip_c)
     if m == "ctpo_fixed":
-        if not cfg.fixed_bounds or len(cfg.fixed_bounds) != 2:
-            raise ValueError(f"loss.fixed_bounds: method ctpo_fixed needs [lo, hi], got {cfg.fixed_bounds}")
+        check_fixed_ablation(cfg.fixed_bounds, cfg.dual_clip_c, cfg.fixed_dual_clip)
         return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, tuple(cfg.fixed_bounds),
-                                 cfg.dual_clip_c)
+                                 None, cfg.fixed_dual_clip)
     if m == "full_seq":
         return full_seq_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
     raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")

@@ -30,6 +30,8 @@ ACCURACY = "train/accuracy"  # fraction of responses with reward 1
 CLIP_FRAC = "ctpo/clip_frac"  # fraction of model tokens whose ratio is outside its bounds (see losses.py)
 CLIP_FRAC_LOW = "ctpo/clip_frac_low"  # ... below the lower bound with A < 0
 CLIP_FRAC_HIGH = "ctpo/clip_frac_high"  # ... above the upper bound with A > 0
+# clip active (low + high): verl's actor/pg_clipfrac quantity; a separate metric, not Figure 2's clip_frac
+CLIP_FRAC_ACTIVE = "ctpo/clip_frac_active"
 DUAL_CLIP_FRAC = "ctpo/dual_clip_frac"  # model tokens with A < 0 whose loss the dual clip caps
 RESPONSE_LENGTH = "train/response_length_mean"  # tokens per response, observations included
 MODEL_TOKENS = "train/model_tokens_mean"  # model-generated tokens per response
@@ -50,7 +52,7 @@ STEP_TIME_S = "time/step_s"
 VAL_PREFIX = "val/"  # val/{benchmark}/avg_at_k when a validation ran at this step
 
 TRAIN_KEYS = (
-    STEP, REWARD_MEAN, ACCURACY, CLIP_FRAC, CLIP_FRAC_LOW, CLIP_FRAC_HIGH, RESPONSE_LENGTH, MODEL_TOKENS,
+    STEP, REWARD_MEAN, ACCURACY, CLIP_FRAC, CLIP_FRAC_LOW, CLIP_FRAC_HIGH, CLIP_FRAC_ACTIVE, RESPONSE_LENGTH, MODEL_TOKENS,
     TURNS, TOOL_CALLS, ENTROPY, GRAD_NORM, PG_LOSS, LOG_RATIO_MEAN, LOG_RATIO_ABS_MAX,
     LOG_RHO_CUM_MEAN, LOG_RHO_CUM_STD, STEP_TIME_S,
 )

@@ -1,15 +1,18 @@
-"""verl 0.9.1 adapter: registers `ctpo`, `ctpo_fixed` and `full_seq` as verl policy losses.
+"""verl 0.9.1 adapter: registers `ctpo`, `ctpo_fixed`, `full_seq`, `verl_vanilla`, `verl_gspo` as verl policy losses.
 
 Importing this module (verl does so for `actor_rollout_ref.model.external_lib=ctpo.verl_plugin`, and Hydra
-does so when it instantiates `CTPOPolicyLossConfig`) adds the three names to verl's `POLICY_LOSS_REGISTRY`
-with verl's exact `PolicyLossFn` signature. `vanilla` (GRPO) and `gspo` stay verl's own.
+does so when it instantiates `CTPOPolicyLossConfig`) adds these names to verl's `POLICY_LOSS_REGISTRY`
+with verl's exact `PolicyLossFn` signature. `vanilla` (GRPO) and `gspo` stay verl's own; the GRPO and GSPO
+runs use `verl_vanilla` / `verl_gspo`, which call verl's own `vanilla` / `gspo` unchanged for the loss and
+its gradient and add the `ctpo/*` metrics, so every method reports one clip fraction (below).
 
 Hyperparameters. verl's config dataclasses are frozen and `PolicyLossConfig` has no CTPO fields, so the
 CTPO knobs live on a `PolicyLossConfig` subclass, selected by overriding the node's `_target_`:
 
     actor_rollout_ref.actor.policy_loss._target_=ctpo.verl_plugin.CTPOPolicyLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=ctpo
-    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (eps_high, power, fixed_bounds, dual_clip_c alike)
+    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (eps_high, power, fixed_bounds, dual_clip_c,
+                                                         fixed_dual_clip alike)
 
 `verl_overrides(loss_cfg)` produces these strings from our `LossConfig`. The token/sequence-ratio clip
 range (`clip_ratio_low/high/c`) stays on verl's actor config, as for `vanilla`.
@@ -20,6 +23,10 @@ aggregates with `config.global_batch_info`, exactly as verl's built-in losses do
 plus the `ctpo/*` names of `ctpo.schema` (verl logs them as `actor/ctpo/*`) and per-micro-batch token sums
 `ctpo/sum/*` from which `ctpo.train.verl_metrics` recovers exact step statistics; the std and max of a
 micro-batch are not logged as such (verl would average them over micro-batches), see verl_metrics.
+Figure 2 plots `ctpo/clip_frac`, the paper's definition (the
+fraction of model tokens whose method-specific ratio is outside its clip range), for every method;
+`ctpo/clip_frac_active` is verl's `pg_clipfrac` quantity (clip active: A > 0 above, A < 0 below) and stays
+a separate metric.
 
 Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.train.verl_dumps.record` (a no-op
 unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
@@ -39,7 +46,9 @@ from ctpo.losses import policy_token_losses
 from ctpo.train import verl_dumps
 from ctpo.train.verl_metrics import NOT_AVERAGEABLE, loss_metric_sums
 
-REGISTERED = ("ctpo", "ctpo_fixed", "full_seq")
+REGISTERED = ("ctpo", "ctpo_fixed", "full_seq", "verl_vanilla", "verl_gspo")
+# our registered name -> (verl's own loss it wraps, our method whose metrics it adds)
+VERL_WRAPPED = {"verl_vanilla": ("vanilla", "grpo"), "verl_gspo": ("gspo", "gspo")}
 _PREFIX = "actor_rollout_ref.actor"
 
 
@@ -52,6 +61,7 @@ class CTPOPolicyLossConfig(PolicyLossConfig):
     power: float = LossConfig.power
     fixed_bounds: Optional[list[float]] = LossConfig.fixed_bounds
     dual_clip_c: Optional[float] = LossConfig.dual_clip_c
+    fixed_dual_clip: Optional[float] = LossConfig.fixed_dual_clip
 
 
 def _loss_config(method: str, loss_agg_mode: str, config: Any) -> LossConfig:
@@ -73,7 +83,8 @@ def _loss_config(method: str, loss_agg_mode: str, config: Any) -> LossConfig:
         raise ValueError(f"{_PREFIX}.policy_loss.fixed_bounds: must be null for loss_mode=ctpo and [lo, hi] for "
                          f"ctpo_fixed, got {fixed} with loss_mode={method}")
     return LossConfig(method=method, loss_agg_mode=loss_agg_mode, eps_low=pl.eps_low, eps_high=pl.eps_high,
-                      power=pl.power, fixed_bounds=fixed, dual_clip_c=pl.dual_clip_c, **ratio)
+                      power=pl.power, fixed_bounds=fixed, dual_clip_c=pl.dual_clip_c,
+                      fixed_dual_clip=pl.fixed_dual_clip, **ratio)
 
 
 def _verl_loss(method: str):
@@ -108,6 +119,34 @@ def _verl_loss(method: str):
     return loss_fn
 
 
+def _verl_wrapped(name: str):
+    """verl's own loss (`vanilla` / `gspo`) for value and gradient, plus our `ctpo/*` metrics on the same inputs."""
+    verl_name, method = VERL_WRAPPED[name]
+    verl_fn = core_algos.POLICY_LOSS_REGISTRY[verl_name]
+
+    def loss_fn(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Optional[Any] = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg = _loss_config(method, loss_agg_mode, config)  # no rollout dump: Figure 1 diagnoses CTPO's rollouts
+        loss, out = verl_fn(old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
+                            response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config,
+                            rollout_is_weights=rollout_is_weights)
+        with torch.no_grad():
+            _, metrics = policy_token_losses(old_log_prob.detach(), log_prob.detach(), advantages, response_mask, cfg)
+        return loss, {**out, **metrics}
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{name}"
+    loss_fn.__doc__ = (f"verl PolicyLossFn for loss_mode={name}: verl's own `{verl_name}` (loss and gradient "
+                       f"unchanged) plus ctpo/* metrics of method {method}.")
+    return loss_fn
+
+
 def register() -> None:
     """Register our losses; a name held by another module's function is an error, ours is replaced (re-import)."""
     registry = core_algos.POLICY_LOSS_REGISTRY
@@ -116,7 +155,8 @@ def register() -> None:
         if owner != __name__:
             raise RuntimeError(f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by {owner}."
                                f"{getattr(registry[name], '__qualname__', '?')}")
-        core_algos.register_policy_loss(name)(_verl_loss(name))  # replaces our own entry on re-import
+        fn = _verl_wrapped(name) if name in VERL_WRAPPED else _verl_loss(name)
+        core_algos.register_policy_loss(name)(fn)  # replaces our own entry on re-import
 
 
 def _fmt(x: Any) -> str:
@@ -138,11 +178,11 @@ def verl_overrides(loss_cfg: LossConfig) -> list[str]:
             raise ValueError(f"loss.clip_ratio_c: verl's {m} loss always applies the PPO dual clip; set it "
                              "(verl's default is 3.0)")
         ratio.append(f"{_PREFIX}.clip_ratio_c={_fmt(loss_cfg.clip_ratio_c)}")
-    if m == "grpo":
-        return [f"{_PREFIX}.policy_loss.loss_mode=vanilla", *ratio, *agg]
-    if m == "gspo":
-        return [f"{_PREFIX}.policy_loss.loss_mode=gspo", *ratio, *agg]
     lib = ["actor_rollout_ref.model.external_lib=ctpo.verl_plugin"]
+    if m == "grpo":  # verl's vanilla, plus the ctpo/* metrics (one clip-fraction definition for Figure 2)
+        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=verl_vanilla", *ratio, *agg]
+    if m == "gspo":
+        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=verl_gspo", *ratio, *agg]
     if m == "full_seq":
         return [*lib, f"{_PREFIX}.policy_loss.loss_mode=full_seq", *ratio, *agg]
     if m in ("ctpo", "ctpo_fixed"):
@@ -159,6 +199,7 @@ def verl_overrides(loss_cfg: LossConfig) -> list[str]:
             f"+{pl}.power={_fmt(loss_cfg.power)}",
             f"+{pl}.fixed_bounds={_fmt(fixed)}",
             f"+{pl}.dual_clip_c={_fmt(loss_cfg.dual_clip_c)}",
+            f"+{pl}.fixed_dual_clip={_fmt(loss_cfg.fixed_dual_clip)}",
             *agg,
         ]
     raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")

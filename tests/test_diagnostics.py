@@ -200,7 +200,7 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
     _write_dump(dump, rng)
     out = tmp_path / "diag" / "step10.parquet"
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(dump), "--config", str(_run_config(tmp_path, run)),
-           "--bin-width", "5", "--fixed-bounds", "0.5", "5", "--out", str(out)]
+           "--bin-width", "5", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     df = pd.read_parquet(out)
@@ -215,7 +215,7 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
 
 def test_cli_reports_a_missing_dump_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(tmp_path / "step1.npz"), "--config",
-           str(_run_config(tmp_path, "toy_ctpo")), "--bin-width", "5", "--fixed-bounds", "0.5", "5",
+           str(_run_config(tmp_path, "toy_ctpo")), "--bin-width", "5",
            "--out", str(tmp_path / "o.parquet")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2

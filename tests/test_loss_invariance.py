@@ -10,7 +10,7 @@ from ctpo.losses import compute_policy_loss
 
 CFGS = {
     "ctpo": LossConfig(method="ctpo", dual_clip_c=0.05),
-    "ctpo_fixed": LossConfig(method="ctpo_fixed", fixed_bounds=[0.9, 1.1], dual_clip_c=0.05),
+    "ctpo_fixed": LossConfig(method="ctpo_fixed", fixed_bounds=[0.9, 1.1], fixed_dual_clip=1.1),
     "grpo": LossConfig(method="grpo", clip_ratio_c=3.0),
     "gspo": LossConfig(method="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.01, clip_ratio_high=0.02),
     "full_seq": LossConfig(method="full_seq", loss_agg_mode="seq-mean-token-sum", clip_ratio_c=3.0),

@@ -54,6 +54,8 @@ def ref_token_terms(method, olp, lp, adv, mask, p):
                 grad_ok = s_cum <= 10.0
                 if p["dual_clip_c"] is not None:
                     cap_c = math.exp(p["dual_clip_c"] * t ** p["power"])
+                if p.get("fixed_dual_clip") is not None:
+                    cap_c = p["fixed_dual_clip"]
             else:
                 if method == "grpo":
                     w, grad_ok = math.exp(clamped[j]), abs(raw[j]) <= 20.0
@@ -132,7 +134,8 @@ def run(method, olp, lp, adv, mask, mode, **kw):
 
 PARAMS = {
     "ctpo": dict(eps_low=0.025, eps_high=0.05, power=0.5, fixed_bounds=None, dual_clip_c=0.05),
-    "ctpo_fixed": dict(eps_low=0.025, eps_high=0.05, power=0.5, fixed_bounds=(0.8, 1.25), dual_clip_c=0.05),
+    "ctpo_fixed": dict(eps_low=0.025, eps_high=0.05, power=0.5, fixed_bounds=(0.8, 1.25), dual_clip_c=None,
+                       fixed_dual_clip=1.25),
     "grpo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0),
     "gspo": dict(clip_ratio_low=0.05, clip_ratio_high=0.08),
     "full_seq": dict(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=1.5),
@@ -300,6 +303,56 @@ def test_dual_clip_caps_negative_advantage_tokens_at_minus_a_exp_c_t_power():
     assert np.all(grad_off > 0)  # -A rho_cum with A < 0: pushes log_prob down
 
 
+def test_fixed_ablation_is_fixed_at_every_position_for_both_advantage_signs():
+    # the case: A < 0, rho_cum = 2 (inside [0.5, 5]) at every position; the ablation must pass the
+    # gradient -A rho_cum at every t, where CTPO's position-scaled dual clip exp(0.05 sqrt t) < 2 zeroes it
+    T = 200
+    olp = np.full((1, T), -1.0)
+    lp = olp.copy()
+    lp[0, 0] += math.log(2.0)  # log rho_cum_t = log 2 for every t
+    mask = np.ones((1, T), dtype=bool)
+    adv = np.full((1, T), -1.0)
+    cfg = LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0)
+    lpt = torch.tensor(lp, dtype=torch.float32, requires_grad=True)
+    loss, m = compute_policy_loss(torch.tensor(olp, dtype=torch.float32), lpt, torch.tensor(adv, dtype=torch.float32),
+                                  torch.tensor(mask), cfg)
+    loss.backward()
+    np.testing.assert_allclose(lpt.grad.numpy(), np.full((1, T), 2.0 / T), rtol=1e-5)  # -A rho_cum / N, all t
+    assert m[schema.CLIP_FRAC].item() == 0.0 and m[schema.DUAL_CLIP_FRAC].item() == 0.0
+    _, _, m_c = run("ctpo", olp, lp, adv, mask, "token-mean", dual_clip_c=0.05)
+    n_capped = sum(1 for t in range(1, T + 1) if math.exp(0.05 * t**0.5) < 2.0)  # t <= 192
+    assert m_c[schema.DUAL_CLIP_FRAC].item() == pytest.approx(n_capped / T)
+    # above the band, A < 0: loss capped at the constant -A * 5 at every position, no gradient
+    lp[0, 0] = olp[0, 0] + math.log(8.0)
+    loss8, grad8, m8 = run("ctpo_fixed", olp, lp, adv, mask, "seq-mean-token-sum", fixed_bounds=(0.5, 5.0),
+                           fixed_dual_clip=5.0)
+    assert loss8 == pytest.approx(5.0 * T, rel=1e-6) and np.all(grad8 == 0.0)
+    assert m8[schema.CLIP_FRAC].item() == 1.0 and m8[schema.DUAL_CLIP_FRAC].item() == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(dual_clip_c=0.05, fixed_dual_clip=None), "loss.dual_clip_c"),
+    (dict(dual_clip_c=None, fixed_dual_clip=4.0), "tighter than the upper bound"),
+])
+def test_fixed_ablation_rejects_a_position_scaled_or_too_tight_dual_clip(kw, match):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=match):
+        compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], **kw))
+
+
+def test_clip_frac_is_out_of_band_and_active_is_low_plus_high():
+    olp, lp, adv, mask = make_batch(3, scale=0.4)
+    _, _, m = run("grpo", olp, lp, adv, mask, "token-mean", **PARAMS["grpo"])
+    r = np.exp(np.clip(lp - olp, -20, 20))
+    out = (r < 0.8) | (r > 1.28)
+    a = adv
+    n = mask.sum()
+    assert m[schema.CLIP_FRAC].item() == pytest.approx((out & mask).sum() / n, abs=1e-6)
+    active = ((r > 1.28) & (a > 0) | (r < 0.8) & (a < 0)) & mask
+    assert m[schema.CLIP_FRAC_ACTIVE].item() == pytest.approx(active.sum() / n, abs=1e-6)
+    assert m[schema.CLIP_FRAC].item() > m[schema.CLIP_FRAC_ACTIVE].item() > 0
+
+
 def test_extreme_inputs_stay_finite():
     B, T = 4, 8000
     olp = torch.full((B, T), -1.0)
@@ -309,7 +362,8 @@ def test_extreme_inputs_stay_finite():
     mask[3] = False  # all-masked row
     adv = torch.tensor([1.0, -1.0, -1.0, 0.5])[:, None].expand(B, T).contiguous()
     cfgs = [LossConfig(method="ctpo", dual_clip_c=0.05), LossConfig(method="ctpo"),
-            LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0]), LossConfig(method="grpo", clip_ratio_c=3.0),
+            LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0),
+            LossConfig(method="grpo", clip_ratio_c=3.0),
             LossConfig(method="gspo", loss_agg_mode="seq-mean-token-mean"), LossConfig(method="full_seq")]
     for cfg in cfgs:
         lp.grad = None

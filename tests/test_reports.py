@@ -166,6 +166,8 @@ def test_figures_are_labelled_and_written_as_pdf_and_png_at_paper_width(toy_tree
     assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 3
     n_lines = [len(ax.get_lines()) for ax in fig2.axes]
     assert n_lines == [3, 3, 3]  # one line per figure2 run in each panel
+    # the caption names the one clip-fraction definition every method is plotted with
+    assert any("lies outside its clip range" in t.get_text() for t in fig2.texts)
     plt.close("all")
     paths = figures.write_figures(exp, Results(root), tmp_path)
     assert sorted(p.name for p in paths) == ["figure1.pdf", "figure1.png", "figure2.pdf", "figure2.png"]

@@ -59,7 +59,7 @@ def loss_and_grad(fn, olp, lp, adv, mask, **kw):
 
 def test_import_registers_ours_and_keeps_verls():
     reg = core_algos.POLICY_LOSS_REGISTRY
-    for name in ("ctpo", "ctpo_fixed", "full_seq"):
+    for name in ("ctpo", "ctpo_fixed", "full_seq", "verl_vanilla", "verl_gspo"):
         assert reg[name].__module__ == "ctpo.verl_plugin"
         assert core_algos.get_policy_loss_fn(name) is reg[name]
     assert reg["vanilla"] is core_algos.compute_policy_loss_vanilla
@@ -99,11 +99,13 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
     assert v_m["actor/ppo_kl"].item() == pytest.approx(-d_m[schema.LOG_RATIO_MEAN].item())
     if method != "full_seq":
         assert actor.policy_loss.eps_low == cfg.eps_low and actor.policy_loss.dual_clip_c == cfg.dual_clip_c
+        assert actor.policy_loss.fixed_dual_clip == cfg.fixed_dual_clip
         assert v_m["actor/pg_clipfrac_lower"] == d_m[schema.DUAL_CLIP_FRAC]
         # and the plain ctpo_loss call with the same knobs
         fixed = tuple(cfg.fixed_bounds) if method == "ctpo_fixed" else None
         c_loss, c_grad, _ = loss_and_grad(ctpo_loss, olp, lp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                          power=cfg.power, fixed_bounds=fixed, dual_clip_c=cfg.dual_clip_c)
+                                          power=cfg.power, fixed_bounds=fixed, dual_clip_c=cfg.dual_clip_c,
+                                          fixed_dual_clip=cfg.fixed_dual_clip)
         v_loss, v_grad, _ = loss_and_grad(fn, olp, lp, adv, mask, loss_agg_mode="token-mean", config=actor)
         torch.testing.assert_close(v_loss, c_loss, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(v_grad, c_grad, rtol=1e-6, atol=1e-9)
@@ -130,9 +132,10 @@ def test_our_baselines_equal_verls_vanilla_and_gspo(method, seed):
     over = dict(clip_ratio_low=0.05, clip_ratio_high=0.08) if method == "gspo" else dict(clip_ratio_high=0.28)
     cfg = method_cfg(method, **over)
     overrides = plugin.verl_overrides(cfg)
-    assert f"actor_rollout_ref.actor.policy_loss.loss_mode={'vanilla' if method == 'grpo' else 'gspo'}" in overrides
+    verl_name = "vanilla" if method == "grpo" else "gspo"
+    assert f"actor_rollout_ref.actor.policy_loss.loss_mode=verl_{verl_name}" in overrides
     _, actor = actor_config(*overrides)
-    verl_fn = core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode)
+    verl_fn = core_algos.get_policy_loss_fn(verl_name)  # verl's own loss, called directly
     olp, lp, adv, mask, is_w = batch(seed, scale=0.3 if method == "grpo" else 0.05)
     lp[0, :3] = olp[0, :3] + 25.0  # beyond verl's [-20, 20] clamp
     v_loss, v_grad, v_m = loss_and_grad(verl_fn, olp, lp, adv, mask, loss_agg_mode=actor.loss_agg_mode,
@@ -140,9 +143,17 @@ def test_our_baselines_equal_verls_vanilla_and_gspo(method, seed):
     o_loss, o_grad, o_m = loss_and_grad(compute_policy_loss, olp, lp, adv, mask, cfg=cfg, rollout_is_weights=is_w)
     torch.testing.assert_close(o_loss, v_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(o_grad, v_grad, rtol=1e-6, atol=1e-6)
-    # verl's pg_clipfrac (clipped branch active) is our CLIP_FRAC_LOW + CLIP_FRAC_HIGH
+    # verl's pg_clipfrac (clipped branch active) is our CLIP_FRAC_ACTIVE = CLIP_FRAC_LOW + CLIP_FRAC_HIGH
     assert (o_m[schema.CLIP_FRAC_LOW] + o_m[schema.CLIP_FRAC_HIGH]).item() == pytest.approx(v_m["actor/pg_clipfrac"])
+    assert o_m[schema.CLIP_FRAC_ACTIVE].item() == pytest.approx(v_m["actor/pg_clipfrac"])
     assert o_m[schema.CLIP_FRAC].item() > 0
+    # the registered loss the run selects: verl's loss and gradient unchanged, plus the one clip fraction
+    w_loss, w_grad, w_m = loss_and_grad(core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode), olp, lp, adv,
+                                        mask, loss_agg_mode=actor.loss_agg_mode, config=actor, rollout_is_weights=is_w)
+    assert torch.equal(w_loss, v_loss) and torch.equal(w_grad, v_grad)
+    assert w_m["actor/pg_clipfrac"] == v_m["actor/pg_clipfrac"]
+    for k in (schema.CLIP_FRAC, schema.CLIP_FRAC_ACTIVE, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH):
+        assert w_m[k].item() == pytest.approx(o_m[k].item()), k
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -169,10 +180,10 @@ def test_ctpo_with_extra_terms_neutralised_equals_verl_vanilla(seed):
 
 def test_verl_overrides_select_and_parameterise_each_method():
     grpo = plugin.verl_overrides(method_cfg("grpo"))
-    assert "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla" in grpo
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=verl_vanilla" in grpo
     assert "actor_rollout_ref.actor.clip_ratio_low=0.2" in grpo and "actor_rollout_ref.actor.clip_ratio_c=3.0" in grpo
     gspo = plugin.verl_overrides(method_cfg("gspo"))
-    assert {"actor_rollout_ref.actor.policy_loss.loss_mode=gspo", "actor_rollout_ref.actor.clip_ratio_low=0.0003",
+    assert {"actor_rollout_ref.actor.policy_loss.loss_mode=verl_gspo", "actor_rollout_ref.actor.clip_ratio_low=0.0003",
             "actor_rollout_ref.actor.clip_ratio_high=0.0004",
             "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"} <= set(gspo)
     _, actor = actor_config(*gspo)
@@ -180,7 +191,8 @@ def test_verl_overrides_select_and_parameterise_each_method():
     fixed = plugin.verl_overrides(method_cfg("ctpo_fixed"))
     assert "+actor_rollout_ref.actor.policy_loss.fixed_bounds=[0.5,5.0]" in fixed
     _, actor = actor_config(*fixed)
-    assert list(actor.policy_loss.fixed_bounds) == [0.5, 5.0] and actor.policy_loss.dual_clip_c == 0.05
+    assert list(actor.policy_loss.fixed_bounds) == [0.5, 5.0] and actor.policy_loss.dual_clip_c is None
+    assert actor.policy_loss.fixed_dual_clip == 5.0  # constant dual clip at the upper bound
     with pytest.raises(ValueError, match="loss.clip_ratio_c"):
         plugin.verl_overrides(method_cfg("grpo", clip_ratio_c=None))
 

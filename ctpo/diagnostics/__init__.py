@@ -4,7 +4,7 @@ sigma_hat * sqrt(t) fit and clip rates under fixed and position-adaptive bands. 
   stream.py    PositionAccumulator (chunked count/mean/M2/clip counts per position), fit_sqrt_t
   dump.py      row-chunk reader for rollout dumps (.npz)
   run.py       diagnose(dump, bands, bin_width) -> (bin columns, summary)
-  __main__.py  python -m ctpo.diagnostics --dump ... --config ... --bin-width W --fixed-bounds LO HI --out ...
+  __main__.py  python -m ctpo.diagnostics --dump ... --config ... --bin-width W --out ...
 """
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, cumulative_log_ratio_np, fit_sqrt_t
 

@@ -1,5 +1,8 @@
 """python -m ctpo.diagnostics --dump runs/{exp}/{run}/seed{s}/rollouts/step{N}.npz --config <run config .json>
-    --bin-width W --fixed-bounds LO HI --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
+    --bin-width W --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
+
+The fixed band is Table 3's ablation's (configs/methods/ctpo_fixed.yaml), the adaptive band CTPO's
+(configs/methods/ctpo.yaml); a run of either method uses its own resolved loss (ctpo.diagnostics.run).
 
 Writes the per-bin parquet (ctpo.schema.DIAG_COLUMNS) and a .json beside it (same stem) with sigma_hat,
 r2, n_sequences, n_tokens, step, the bands used and the experiment label.
@@ -22,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", required=True, help="rollout dump step<N>.npz")
     ap.add_argument("--config", required=True, help="the run's resolved config (.json)")
     ap.add_argument("--bin-width", type=int, required=True, help="positions per bin")
-    ap.add_argument("--fixed-bounds", type=float, nargs=2, required=True, metavar=("LO", "HI"))
     ap.add_argument("--out", required=True, help="output .parquet (a .json summary is written beside it)")
     ap.add_argument("--chunk-rows", type=int, default=256, help="rows read at a time (memory bound)")
     args = ap.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_run_config(args.config)
-        bands = bands_for_run(cfg, tuple(args.fixed_bounds))
+        bands = bands_for_run(cfg)
         cols, summary = diagnose(args.dump, bands, args.bin_width, args.chunk_rows)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,20 +11,29 @@ from ctpo.diagnostics.dump import dump_step, iter_row_chunks
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
 from ctpo.schema import DIAG_COLUMNS
 
-ADAPTIVE_METHODS = ("ctpo",)  # runs whose own loss uses the position-adaptive band
+ADAPTIVE_METHOD = "ctpo"  # the method whose loss uses the position-adaptive band
+FIXED_METHOD = "ctpo_fixed"  # Table 3's ablation: the fixed band [lo, hi]
 
 
-def ctpo_default_loss() -> LossConfig:
-    """The CTPO loss as configured in configs/methods/ctpo.yaml (merged onto LossConfig's defaults)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(LossConfig), OmegaConf.load(CONFIG_DIR / "methods" / "ctpo.yaml"))
+def method_loss(method: str, config_dir=CONFIG_DIR) -> LossConfig:
+    """The loss as configured in configs/methods/<method>.yaml (merged onto LossConfig's defaults)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(LossConfig), OmegaConf.load(config_dir / "methods" / f"{method}.yaml"))
     return OmegaConf.to_object(cfg)
 
 
-def bands_for_run(cfg: RunConfig, fixed_bounds: tuple[float, float]) -> ClipBands:
-    """Fixed band from the caller (paper: [0.5, 5]); adaptive band from the run's loss when it is CTPO,
-    else CTPO's configured defaults (the band CTPO would have applied to these rollouts)."""
-    loss = cfg.loss if cfg.loss.method in ADAPTIVE_METHODS else ctpo_default_loss()
-    return ClipBands(fixed_bounds[0], fixed_bounds[1], loss.eps_low, loss.eps_high, loss.power)
+def ctpo_default_loss() -> LossConfig:
+    """The CTPO loss as configured in configs/methods/ctpo.yaml."""
+    return method_loss(ADAPTIVE_METHOD)
+
+
+def bands_for_run(cfg: RunConfig) -> ClipBands:
+    """Figure 1's two bands, each from the loss that applies it: the fixed band from the run's own loss when it
+    is the ablation, else from the ablation's method file (configs/methods/ctpo_fixed.yaml, one copy: what
+    Table 3 trains with); the adaptive band from the run's own loss when it is CTPO, else from ctpo.yaml."""
+    fixed = cfg.loss if cfg.loss.method == FIXED_METHOD else method_loss(FIXED_METHOD)
+    adaptive = cfg.loss if cfg.loss.method == ADAPTIVE_METHOD else method_loss(ADAPTIVE_METHOD)
+    lo, hi = fixed.fixed_bounds
+    return ClipBands(lo, hi, adaptive.eps_low, adaptive.eps_high, adaptive.power)
 
 
 def diagnose(dump: str | Path, bands: ClipBands, bin_width: int, chunk_rows: int = 256) -> tuple[dict, dict]:

@@ -5,7 +5,10 @@ Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, firs
   under the fixed band [lo, hi] and the position-adaptive band.
 Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs. Left: avg@k on figure2_benchmark at
   every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over seeds); middle:
-  clip fraction per step (ctpo.schema.CLIP_FRAC, metrics.jsonl); right: mean response length per step.
+  clip fraction per step (ctpo.schema.CLIP_FRAC, metrics.jsonl: the paper's definition, the fraction of model
+  tokens whose method-specific ratio lies outside its clip range, whatever the advantage's sign; the same
+  definition for every method and backend, stated in the figure's caption line; the clip-active fraction,
+  verl's pg_clipfrac, is the separate CLIP_FRAC_ACTIVE); right: mean response length per step.
   Several seeds: the per-step mean over seeds.
 Every input is required: a missing file raises ReportInputError naming it (no empty panels).
 """
@@ -107,6 +110,10 @@ def _metric_over_steps(results: Results, run: str, seeds: list[int], key: str) -
     return pd.concat(series, axis=1, join="inner").mean(axis=1)
 
 
+FIG2_CLIP_CAPTION = ("Clip fraction (ctpo/clip_frac): the fraction of model tokens whose method-specific IS ratio "
+                     "(GRPO r_t, GSPO s_i, CTPO rho_cum_t) lies outside its clip range, either advantage sign.")
+
+
 def build_figure2(exp: dict, results: Results):
     """The matplotlib Figure (caller closes it)."""
     plt = _plt()
@@ -135,7 +142,7 @@ def build_figure2(exp: dict, results: Results):
             length = _metric_over_steps(results, run, seeds, schema.RESPONSE_LENGTH)
             ax_len.plot(length.index, length.to_numpy(), color=color, lw=0.9, label=name)
         ax_acc.set_title(f"{bench} avg@{k} (%), 95% CI")
-        ax_clip.set_title("clip fraction (%)")
+        ax_clip.set_title("clip fraction (%): ratio outside its range")
         ax_clip.set_yscale("symlog", linthresh=0.1)
         ax_clip.yaxis.set_major_locator(FixedLocator([0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
         ax_clip.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
@@ -143,9 +150,10 @@ def build_figure2(exp: dict, results: Results):
         for ax in (ax_acc, ax_clip, ax_len):
             ax.set_xlabel("training step")
         handles, labels = ax_acc.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.06), ncol=len(labels), frameon=False)
+        fig.text(0.5, 0.01, FIG2_CLIP_CAPTION, ha="center", va="bottom", fontsize=7)
         fig.suptitle(f"Figure 2 [{label_tag(exp)}]: training dynamics, seeds {seeds}")
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ctpo import schema
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
-from ctpo.diagnostics.run import ctpo_default_loss
+from ctpo.diagnostics.run import ctpo_default_loss, method_loss
 from ctpo.io import atomic_path, write_json, write_text
 from ctpo.reports.table1 import QUICK, run_study
 
@@ -130,7 +130,7 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
             write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     diag = exp["diagnostics"]
     loss = ctpo_default_loss()
-    bands = ClipBands(*diag["fixed_bounds"], loss.eps_low, loss.eps_high, loss.power)
+    bands = ClipBands(*method_loss("ctpo_fixed").fixed_bounds, loss.eps_low, loss.eps_high, loss.power)
     max_len = exp["defaults"]["rollout"]["max_response_tokens"]
     for s in seeds:
         for step in diag["steps"]:

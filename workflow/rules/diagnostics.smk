@@ -10,7 +10,6 @@ rule diagnostics:
     params:
         dump=lambda wc: f"{P['workdir'].format(run=wc.run, seed=wc.seed)}/rollouts/step{wc.step}.npz",
         bin_width=config["diagnostics"]["bin_width"],
-        bounds=" ".join(str(b) for b in config["diagnostics"]["fixed_bounds"]),
     log:
         f"{L}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.log",
     benchmark:
@@ -21,4 +20,4 @@ rule diagnostics:
         **get_resources("cpu"),
     shell:
         "python -m ctpo.diagnostics --dump {params.dump} --config {input.config} --bin-width {params.bin_width} "
-        "--fixed-bounds {params.bounds} --out {output.bins} > {log} 2>&1"
+        "--out {output.bins} > {log} 2>&1"
