@@ -83,6 +83,7 @@ class RolloutConfig:
     obs_max_chars: int = 512  # SimpleTIR truncation of the tool output
     sandbox_timeout_s: float = 10.0
     sandbox_concurrency: int = 8
+    max_num_seqs: int = 1024  # vLLM concurrent sequences per engine (the release: 1024; verl 0.9.1's default 256)
     void_turn_masking: bool = False  # SimpleTIR: mask trajectories with a turn holding neither code nor answer
     enable_thinking: bool = False
     template: str = "qwen3_tir"  # configs/tir/<template>.yaml: system prompt and chat format

@@ -85,6 +85,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     assert a.fsdp_config.param_offload is True and a.fsdp_config.optimizer_offload is True
     assert (ro.name, ro.mode, ro.tensor_model_parallel_size) == ("vllm", "async", 1)
     assert ro.gpu_memory_utilization == 0.6 and ro.calculate_log_probs is True
+    assert ro.max_num_seqs == 1024  # the release (verl 0.9.1 defaults to 256)
     assert ro.checkpoint_engine.update_weights_bucket_megabytes == 4096
     assert ro.multi_turn.enable is True
     assert (ro.multi_turn.max_assistant_turns, ro.multi_turn.max_user_turns) == (5, 5)
@@ -171,7 +172,7 @@ def test_command_cli_prints_the_same_command(tmp_path):
     assert res.returncode == 0, res.stderr
     argv = shlex.split(res.stdout.replace("\\\n", " "))
     assert argv[1:3] == ["-m", "verl.trainer.main_ppo"]
-    assert "actor_rollout_ref.actor.policy_loss.loss_mode=gspo" in argv
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=verl_gspo" in argv
 
 
 def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):

@@ -52,6 +52,7 @@ def read_experiment(path: str | Path) -> dict:
         if run not in runs:
             raise ReportInputError(f"{path}: run '{run}' is used by evaluation/diagnostics but not under 'runs'")
     exp.setdefault("paper_reference", {})
+    exp.setdefault("assumptions", {})
     return exp
 
 

@@ -72,6 +72,22 @@ def _ci_kind(seeds: list[int]) -> str:
     return "bootstrap over problems" if len(seeds) == 1 else f"Student-t over {len(seeds)} seeds"
 
 
+def assumptions_note(exp: dict) -> str:
+    """The experiment's labelled assumptions (where paper and release are silent), for table captions."""
+    items = exp.get("assumptions") or {}
+    if not items:
+        return ""
+    return " Assumptions (paper and release silent): " + "; ".join(f"{k}: {v}" for k, v in items.items()) + "."
+
+
+def _seed_note(seeds: list[int]) -> str:
+    """One seed: the CI is over problems only and says nothing about run-to-run (seed / CPU) variation."""
+    if len(seeds) == 1:
+        return (" One training seed: the CI covers the sampling of problems only, not run-to-run variation "
+                "(another seed or CPU can move a toy score by tens of points); see the multi-seed run in README.")
+    return ""
+
+
 def table2(exp: dict, results: Results) -> Table:
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     runs, benches = ev["table2_runs"], ev["table2_benchmarks"]
@@ -92,7 +108,8 @@ def table2(exp: dict, results: Results) -> Table:
         data.append({"run": run, "step": step, "k": k, "benchmarks": dict(zip(benches, s["bench"])),
                      "average": s["average"], "paper_average": ref.get(run)})
     caption = (f"Table 2 [{tag}]: avg@{k} (%) at step {step}, 95% CI ({_ci_kind(seeds)}), seeds {seeds}."
-               + (" 'paper, reported' = the paper's Table 2 averages, not our runs." if ref else ""))
+               + (" 'paper, reported' = the paper's Table 2 averages, not our runs." if ref else "")
+               + _seed_note(seeds) + assumptions_note(exp))
     return Table("table2", caption, cols, rows, data)
 
 
@@ -133,7 +150,8 @@ def table3(exp: dict, results: Results) -> Table:
     caption = (f"Table 3 [{tag}]: position-adaptive vs fixed clipping, avg@{k} (%) at step {step}, 95% CI "
                f"({_ci_kind(seeds)}); last row: {a_run} - {f_run}, paired bootstrap over problems "
                f"(P(diff <= 0) for the average = {avg['frac_le_0']:.3f})."
-               + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else ""))
+               + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else "")
+               + _seed_note(seeds) + assumptions_note(exp))
     return Table("table3", caption, cols, rows, data)
 
 

@@ -166,6 +166,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"{ro}.mode=async",
         f"{ro}.tensor_model_parallel_size={ROLLOUT_TP}",
         f"{ro}.gpu_memory_utilization={GPU_MEMORY_UTILIZATION}",
+        f"{ro}.max_num_seqs={r.max_num_seqs}",  # the release's 1024 (verl 0.9.1 defaults to 256)
         f"{ro}.calculate_log_probs=true",
         f"{ro}.checkpoint_engine.update_weights_bucket_megabytes={WEIGHT_SYNC_BUCKET_MB}",
         f"{ro}.n={r.n}",
