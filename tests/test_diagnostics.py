@@ -175,6 +175,26 @@ def test_streamed_dump_equals_in_memory_accumulation(tmp_path):
     assert summary["n_tokens"] == int(mask.sum())
 
 
+def test_sparse_bins_are_kept_with_counts_but_left_out_of_the_fit(tmp_path):
+    rng = np.random.default_rng(7)
+    dump = tmp_path / "step5.npz"
+    old, new, mask = _write_dump(dump, rng, n=60, t=40)
+    mask[:] = 1
+    mask[2:, 24:] = 0  # from t = 25 on only 2 sequences are alive
+    np.savez_compressed(dump, old_log_prob=old, log_prob=new, response_mask=mask, advantages=np.zeros(60, np.float32))
+    cols, s = diagnose(dump, BANDS, bin_width=8, min_bin_tokens=40)
+    assert list(cols["n_tokens"]) == [480, 480, 480, 16, 16]
+    kept = cols["n_tokens"] >= 40
+    assert list(kept) == [True, True, True, False, False]  # 2 sequences x 8 positions = 16 < 40
+    from ctpo.diagnostics.stream import fit_sqrt_t
+
+    sig, r2 = fit_sqrt_t(cols["t_mid"][kept], cols["std_log_rho_cum"][kept], cols["n_tokens"][kept])
+    assert (s["sigma_hat"], s["r2"]) == (sig, r2)
+    assert s["n_bins"] == 5 and s["n_bins_kept"] == 3 and s["t_max_kept"] == 24 and s["min_bin_tokens"] == 40
+    with pytest.raises(ValueError, match=r"no position bin holds >= 100000 tokens"):
+        diagnose(dump, BANDS, bin_width=8, min_bin_tokens=100000)
+
+
 def test_dump_errors_name_the_file_and_the_missing_array(tmp_path):
     dump = tmp_path / "step3.npz"
     np.savez(dump, old_log_prob=np.zeros((2, 3), np.float32), log_prob=np.zeros((2, 3), np.float32))
@@ -200,7 +220,7 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
     _write_dump(dump, rng)
     out = tmp_path / "diag" / "step10.parquet"
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(dump), "--config", str(_run_config(tmp_path, run)),
-           "--bin-width", "5", "--out", str(out)]
+           "--bin-width", "5", "--min-bin-tokens", "1", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     df = pd.read_parquet(out)
@@ -215,7 +235,7 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
 
 def test_cli_reports_a_missing_dump_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(tmp_path / "step1.npz"), "--config",
-           str(_run_config(tmp_path, "toy_ctpo")), "--bin-width", "5",
+           str(_run_config(tmp_path, "toy_ctpo")), "--bin-width", "5", "--min-bin-tokens", "1",
            "--out", str(tmp_path / "o.parquet")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2

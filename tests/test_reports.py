@@ -160,7 +160,8 @@ def test_figures_are_labelled_and_written_as_pdf_and_png_at_paper_width(toy_tree
 
     fig1 = figures.build_figure1(exp, Results(root))
     assert fig1._suptitle.get_text().startswith("Figure 1 [TOY]")
-    assert len(fig1.axes) == 6
+    assert len(fig1.axes) == 9  # 2 x 3 panels + a tokens-per-bin axis under each bottom panel
+    assert "bins with >= " in fig1._suptitle.get_text()
     assert fig1.get_size_inches()[0] == pytest.approx(7.0)
     fig2 = figures.build_figure2(exp, Results(root))
     assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 3

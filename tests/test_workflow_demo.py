@@ -38,3 +38,12 @@ def test_bad_jobs_and_missing_experiment_fail_with_a_clear_message(capsys):
     assert "--jobs must be >= 1" in capsys.readouterr().err
     assert demo.main(["--experiment", "configs/experiments/nope.yaml"]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_seeds_option_becomes_the_config_override_the_dag_expands(capsys):
+    # test_dag.test_seeds_are_a_wildcard checks that this override trains every run once per seed
+    cmd = demo.snakemake_cmd("configs/experiments/toy.yaml", 2, seeds=[0, 1, 2])
+    assert cmd[cmd.index("--config") + 1] == "seeds=[0,1,2]"
+    assert "--config" not in demo.snakemake_cmd("configs/experiments/toy.yaml", 2)
+    assert demo.main(["--seeds", "0", "0"]) == 2
+    assert "--seeds must be distinct" in capsys.readouterr().err

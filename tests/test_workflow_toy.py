@@ -37,7 +37,7 @@ def tiny_experiment() -> dict:
     d["rollout"].update(n=2, max_turns=2, sandbox_concurrency=1)
     d["eval"].update(k=2, max_problems=2)
     d["sft"] = {"steps": 4, "batch_size": 4, "n_demos": 16}
-    exp["diagnostics"].update(steps=[2], bin_width=8)
+    exp["diagnostics"].update(steps=[2], bin_width=8, min_bin_tokens=1)  # 4 sequences per dump
     return exp
 
 

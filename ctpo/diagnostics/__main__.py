@@ -1,5 +1,5 @@
 """python -m ctpo.diagnostics --dump runs/{exp}/{run}/seed{s}/rollouts/step{N}.npz --config <run config .json>
-    --bin-width W --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
+    --bin-width W --min-bin-tokens N --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
 
 The fixed band is Table 3's ablation's (configs/methods/ctpo_fixed.yaml), the adaptive band CTPO's
 (configs/methods/ctpo.yaml); a run of either method uses its own resolved loss (ctpo.diagnostics.run).
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", required=True, help="rollout dump step<N>.npz")
     ap.add_argument("--config", required=True, help="the run's resolved config (.json)")
     ap.add_argument("--bin-width", type=int, required=True, help="positions per bin")
+    ap.add_argument("--min-bin-tokens", type=int, required=True,
+                    help="bins with fewer tokens are kept in the parquet but left out of the fit and Figure 1")
     ap.add_argument("--out", required=True, help="output .parquet (a .json summary is written beside it)")
     ap.add_argument("--chunk-rows", type=int, default=256, help="rows read at a time (memory bound)")
     args = ap.parse_args(argv)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config)
         bands = bands_for_run(cfg)
-        cols, summary = diagnose(args.dump, bands, args.bin_width, args.chunk_rows)
+        cols, summary = diagnose(args.dump, bands, args.bin_width, args.min_bin_tokens, args.chunk_rows)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out.with_suffix(".json"), summary)
     print(
         f"diagnostics {cfg.run} seed{cfg.seed} step{summary['step']}: sigma_hat={summary['sigma_hat']:.4g} "
-        f"R^2={summary['r2']:.3f} over {summary['n_sequences']} sequences / {summary['n_tokens']} tokens -> {out}"
+        f"R^2={summary['r2']:.3f} over {summary['n_bins_kept']}/{summary['n_bins']} bins with >= "
+        f"{summary['min_bin_tokens']} tokens; {summary['n_sequences']} sequences / {summary['n_tokens']} tokens -> {out}"
     )
     return 0
 

@@ -2,7 +2,9 @@
 
 Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, first seed. Top row: empirical
   std of log rho_cum vs model-token position t with the fit sigma_hat * sqrt(t); bottom row: clip rate vs t
-  under the fixed band [lo, hi] and the position-adaptive band.
+  under the fixed band [lo, hi] (Table 3's ablation, configs/methods/ctpo_fixed.yaml) and the position-adaptive
+  band, and (grey, right axis) the tokens in each bin. Only bins holding >= diagnostics.min_bin_tokens tokens
+  are drawn (the fit uses the same bins).
 Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs. Left: avg@k on figure2_benchmark at
   every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over seeds); middle:
   clip fraction per step (ctpo.schema.CLIP_FRAC, metrics.jsonl: the paper's definition, the fraction of model
@@ -73,6 +75,7 @@ def build_figure1(exp: dict, results: Results):
         fig, axes = plt.subplots(2, len(steps), figsize=(WIDTH_IN, 4.4), squeeze=False, sharex="col")
         for j, (step, (df, meta)) in enumerate(zip(steps, data)):
             top, bot = axes[0, j], axes[1, j]
+            df = df[df["n_tokens"] >= meta["min_bin_tokens"]]  # late bins with a handful of tokens are noise
             t = df["t_mid"].to_numpy()
             top.plot(t, df["std_log_rho_cum"], "o", ms=2.2, color="#444444", label="empirical std")
             grid = np.linspace(0, t.max(), 200)
@@ -88,13 +91,20 @@ def build_figure1(exp: dict, results: Results):
                      label=rf"adaptive: $\log\rho^{{\mathrm{{cum}}}}_t \notin$ [-{a['eps_low']:g}, {a['eps_high']:g}]$\cdot t^{{{a['power']:g}}}$")
             bot.set_xlabel("token position $t$ (model tokens)")
             bot.set_ylim(bottom=0)
+            counts = bot.twinx()  # how many tokens each drawn bin holds
+            counts.step(t, df["n_tokens"], where="mid", color="#999999", lw=0.7, label="tokens per bin (right axis)")
+            counts.set_yscale("log")
+            counts.tick_params(axis="y", labelsize=6, colors="#777777")
+            counts.spines["right"].set_visible(True)
         axes[0, 0].set_ylabel(r"std of $\log\rho^{\mathrm{cum}}_t$")
         axes[1, 0].set_ylabel("clip rate (%)")
-        handles = [*axes[0, 0].get_legend_handles_labels()[0], *axes[1, 0].get_legend_handles_labels()[0]]
-        labels = [*axes[0, 0].get_legend_handles_labels()[1], *axes[1, 0].get_legend_handles_labels()[1]]
-        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+        handles = [*axes[0, 0].get_legend_handles_labels()[0], *axes[1, 0].get_legend_handles_labels()[0],
+                   *counts.get_legend_handles_labels()[0]]
+        labels = [*axes[0, 0].get_legend_handles_labels()[1], *axes[1, 0].get_legend_handles_labels()[1],
+                  *counts.get_legend_handles_labels()[1]]
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
         fig.suptitle(f"Figure 1 [{label_tag(exp)}]: " + r"$\log\rho^{\mathrm{cum}}_t$ across training, "
-                     f"{run_title(exp, diag['run'])}, seed {seed}")
+                     f"{run_title(exp, diag['run'])}, seed {seed}; bins with >= {data[0][1]['min_bin_tokens']} tokens")
         fig.tight_layout(rect=(0, 0.09, 1, 1))
     return fig
 

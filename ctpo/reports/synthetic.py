@@ -86,7 +86,8 @@ def _metrics_rows(rng, method: str, total_steps: int) -> list[dict]:
     return rows
 
 
-def _diagnostics(rng, step: int, bands: ClipBands, bin_width: int, max_len: int, n_seq: int) -> tuple:
+def _diagnostics(rng, step: int, bands: ClipBands, bin_width: int, max_len: int, n_seq: int,
+                 min_bin_tokens: int = 1) -> tuple:
     sigma = 0.008 + 0.002 * step / 100  # made-up per-token log-ratio std, growing with the step
     acc = PositionAccumulator(bands)
     lengths = rng.integers(max_len // 8, max_len + 1, n_seq)
@@ -96,9 +97,10 @@ def _diagnostics(rng, step: int, bands: ClipBands, bin_width: int, max_len: int,
         mask = (np.arange(max_len)[None, :] < lengths[s : s + n, None]).astype(np.int8)
         acc.update(np.zeros_like(new), new, mask)
     cols = acc.binned(bin_width)
-    sigma_hat, r2 = fit_sqrt_t(cols["t_mid"], cols["std_log_rho_cum"], cols["n_tokens"])
+    kept = cols["n_tokens"] >= min_bin_tokens
+    sigma_hat, r2 = fit_sqrt_t(cols["t_mid"][kept], cols["std_log_rho_cum"][kept], cols["n_tokens"][kept])
     meta = {"step": step, "sigma_hat": sigma_hat, "r2": r2, "n_sequences": n_seq, "n_tokens": int(cols["n_tokens"].sum()),
-            "max_t": int(acc.count.size), "bin_width": bin_width, "fixed_bounds": [bands.fixed_lo, bands.fixed_hi],
+            "max_t": int(acc.count.size), "bin_width": bin_width, "min_bin_tokens": min_bin_tokens, "fixed_bounds": [bands.fixed_lo, bands.fixed_hi],
             "adaptive": {"eps_low": bands.eps_low, "eps_high": bands.eps_high, "power": bands.power}, "synthetic": True}
     return pd.DataFrame(cols), meta
 
@@ -134,7 +136,8 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
     max_len = exp["defaults"]["rollout"]["max_response_tokens"]
     for s in seeds:
         for step in diag["steps"]:
-            df, meta = _diagnostics(rng, step, bands, diag["bin_width"], max_len, n_diag_sequences)
+            df, meta = _diagnostics(rng, step, bands, diag["bin_width"], max_len, n_diag_sequences,
+                                    diag["min_bin_tokens"])
             base = out / "diagnostics" / diag["run"] / f"seed{s}" / f"step{step}"
             _write_parquet_synthetic(base.with_suffix(".parquet"), df)
             write_json(base.with_suffix(".json"), {**meta, "run": diag["run"], "seed": s})

@@ -10,6 +10,7 @@ rule diagnostics:
     params:
         dump=lambda wc: f"{P['workdir'].format(run=wc.run, seed=wc.seed)}/rollouts/step{wc.step}.npz",
         bin_width=config["diagnostics"]["bin_width"],
+        min_tokens=config["diagnostics"]["min_bin_tokens"],
     log:
         f"{L}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.log",
     benchmark:
@@ -20,4 +21,4 @@ rule diagnostics:
         **get_resources("cpu"),
     shell:
         "python -m ctpo.diagnostics --dump {params.dump} --config {input.config} --bin-width {params.bin_width} "
-        "--out {output.bins} > {log} 2>&1"
+        "--min-bin-tokens {params.min_tokens} --out {output.bins} > {log} 2>&1"
