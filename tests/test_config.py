@@ -95,3 +95,28 @@ def test_bad_yaml_names_the_file(tmp_path):
     p.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="x.yaml"):
         load_experiment(p)
+
+
+def test_fixed_ablation_config_is_fixed_at_every_position(paper):
+    b = load_run_config(resolve_run(paper, "qwen3_14b_ctpo_fixed", 0))
+    assert b.loss.dual_clip_c is None and b.loss.fixed_dual_clip == 5.0  # constant cap = the upper bound
+    bad = json.loads(json.dumps(paper))
+    bad["runs"]["qwen3_14b_ctpo_fixed"]["overrides"] = {"loss": {"dual_clip_c": 0.05}}
+    with pytest.raises(ConfigError, match="loss.dual_clip_c: method ctpo_fixed must not scale"):
+        resolve_run(bad, "qwen3_14b_ctpo_fixed", 0)
+    bad["runs"]["qwen3_14b_ctpo_fixed"]["overrides"] = {"loss": {"fixed_dual_clip": 2.0}}
+    with pytest.raises(ConfigError, match="tighter than the upper bound"):
+        resolve_run(bad, "qwen3_14b_ctpo_fixed", 0)
+    bad["runs"]["qwen3_14b_ctpo"]["overrides"] = {"loss": {"fixed_dual_clip": 5.0}}
+    with pytest.raises(ConfigError, match="only for method ctpo_fixed"):
+        resolve_run(bad, "qwen3_14b_ctpo", 0)
+
+
+def test_figure1_fixed_band_and_the_ablation_cannot_disagree(paper):
+    from ctpo.configure import check_experiment, resolve_runs
+
+    exp = json.loads(json.dumps(paper))
+    exp["runs"]["qwen3_14b_ctpo_fixed"]["overrides"] = {"loss": {"fixed_bounds": [0.8, 1.25],
+                                                                  "fixed_dual_clip": 1.25}}
+    with pytest.raises(ConfigError, match="configs/methods/ctpo_fixed.yaml .* where Figure 1's fixed band comes from"):
+        check_experiment(exp, resolve_runs(exp))
