@@ -52,8 +52,9 @@ def final_step(run_cfg: dict) -> int:
     return int(run_cfg["train"]["total_steps"])
 
 
-def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict]) -> None:
-    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training."""
+def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict], config_dir: Path = CONFIG_DIR) -> None:
+    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training; the
+    ablation's runs use the fixed band of configs/methods/ctpo_fixed.yaml (Figure 1 reads it there)."""
     runs = set(experiment["runs"])
     benchmarks = set(experiment["data"]["benchmarks"])
     ev = experiment["evaluation"]
@@ -69,7 +70,7 @@ def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict]) ->
     diag = experiment["diagnostics"]
     if diag["run"] not in runs:
         raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
-    band = method_loss(FIXED_METHOD).fixed_bounds
+    band = method_loss(FIXED_METHOD, config_dir).fixed_bounds
     for (run, _), cfg in sorted(resolved.items()):
         if cfg["loss"]["method"] == FIXED_METHOD and list(cfg["loss"]["fixed_bounds"]) != list(band):
             raise ConfigError(

@@ -16,7 +16,7 @@ SEEDS = [int(s) for s in config["seeds"]]
 RUNS = list(config["runs"])
 CONFIG_DIR = Path(workflow.basedir) / "configs"  # this checkout's models/ and methods/
 RESOLVED = resolve_runs(config, CONFIG_DIR)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
-check_experiment(config, RESOLVED)
+check_experiment(config, RESOLVED, CONFIG_DIR)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
 LOCAL_RUNS = [r for r in RUNS if RESOLVED[(r, SEEDS[0])]["train"]["backend"] == "local"]
 ENV_CPU = "../../envs/cpu.yaml"
