@@ -82,11 +82,15 @@ def test_table2_cells_are_avg_at_k_of_the_raw_records_with_bootstrap_ci(toy_tree
         assert rec["average"]["mean"] == pytest.approx(np.mean(means))
         assert rec["average"]["ci95"][0] <= np.mean(means) <= rec["average"]["ci95"][1]
     assert "TOY" in t.caption and "Average (TOY)" in t.columns
+    assert "the CI covers the sampling of problems only" in t.caption  # the toy tree has one seed
 
 
 def test_table2_with_two_seeds_reports_seed_mean_and_student_t_interval(toy_tree):
     exp, root = _exp(toy_tree, seeds=(0, 1)), toy_tree[1]
-    rec = tables.table2(exp, Results(root)).data[0]
+    t2 = tables.table2(exp, Results(root))
+    assert "Student-t over 2 seeds" in t2.caption and "problems only" not in t2.caption
+    assert "Assumptions (paper and release silent): checkpoint: tables report the final checkpoint" in t2.caption
+    rec = t2.data[0]
     b = exp["evaluation"]["table2_benchmarks"][0]
     per_seed = [_raw_avg(root, rec["run"], s, 30, b)[0] for s in (0, 1)]
     half = 12.7062047 * np.std(per_seed, ddof=1) / math.sqrt(2)  # t_{0.975, 1}

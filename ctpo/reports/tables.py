@@ -84,7 +84,8 @@ def _seed_note(seeds: list[int]) -> str:
     """One seed: the CI is over problems only and says nothing about run-to-run (seed / CPU) variation."""
     if len(seeds) == 1:
         return (" One training seed: the CI covers the sampling of problems only, not run-to-run variation "
-                "(another seed or CPU can move a toy score by tens of points); see the multi-seed run in README.")
+                "(another seed, or the same seed on another CPU, trains a different policy); for an across-seed "
+                "CI train several seeds (toy: make demo-seeds).")
     return ""
 
 
