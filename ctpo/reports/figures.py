@@ -93,7 +93,7 @@ def build_figure1(exp: dict, results: Results):
             bot.set_ylim(bottom=0)
             counts = bot.twinx()  # how many tokens each drawn bin holds
             counts.step(t, df["n_tokens"], where="mid", color="#999999", lw=0.7, label="tokens per bin (right axis)")
-            counts.set_yscale("log")
+            counts.set_ylim(bottom=0, top=1.15 * float(df["n_tokens"].max()))
             counts.tick_params(axis="y", labelsize=6, colors="#777777")
             counts.spines["right"].set_visible(True)
         axes[0, 0].set_ylabel(r"std of $\log\rho^{\mathrm{cum}}_t$")
