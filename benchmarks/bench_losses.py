@@ -57,11 +57,13 @@ def candidates():
         policy_loss=CTPOPolicyLossConfig(loss_mode="ctpo", eps_low=ctpo_cfg.eps_low, eps_high=ctpo_cfg.eps_high,
                                          power=ctpo_cfg.power, dual_clip_c=ctpo_cfg.dual_clip_c))
     plugin_fn = get_policy_loss_fn("ctpo")
+    wrapped_fn = get_policy_loss_fn("verl_vanilla")  # verl's vanilla + our clip-fraction metrics (GRPO runs)
     return {
         "verl vanilla": lambda o, l, a, m: compute_policy_loss_vanilla(o, l, a, m, "token-mean", actor)[0],
         "ctpo_loss (dual clip)": lambda o, l, a, m: compute_policy_loss(o, l, a, m, ctpo_cfg)[0],
         "ctpo via verl plugin": lambda o, l, a, m: plugin_fn(o, l, a, m, "token-mean", plugin_actor)[0],
         "ours grpo": lambda o, l, a, m: compute_policy_loss(o, l, a, m, grpo_cfg)[0],
+        "verl_vanilla via plugin (+ metrics)": lambda o, l, a, m: wrapped_fn(o, l, a, m, "token-mean", actor)[0],
     }
 
 
