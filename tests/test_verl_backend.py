@@ -223,7 +223,8 @@ def test_metrics_conversion_maps_verl_keys_and_later_attempts_win(tmp_path):
     r1, r2, r3 = rows[0], rows[1], rows[2]
     assert r1[schema.REWARD_MEAN] == 0.1 and r1[schema.ACCURACY] == 0.1 and r1[schema.RESPONSE_LENGTH] == 900.1
     assert r1[schema.LOG_RATIO_MEAN] == -0.002  # -ppo_kl
-    assert r1[schema.CLIP_FRAC] == 0.01 and r1[schema.CLIP_FRAC_LOW] is None
+    # verl's pg_clipfrac (clip active) is never taken for the out-of-band clip fraction of Figure 2
+    assert r1[schema.CLIP_FRAC_ACTIVE] == 0.01 and r1[schema.CLIP_FRAC] is None and r1[schema.CLIP_FRAC_LOW] is None
     assert r1[schema.TURNS] == 3.0 and r1[schema.ENTROPY] == 0.4 and r1[schema.GRAD_NORM] == 0.2
     assert r1[schema.PG_LOSS] == -0.01 and r1[schema.STEP_TIME_S] == 120.0 and r1[schema.TOOL_CALLS] is None
     assert r2["val/aime25/avg_at_k"] == 0.25 and r2["val/aime26/avg_at_k"] == 0.125  # acc first, else reward

@@ -25,9 +25,11 @@ Key mapping (first source present wins; a key that verl and our plugin both lack
   train/reward_mean          critic/rewards/mean (= critic/score/mean without a KL penalty)
   train/accuracy             critic/score/mean: ctpo.reward scores are 0/1, so the mean score is the
                              fraction of responses with reward 1
-  ctpo/clip_frac (+_low, _high), ctpo/log_ratio_mean, ctpo/log_rho_cum_{mean,std}
-                             exact from actor/ctpo/sum/* (our plugin), else actor/ctpo/x or ctpo/x; clip_frac
-                             alone falls back to verl's actor/pg_clipfrac (verl's own losses: grpo, gspo)
+  ctpo/clip_frac (+_low, _high, _active), ctpo/log_ratio_mean, ctpo/log_rho_cum_{mean,std}
+                             exact from actor/ctpo/sum/* (our plugin, every method through verl_vanilla /
+                             verl_gspo), else actor/ctpo/x or ctpo/x. ctpo/clip_frac (out of band, Figure 2)
+                             never takes verl's actor/pg_clipfrac, a different quantity (clip active): that
+                             one is ctpo/clip_frac_active's fallback
   train/response_length_mean response_length/mean (all response tokens, observations included)
   train/turns_mean           training/num_turns/mean, num_turns/mean (verl's count, set by the agent loop)
   actor/entropy, actor/grad_norm, actor/pg_loss   same names
@@ -52,7 +54,7 @@ from ctpo.io import write_text
 VERL_SOURCES: dict[str, list[tuple[str, float]]] = {
     schema.REWARD_MEAN: [("critic/rewards/mean", 1.0), ("critic/score/mean", 1.0)],
     schema.ACCURACY: [("critic/score/mean", 1.0)],
-    schema.CLIP_FRAC: [("actor/pg_clipfrac", 1.0)],
+    schema.CLIP_FRAC_ACTIVE: [("actor/pg_clipfrac", 1.0)],
     schema.RESPONSE_LENGTH: [("response_length/mean", 1.0)],
     schema.TURNS: [("training/num_turns/mean", 1.0), ("num_turns/mean", 1.0)],
     schema.LOG_RATIO_MEAN: [("actor/ppo_kl", -1.0)],
@@ -63,8 +65,8 @@ SUM_PREFIX = "ctpo/sum/"
 SUM_TOKENS = SUM_PREFIX + "tokens"  # model tokens of the micro-batch
 SUM_LOG_RHO_CUM_SQ = SUM_PREFIX + "log_rho_cum_sq"  # sum over model tokens of log_rho_cum^2
 # per-token means over model tokens (ctpo.losses: each is a count or sum / #model tokens)
-TOKEN_MEAN_KEYS = (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.DUAL_CLIP_FRAC,
-                   schema.LOG_RATIO_MEAN, schema.LOG_RHO_CUM_MEAN)
+TOKEN_MEAN_KEYS = (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.CLIP_FRAC_ACTIVE,
+                   schema.DUAL_CLIP_FRAC, schema.LOG_RATIO_MEAN, schema.LOG_RHO_CUM_MEAN)
 # per-micro-batch values whose micro-batch mean would be misnamed: not logged as such (see module doc)
 NOT_AVERAGEABLE = (schema.LOG_RHO_CUM_STD, schema.LOG_RATIO_ABS_MAX)
 
