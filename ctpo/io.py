@@ -1,4 +1,8 @@
-"""Atomic file output: write to a temp file in the same directory, fsync, rename. Nothing half-written survives."""
+"""Atomic file output: write to a temp file in the same directory, fsync, rename. Nothing half-written survives.
+
+Results live on shared storage: what lands keeps the process umask (files 0666 & ~umask, directories
+0777 & ~umask: 644 / 755 under umask 022), not the 600 / 700 that `tempfile` gives its temp files.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,20 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere it is read by setting and
+    restoring it (there is no plain getter)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -21,6 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp made it 600
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -36,6 +55,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp made it 700
         yield tmp
         if path.exists():
             shutil.rmtree(path)

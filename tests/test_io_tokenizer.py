@@ -57,3 +57,28 @@ def test_atomic_dir_replaces_whole_directories_and_cleans_up_on_error(tmp_path):
         (tmp / "other.bin").write_bytes(b"v2")
     assert sorted(p.name for p in d.iterdir()) == ["other.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o077, 0o600, 0o700)])
+def test_atomic_outputs_keep_the_process_umask_for_shared_storage(tmp_path, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    import pandas as pd
+
+    old = os.umask(umask)
+    try:
+        assert io.current_umask() == umask
+        io.write_json(tmp_path / "results" / "done.json", {"step": 3})
+        io.write_parquet(tmp_path / "results" / "eval.parquet", pd.DataFrame({"correct": [True, False]}))
+        with io.atomic_dir(tmp_path / "checkpoints" / "step3") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w")
+            (tmp / "sub").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "results" / "done.json") == file_mode
+    assert mode(tmp_path / "results" / "eval.parquet") == file_mode
+    assert mode(tmp_path / "checkpoints" / "step3") == dir_mode
+    assert mode(tmp_path / "checkpoints" / "step3" / "sub") == dir_mode
+    assert mode(tmp_path / "checkpoints" / "step3" / "model.safetensors") == file_mode
