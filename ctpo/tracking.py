@@ -5,19 +5,44 @@
   and reused with resume="allow", so a restarted or requeued run continues the same W&B run;
 - mode "auto": online when a key is configured (WANDB_API_KEY or a ~/.netrc entry for api.wandb.ai),
   else offline (an explicit WANDB_MODE in the environment wins); "online" | "offline" | "disabled" as given;
-- if wandb is missing or fails to start, a warning is printed and training goes on untracked.
+- online never goes dark: `usable_mode` first asks the W&B server who the key belongs to, bounded by
+  PROBE_TIMEOUT_S (a compute node without network, a firewall that drops packets, a bad key). When that
+  fails the run logs offline into `<workdir>/wandb/` and says so once, with the `wandb sync` line that
+  uploads it later. If wandb.init itself fails online, it is retried offline the same way;
+- if wandb is missing or cannot start even offline, a warning is printed and training goes on untracked;
+- the logged config holds only what applies to the run (`run_config_for_wandb`).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import netrc
 import os
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("auto", "online", "offline", "disabled")
+PROBE_TIMEOUT_S = 5.0  # how long a job may wait to learn that W&B is unreachable
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+# loss.* keys that each method reads (ctpo.losses.policy_token_losses); the rest are not logged
+LOSS_KEYS = {
+    "grpo": ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"),
+    "full_seq": ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"),
+    "gspo": ("clip_ratio_low", "clip_ratio_high"),
+    "ctpo": ("eps_low", "eps_high", "power", "dual_clip_c"),
+    "ctpo_fixed": ("fixed_bounds", "power", "dual_clip_c"),
+}
+TOY_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "max_position_embeddings")
 
 
 def run_id_for(experiment: str, run: str, seed: int, identity: str = "") -> str:
@@ -29,13 +54,103 @@ def run_id_for(experiment: str, run: str, seed: int, identity: str = "") -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _has_api_key() -> bool:
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+
+
+def _api_key() -> str | None:
     if os.environ.get("WANDB_API_KEY"):
-        return True
+        return os.environ["WANDB_API_KEY"]
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        auth = netrc.netrc().authenticators(urlparse(_base_url()).hostname or "api.wandb.ai")
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
+        return None
+    return auth[2] if auth else None
+
+
+def _has_api_key() -> bool:
+    return _api_key() is not None
+
+
+def probe_online(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the W&B server answers and accepts the key within `timeout_s`, else the reason.
+
+    The request runs in a daemon thread so that nothing (DNS included) can hold the job longer."""
+    result: list[str | None] = []
+
+    def ask() -> None:
+        key = _api_key() or ""
+        req = urllib.request.Request(
+            _base_url() + "/graphql", data=json.dumps({"query": "query { viewer { id } }"}).encode(),
+            headers={"Content-Type": "application/json",
+                     "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                body = json.loads(r.read() or b"{}")
+            ok = ((body.get("data") or {}).get("viewer") or {}).get("id")
+            result.append(None if ok else "the server did not accept the API key")
+        except urllib.error.HTTPError as e:
+            result.append("the API key was rejected (HTTP %d)" % e.code if e.code in (401, 403) else f"HTTP {e.code}")
+        except Exception as e:  # URLError, timeouts, DNS, TLS
+            result.append(f"{_base_url()} unreachable ({getattr(e, 'reason', e)})")
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return result[0] if result else f"{_base_url()} did not answer within {timeout_s:g} s"
+
+
+def usable_mode(mode: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[str, str | None]:
+    """(the mode a job should use, why online was given up or None). Online is checked, never assumed."""
+    resolved = resolve_mode(mode)
+    if resolved != "online":
+        return resolved, None
+    reason = probe_online(timeout_s)
+    return ("offline", reason) if reason else ("online", None)
+
+
+def fallback_message(reason: str, seconds: float, wandb_dir: str | Path) -> str:
+    """The one line a job prints when it logs offline instead of online."""
+    return (f"wandb: online logging unavailable ({reason}; checked in {seconds:.1f} s); logging offline to "
+            f"{wandb_dir}; upload later with `wandb sync {wandb_dir}/offline-run-*`")
+
+
+def run_config_for_wandb(cfg_dict: dict) -> dict:
+    """The resolved run config less what does not apply: other methods' loss knobs, and the toy
+    architecture fields on a hub model (its shape is the hub config's; `model.shape` when known)."""
+    import copy
+
+    out = copy.deepcopy(cfg_dict)
+    loss = out.get("loss", {})
+    keep = {"method", "loss_agg_mode", *LOSS_KEYS.get(loss.get("method"), ())}
+    out["loss"] = {k: v for k, v in loss.items() if k in keep}
+    model = out.get("model", {})
+    if model.get("kind") != "toy":
+        out["model"] = {k: v for k, v in model.items() if k not in TOY_MODEL_KEYS}
+        shape = hub_model_shape(model.get("path", ""))
+        if shape:
+            out["model"]["shape"] = shape
+    return out
+
+
+def hub_model_shape(path: str) -> dict:
+    """Layers, hidden size, heads and vocabulary of a hub model from its config.json when it is on disk
+    (a local directory, or the local HF cache after `prepare`); {} otherwise. Never downloads."""
+    fields = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings")
+    cfg_file = Path(path) / "config.json" if path else None
+    if cfg_file is None or not cfg_file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(path, "config.json") if path else None
+            cfg_file = Path(hit) if isinstance(hit, str) else None
+        except Exception:
+            cfg_file = None
+    if cfg_file is None or not cfg_file.is_file():
+        return {}
+    hub = json.loads(cfg_file.read_text())
+    return {k: hub[k] for k in fields if k in hub}
 
 
 def resolve_mode(mode: str) -> str:
@@ -93,26 +208,44 @@ def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
 
         run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"], run_identity(cfg_dict)[0])
         write_text(id_file, run_id + "\n")
-    mode = resolve_mode(cfg_dict["wandb"]["mode"])
+    t0 = time.monotonic()
+    mode, reason = usable_mode(cfg_dict["wandb"]["mode"])
     if mode == "disabled":
         return Tracker(None, run_id, mode)
     try:
         import wandb
-
-        (workdir / "wandb").mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=cfg_dict["wandb"]["project"],
-            entity=cfg_dict["wandb"]["entity"],
-            group=f"{cfg_dict['experiment']}/{cfg_dict['loss']['method']}",
-            name=f"{cfg_dict['run']}-seed{cfg_dict['seed']}",
-            id=run_id,
-            resume="allow",
-            mode=mode,
-            dir=str(workdir),
-            config=cfg_dict,
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+    except Exception as e:
+        print(f"warning: wandb did not import ({type(e).__name__}: {e}); training continues untracked", file=sys.stderr)
+        return Tracker(None, run_id, "failed")
+    (workdir / "wandb").mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        project=cfg_dict["wandb"]["project"],
+        entity=cfg_dict["wandb"]["entity"],
+        group=wandb_group(cfg_dict),
+        name=f"{cfg_dict['run']}-seed{cfg_dict['seed']}",
+        id=run_id,
+        resume="allow",
+        dir=str(workdir),
+        config=run_config_for_wandb(cfg_dict),
+    )
+    if mode == "online":
+        try:
+            run = wandb.init(mode="online", settings=wandb.Settings(silent=True, console="off",
+                                                                     init_timeout=4 * PROBE_TIMEOUT_S), **kwargs)
+            return Tracker(run, run_id, "online")
+        except Exception as e:
+            reason = f"wandb.init failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            mode = "offline"
+    try:
+        run = wandb.init(mode=mode, settings=wandb.Settings(silent=True, console="off"), **kwargs)
     except Exception as e:
         print(f"warning: wandb did not start ({type(e).__name__}: {e}); training continues untracked", file=sys.stderr)
         return Tracker(None, run_id, "failed")
+    if reason:
+        print(fallback_message(reason, time.monotonic() - t0, workdir / "wandb"), file=sys.stderr, flush=True)
     return Tracker(run, run_id, mode)
+
+
+def wandb_group(cfg_dict: dict) -> str:
+    """`<experiment>/<model>/<method>`: model sizes never share a group (4B and 14B curves apart)."""
+    return f"{cfg_dict['experiment']}/{cfg_dict['model']['name']}/{cfg_dict['loss']['method']}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import random
 import subprocess
@@ -197,7 +198,7 @@ def test_records_score_each_sample_and_match_hand_counts(tmp_path):
     assert recs.extraction_failed.any() and recs.correct.any() and not recs.correct.all()
 
 
-def test_interrupted_evaluation_resumes_to_identical_records(tmp_path):
+def test_interrupted_evaluation_resumes_to_identical_records(tmp_path, caplog):
     full = runner.evaluate(_plan(), Rollout(), score, tmp_path / "full.partial.parquet")
     partial = tmp_path / "cut.partial.parquet"
     with pytest.raises(KeyboardInterrupt):
@@ -205,8 +206,12 @@ def test_interrupted_evaluation_resumes_to_identical_records(tmp_path):
     kept = pd.read_parquet(partial)
     assert list(zip(kept.problem_id, kept.sample_index)) == [("0", 0), ("0", 1), ("0", 2), ("0", 3), ("1", 0)]
     resumed_rollout = Rollout()
+    caplog.set_level(logging.INFO, logger="ctpo.eval.runner")
     resumed = runner.evaluate(_plan(), resumed_rollout, score, partial)
     assert len(resumed_rollout.calls) == 2  # only the two unfinished chunks are drawn
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chunk ")]
+    assert [m.split(" elapsed")[0] for m in progress] == ["chunk 2/3 done: samples 10/12", "chunk 3/3 done: samples 12/12"]
+    assert progress[-1].endswith("eta 0s")
     pd.testing.assert_frame_equal(resumed, full)
 
 
@@ -358,60 +363,3 @@ def test_backend_choice_on_cpu():
         resolve_backend("vllm")
     with pytest.raises(ValueError, match="--backend must be one of"):
         resolve_backend("tpu")
-
-
-def test_wandb_is_not_touched_when_offline(monkeypatch):
-    import wandb
-
-    from ctpo.config import load_run_config
-    from ctpo.eval.__main__ import log_to_wandb
-
-    def boom(*a, **k):
-        raise AssertionError("wandb.init called while offline")
-
-    monkeypatch.setattr(wandb, "init", boom)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = load_run_config(json.loads(_run_config_text()))
-    for mode in ("auto", "offline", "disabled"):
-        cfg.wandb.mode = mode
-        log_to_wandb(cfg, {"benchmark": "toy_arith", "step": 10})  # returns before any wandb call
-
-
-def _run_config_text() -> str:
-    from ctpo.config import load_experiment, resolve_run
-
-    return json.dumps(resolve_run(load_experiment(REPO_ROOT / "configs" / "experiments" / "toy.yaml"), "toy_ctpo", 0))
-
-
-def test_wandb_online_logs_eval_metrics_under_benchmark_prefix(monkeypatch):
-    import wandb
-
-    from ctpo.config import load_run_config
-    from ctpo.eval.__main__ import log_to_wandb
-
-    seen = {}
-
-    class FakeRun:
-        def log(self, metrics):
-            seen["metrics"] = metrics
-
-        def finish(self):
-            seen["finished"] = True
-
-    def fake_init(**kwargs):
-        seen["init"] = kwargs
-        return FakeRun()
-
-    monkeypatch.setattr(wandb, "init", fake_init)
-    cfg = load_run_config(json.loads(_run_config_text()))
-    cfg.wandb.mode = "online"
-    summary = {"benchmark": "toy_arith", "step": 10, "label": "toy", "avg_at_k": 0.25, "ci95": [0.1, 0.4],
-               "extraction_failure_rate": 0.5, "pass_at_k": {"1": 0.25, "4": 0.5}, "provenance": {"backend": "hf"}}
-    log_to_wandb(cfg, summary)
-    assert seen["init"]["job_type"] == "eval" and seen["init"]["mode"] == "online"
-    assert seen["metrics"] == {
-        "eval/toy_arith/avg_at_k": 0.25, "eval/toy_arith/ci95_lo": 0.1, "eval/toy_arith/ci95_hi": 0.4,
-        "eval/toy_arith/extraction_failure_rate": 0.5, "eval/toy_arith/pass_at_1": 0.25,
-        "eval/toy_arith/pass_at_4": 0.5, "train_step": 10,
-    }
-    assert seen["finished"]

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -191,7 +192,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(toy, tmp_path):
     assert len(ids) == 1  # the restart reused the W&B run id
 
 
-def test_resume_at_an_epoch_boundary_trains_the_remaining_steps(toy, tmp_path):
+def test_resume_at_an_epoch_boundary_trains_the_remaining_steps(toy, tmp_path, capsys):
     import pandas as pd
 
     data, policy, _ = toy
@@ -206,7 +207,11 @@ def test_resume_at_an_epoch_boundary_trains_the_remaining_steps(toy, tmp_path):
     assert local.main(load_run_config(d), res, wd, policy) == 0
     assert read_json(res / "done.json")["final_step"] == 2
     d["train"].update(total_steps=4, test_freq=4)
+    capsys.readouterr()
     assert local.main(load_run_config(d), res, wd, policy) == 0
+    log = capsys.readouterr().out  # progress: step k/N, elapsed, ETA from the resumed job's own pace
+    assert re.search(r"^train: step 3/4 elapsed \S+ eta \S+ ", log, re.M), log
+    assert re.search(r"^train: step 4/4 elapsed \S+ eta 0s ", log, re.M), log
     rows = read_jsonl(res / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     done = read_json(res / "done.json")

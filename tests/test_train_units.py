@@ -152,6 +152,8 @@ def test_tracking_never_required(tmp_path, monkeypatch):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(wandb, "init", broken_init)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: never the real internet
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = dataclasses.asdict(_toy_cfg())
     cfg["wandb"]["mode"] = "online"
     t = start_tracking(cfg, tmp_path)

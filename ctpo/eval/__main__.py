@@ -83,40 +83,6 @@ def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str)
     }
 
 
-def log_to_wandb(cfg, summary: dict) -> None:
-    """Eval metrics to W&B only when the run is online; one eval run per (run, seed, step, benchmark)."""
-    import tempfile
-
-    from ctpo.tracking import resolve_mode, run_id_for
-
-    if resolve_mode(cfg.wandb.mode) != "online":
-        return
-    bench, step = summary["benchmark"], summary["step"]
-    prefix = f"eval/{bench}/"
-    try:
-        import wandb
-
-        with tempfile.TemporaryDirectory() as wdir:
-            run = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, mode="online", dir=wdir,
-                group=f"{cfg.experiment}/{cfg.loss.method}", job_type="eval",
-                name=f"{cfg.run}-seed{cfg.seed}-eval-step{step}-{bench}",
-                id=run_id_for(cfg.experiment, f"{cfg.run}/eval/step{step}/{bench}", cfg.seed), resume="allow",
-                config={"eval": summary["provenance"], "train_step": step, "label": summary["label"]},
-            )
-            run.log({
-                prefix + "avg_at_k": summary["avg_at_k"],
-                prefix + "ci95_lo": summary["ci95"][0],
-                prefix + "ci95_hi": summary["ci95"][1],
-                prefix + "extraction_failure_rate": summary["extraction_failure_rate"],
-                **{prefix + f"pass_at_{j}": v for j, v in summary["pass_at_k"].items()},
-                "train_step": step,
-            })
-            run.finish()
-    except Exception as e:  # tracking is never required
-        print(f"warning: wandb logging of eval metrics failed ({type(e).__name__}: {e})", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -186,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["extraction_failure_rate"] > 0.5:
         log.warning("%s: no answer could be extracted from %.0f%% of samples: check the template, the token "
                     "budget and the checkpoint", bench, 100 * summary["extraction_failure_rate"])
-    log_to_wandb(cfg, summary)
-    return 0
+    return 0  # W&B: `python -m ctpo.reports wandb` logs every evaluation as a curve per (run, seed)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pandas as pd
 
 from ctpo.data.problems import BenchmarkError, Problem, load_benchmark  # noqa: F401  (the evaluator reads benchmarks)
 from ctpo.io import atomic_path
+from ctpo.progress import Progress
 from ctpo.schema import EVAL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,10 @@ def evaluate(
     todo = [c for c in chunks if not set(c) <= done_pairs]
     if done_pairs:
         log.info("resuming: %d samples done, %d of %d chunks to draw", len(done_pairs), len(todo), len(chunks))
-    for chunk in todo:
+    total = len(plan.problems) * plan.k
+    n_done = len(done_pairs)
+    clock = Progress(total, start=n_done, unit="samples")
+    for i, chunk in enumerate(todo, start=len(chunks) - len(todo) + 1):
         p0, j0 = chunk[0]
         seed = derive_seed(*plan.seed_parts, plan.problems[p0].problem_id, j0)
         episodes = _draw(chunk, seed, plan, rollout)
@@ -193,6 +197,8 @@ def evaluate(
         ]
         frames.append(as_records(rows))
         write_partial(partial, pd.concat(frames, ignore_index=True), plan.fingerprint)
+        n_done += len(rows)
+        log.info("chunk %d/%d done: %s", i, len(chunks), clock.line(n_done))
     records = as_records(pd.concat(frames, ignore_index=True))
     order = records["problem_id"].map(index)
     return records.assign(_o=order).sort_values(["_o", "sample_index"]).drop(columns="_o").reset_index(drop=True)

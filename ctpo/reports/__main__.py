@@ -4,15 +4,17 @@
   tables     --experiment E --results results/{exp} --out results/{exp}/tables     Tables 1-3 (.md, .tex)
   figures    --experiment E --results results/{exp} --out figures/{exp}            Figures 1-2 (.pdf, .png)
   synthetic  --experiment configs/experiments/paper.yaml --out results/_synthetic  SYNTHETIC tree (bench/tests)
-  wandb      --experiment E --results R --tables T --figures F      to W&B when the experiment's mode is online
+  wandb      --experiment E --results R --tables T --figures F [--out M]  eval curves + reports to W&B (online)
 
 E is an experiment .yaml or .json. A missing input exits with status 2 and one line naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from ctpo.io import write_json
 
@@ -55,17 +57,37 @@ def _synthetic(args) -> None:
 
 
 def _wandb(args) -> None:
+    import time as _time
+
+    from ctpo.io import write_json
     from ctpo.reports.load import Results, read_experiment
-    from ctpo.reports.wandb_log import log_reports
-    from ctpo.tracking import resolve_mode
+    from ctpo.reports.wandb_log import log_eval_curves, log_reports
+    from ctpo.tracking import fallback_message, usable_mode
 
     exp = read_experiment(args.experiment)
-    mode = resolve_mode(exp["wandb"]["mode"])
-    if mode != "online":
+    t0 = _time.monotonic()
+    mode, reason = usable_mode(exp["wandb"]["mode"])
+    if mode not in ("online", "offline") or (mode == "offline" and not reason):
         print(f"wandb: mode resolves to '{mode}'; reports are logged only online (nothing sent)")
-        return
-    run_id = log_reports(exp, Results(args.results), args.tables, args.figures, mode)
-    print(f"wandb: logged reports to run {run_id}" if run_id else "wandb: logging failed (see warning)")
+        ids, report_id = [], None
+    else:
+        wandb_dir = Path(args.wandb_dir or f"runs/{exp['experiment']}/reports")
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        if reason:
+            print(fallback_message(reason, _time.monotonic() - t0, wandb_dir / "wandb"), file=sys.stderr)
+        results = Results(args.results)
+        run_configs = {}
+        for run in exp["runs"]:
+            for seed in exp["seeds"]:
+                f = Path(args.results) / "configs" / run / f"seed{seed}.json"
+                if f.is_file():
+                    run_configs[(run, seed)] = json.loads(f.read_text())
+        ids = log_eval_curves(exp, results, mode, wandb_dir, run_configs)
+        report_id = log_reports(exp, results, args.tables, args.figures, mode, wandb_dir)
+        print(f"wandb ({mode}): eval curves in runs {', '.join(ids) or '(none)'}; "
+              + (f"tables and figures in run {report_id}" if report_id else "reports logging failed (see warning)"))
+    if args.out:
+        write_json(args.out, {"mode": mode, "fallback_reason": reason, "eval_runs": ids, "reports_run": report_id})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--problems", type=int, default=30, help="problems per benchmark")
     p.set_defaults(fn=_synthetic)
-    p = sub.add_parser("wandb", help="log tables and figures to W&B (online mode only)")
+    p = sub.add_parser("wandb", help="log eval curves, tables and figures to W&B (online; offline if unreachable)")
     for opt in ("--experiment", "--results", "--tables", "--figures"):
         p.add_argument(opt, required=True)
+    p.add_argument("--wandb-dir", help="where offline runs go (default runs/<exp>/reports)")
+    p.add_argument("--out", help="marker JSON: mode and the W&B run ids")
     p.set_defaults(fn=_wandb)
     args = ap.parse_args(argv)
     from ctpo.config import ConfigError

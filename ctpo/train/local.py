@@ -38,6 +38,7 @@ import torch
 from ctpo import schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
 from ctpo.io import atomic_path, read_json, write_text
+from ctpo.progress import Progress
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun to resume
@@ -268,6 +269,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
     run = Run.open(cfg, results_dir, workdir, init)
     stop = _StopFlag()
     stop.install()
+    clock = Progress(cfg.train.total_steps, start=run.step)
     try:
         for step in range(run.step + 1, cfg.train.total_steps + 1):
             idx = draw_prompts(len(run.questions), run.consumed, cfg.train.prompts_per_step, cfg.seed)
@@ -280,7 +282,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
             if step in cfg.train.dump_steps:
                 write_dump(workdir, step, res)
             run.record(row)
-            print("train: " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
+            print(f"train: {clock.line(step)} " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
             if step % cfg.train.save_freq == 0 or step == cfg.train.total_steps or stop.signum is not None:
                 run.save(step)
             pause_after_step(step, stop, workdir)
