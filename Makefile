@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo demo-seeds test venv slurm-profile bench clean-demo
+.PHONY: demo demo-seeds test venv slurm-profile bench clean-demo pins resolve-gpu
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing into $(VENV) (torch==2.13.0 CPU wheel first, so nothing pulls a CUDA build)"
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,workflow]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev,workflow]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +27,16 @@ demo-seeds: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider tests
+
+# envs/cpu.yaml, envs/gpu.yaml, envs/gpu.post-deploy.sh from pyproject.toml (the one pin set).
+pins:
+	$(PYTHON) envs/pins.py render
+
+# pip's real resolver, dry run, on both documented GPU installs (conda env's pip section and
+# `pip install -e '.[gpu,jobs]'`), in a throwaway venv under build/pins with pip 25.2. Reads only package
+# metadata (nothing is installed); prints each resolution's time and torch/transformers/vllm versions.
+resolve-gpu:
+	$(PYTHON) envs/pins.py resolve --out build/pins
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
