@@ -26,6 +26,10 @@ include: "workflow/rules/report.smk"
 
 localrules:
     all,
+    prepare,
+    prepare_model,
+    prepare_deepscaler,
+    prepare_benchmarks,
     experiment_config,
     data_config,
     run_config,

@@ -104,6 +104,8 @@ def test_paper_dryrun_job_counts_and_gpu_resources(wf):
     assert n["diagnostics"] == len(exp["diagnostics"]["steps"])
     assert n["tables"] == n["figures"] == n["table1"] == 1
     assert "warmstart" not in n  # no toy SFT for verl runs
+    # hub files are fetched once per model by `prepare_model` (a localrule: the login node's network)
+    assert n["prepare_model"] == 2 and n["prepare_deepscaler"] == 1
     got_evals = {
         (w["run"], int(w["seed"]), int(w["step"]), w["bench"])
         for j in jobs

@@ -410,7 +410,15 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
          init: str | Path | None = None) -> int:
     """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs."""
+    from ctpo.hub import MissingLocalFiles, require_model, set_offline
+
     workdir = Path(workdir)
+    if not print_command and cfg.model.kind == "hf" and init is None:
+        try:  # compute nodes are offline: the model must be on disk (`python -m ctpo.hub fetch`)
+            require_model(cfg.model.path)
+        except MissingLocalFiles as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     argv = build_command(cfg, results_dir, workdir, init)
     if print_command:
         sys.stdout.write(format_command(argv))
@@ -420,7 +428,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
     if latest_step(workdir) < cfg.train.total_steps:
         write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
-        env = run_env(cfg, workdir, attempt)
+        env = set_offline(run_env(cfg, workdir, attempt))
         (workdir / "verl_logs").mkdir(parents=True, exist_ok=True)
         write_text(workdir / "verl_logs" / f"attempt{attempt}.cmd", format_command(argv))
         print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)

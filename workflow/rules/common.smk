@@ -18,6 +18,12 @@ CONFIG_DIR = Path(workflow.basedir) / "configs"  # this checkout's models/ and m
 RESOLVED = resolve_runs(config, CONFIG_DIR)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
 check_experiment(config, RESOLVED, CONFIG_DIR)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
+# hub models (kind: hf) by model name: fetched by `prepare_model` on the login node, offline elsewhere
+HUB_MODELS = {
+    c["model"]["name"].lower().replace("-", "_"): c["model"]["path"]
+    for c in RESOLVED.values()
+    if c["model"]["kind"] == "hf"
+}
 LOCAL_RUNS = [r for r in RUNS if RESOLVED[(r, SEEDS[0])]["train"]["backend"] == "local"]
 ENV_CPU = "../../envs/cpu.yaml"
 ENV_GPU = "../../envs/gpu.yaml"
@@ -58,6 +64,7 @@ wildcard_constraints:
     seed=r"\d+",
     step=r"\d+",
     bench="|".join(re.escape(b) for b in config["data"]["benchmarks"]),
+    model="|".join(re.escape(m) for m in HUB_MODELS) or "(?!x)x",
 
 
 def get_resources(group):
@@ -108,6 +115,9 @@ def get_train_inputs(wildcards):
     }
     if needs_warmstart(wildcards):
         inputs["sft"] = P["sft_done"].format(seed=wildcards.seed)
+    model = run_cfg(wildcards)["model"]
+    if model["kind"] == "hf":
+        inputs["model"] = f"{R}/data/model_{model['name'].lower().replace('-', '_')}.json"
     return inputs
 
 

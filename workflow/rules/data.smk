@@ -118,3 +118,27 @@ rule prepare_benchmarks:
         **get_resources("cpu"),
     shell:
         "python -m ctpo.data benchmarks --experiment {input} --out {output} > {log} 2>&1"
+
+
+rule prepare_model:
+    """Hub model weights + tokenizer into the HF cache, on the login node (compute nodes run offline)."""
+    output:
+        f"{R}/data/model_{{model}}.json",
+    params:
+        path=lambda wc: HUB_MODELS[wc.model],
+    log:
+        f"{L}/prepare_model/{{model}}.log",
+    benchmark:
+        f"{B}/prepare_model/{{model}}.tsv"
+    conda:
+        ENV_CPU
+    shell:
+        "python -m ctpo.hub fetch --model {params.path:q} --out {output} > {log} 2>&1"
+
+
+rule prepare:
+    """Everything fetched from a hub, once, where the network is: `snakemake --profile slurm prepare`."""
+    input:
+        get_data_marker(),
+        get_benchmark_marker(),
+        [f"{R}/data/model_{m}.json" for m in HUB_MODELS],

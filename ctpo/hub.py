@@ -1,0 +1,89 @@
+"""Hub files on offline compute nodes: fetched once where the network is, checked in seconds where it is not.
+
+Compute nodes often have no internet. Jobs that run there (training, merge, evaluation) set the hubs
+offline (`OFFLINE_ENV`) and call `require_model` first: a model that is not in the local HF cache (or a
+local directory) stops the job with one line that says what to run, instead of a download that hangs
+or a traceback deep inside verl. `python -m ctpo.hub fetch` is the login-node side (network): it puts a
+model, at a pinned revision, into the cache (`HF_HOME`, or `--cache-dir`).
+
+    python -m ctpo.hub fetch --model Qwen/Qwen3-4B [--revision <commit>] [--out marker.json]   (network)
+    python -m ctpo.hub check --model Qwen/Qwen3-4B [--revision <commit>]   (anywhere, never the network)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+class MissingLocalFiles(RuntimeError):
+    """A hub file a compute job needs is not on disk; the message is the one line to print."""
+
+
+def set_offline(env: dict | None = None) -> dict:
+    """Put the hubs offline in `env` (default: this process's environment); returns it."""
+    env = os.environ if env is None else env
+    env.update(OFFLINE_ENV)
+    return env
+
+
+def require_model(path: str, revision: str | None = None) -> Path:
+    """The local directory of model `path` (a directory, or a hub id in the local cache); never downloads.
+
+    Raises MissingLocalFiles naming the model, the cache and the command that fetches it."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise MissingLocalFiles(f"model directory {path} has no config.json")
+        return Path(path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, or a revision that was never fetched
+        rev = f" at revision {revision}" if revision else ""
+        raise MissingLocalFiles(
+            f"model {path}{rev} is not in the local HF cache ({HF_HUB_CACHE}) and this job runs offline "
+            f"({type(e).__name__}); fetch it where the network is: python -m ctpo.hub fetch --model {path}"
+            + (f" --revision {revision}" if revision else "")
+        ) from None
+
+
+def fetch_model(path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, revision=revision, cache_dir=cache_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctpo.hub", description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("fetch", "check"))
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--revision")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--out", help="fetch: marker JSON with the commit that was fetched (the pin)")
+    args = ap.parse_args(argv)
+    if args.command == "fetch":
+        local = fetch_model(args.model, args.revision, args.cache_dir)
+        print(f"hub: {args.model} -> {local}")
+        if args.out:
+            from ctpo.io import write_json
+
+            # the snapshot directory is named by the commit: what every offline job will load
+            write_json(args.out, {"model": args.model, "requested_revision": args.revision,
+                                  "commit": local.name, "local_dir": str(local)})
+        return 0
+    set_offline()
+    try:
+        print(f"hub: {args.model} is on disk at {require_model(args.model, args.revision)}")
+    except MissingLocalFiles as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
