@@ -30,6 +30,7 @@ localrules:
     prepare_model,
     prepare_deepscaler,
     prepare_benchmarks,
+    wandb_reports,
     experiment_config,
     data_config,
     run_config,

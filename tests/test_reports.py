@@ -257,3 +257,39 @@ def test_table1_cli_quick_study_matches_direct_run(tmp_path):
     want = run_study(QUICK)
     assert got["estimators"]["token"]["bias_exact"] == pytest.approx(want["estimators"]["token"]["bias_exact"])
     assert "paper: bias / variance" in res.stdout
+
+
+def test_eval_curves_one_wandb_run_per_run_and_seed_over_train_step(toy_tree, monkeypatch):
+    import wandb
+
+    from ctpo.reports.wandb_log import log_eval_curves
+
+    exp, root = _exp(toy_tree, seeds=(0, 1)), toy_tree[1]
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kw):
+            self.kw, self.rows, self.metrics, self.id = kw, [], {}, kw["id"]
+            runs.append(self)
+
+        def define_metric(self, name, step_metric=None):
+            self.metrics[name] = step_metric
+
+        def log(self, row):
+            self.rows.append(row)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun(**kw))
+    ids = log_eval_curves(exp, Results(root), mode="offline")
+    assert len(runs) == len(exp["runs"]) * 2 == len(set(ids))
+    ctpo0 = next(r for r in runs if r.kw["name"] == "toy_ctpo-seed0-eval")
+    assert ctpo0.kw["job_type"] == "eval" and ctpo0.metrics["eval/*"] == "train_step"
+    steps = [r["train_step"] for r in ctpo0.rows]
+    assert steps == sorted(steps) and len(steps) >= 2  # a curve, not one point
+    for row in ctpo0.rows:
+        for bench in exp["data"]["benchmarks"]:
+            assert row[f"eval/{bench}/avg_at_k"] == pytest.approx(_raw_avg(root, "toy_ctpo", 0, row["train_step"], bench)[0])
+    again = log_eval_curves(exp, Results(root), mode="offline")
+    assert again == ids  # the same evaluations reopen the same runs: nothing doubles in a curve

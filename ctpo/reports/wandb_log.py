@@ -70,7 +70,8 @@ def log_reports(exp: dict, results: Results, tables_dir: str | Path, figures_dir
 
 def eval_curve_rows(exp: dict, results: Results, run: str, seed: int) -> list[dict]:
     """One row per evaluated step of (run, seed), ascending: `train_step` and, per benchmark present,
-    `eval/<bench>/{avg_at_k,ci95_lo,ci95_hi,extraction_failure_rate}` from the eval sidecar JSON."""
+    `eval/<bench>/avg_at_k` (from the per-sample records, as the tables compute it) plus
+    `ci95_lo`, `ci95_hi`, `extraction_failure_rate`, `pass_at_<j>` when the eval sidecar JSON has them."""
     rows = []
     for step in results.eval_steps(run, seed):
         row: dict = {"train_step": step}
@@ -80,7 +81,7 @@ def eval_curve_rows(exp: dict, results: Results, run: str, seed: int) -> list[di
                 continue
             s = read_json(f)
             p = f"eval/{bench}/"
-            row[p + "avg_at_k"] = s["avg_at_k"]
+            row[p + "avg_at_k"] = float(results.eval_result(run, seed, step, bench).scores.mean())
             if "ci95" in s:
                 row[p + "ci95_lo"], row[p + "ci95_hi"] = s["ci95"]
             if "extraction_failure_rate" in s:

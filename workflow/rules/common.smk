@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from ctpo.config import canonical_json
+from ctpo.tracking import resolve_mode
 from ctpo.configure import check_experiment, eval_targets, resolve_runs, warmstart_config
 
 
@@ -18,6 +19,7 @@ CONFIG_DIR = Path(workflow.basedir) / "configs"  # this checkout's models/ and m
 RESOLVED = resolve_runs(config, CONFIG_DIR)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
 check_experiment(config, RESOLVED, CONFIG_DIR)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
+WANDB_ONLINE = resolve_mode(config["wandb"]["mode"]) == "online"  # from the environment only, no network
 # hub models (kind: hf) by model name: fetched by `prepare_model` on the login node, offline elsewhere
 HUB_MODELS = {
     c["model"]["name"].lower().replace("-", "_"): c["model"]["path"]
@@ -209,4 +211,5 @@ def get_final_outputs():
     names = ("table1", "table2", "table3")
     tables = [f"{P['tables']}/{n}.{ext}" for n in names for ext in ("md", "tex")]
     figures = [f"{P['figures']}/{n}.{ext}" for n in ("figure1", "figure2") for ext in ("pdf", "png")]
-    return tables + figures + train_done_files(RUNS)
+    wandb = [f"{R}/wandb.json"] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
+    return tables + figures + train_done_files(RUNS) + wandb

@@ -63,3 +63,27 @@ rule figures:
         ENV_CPU
     shell:
         "python -m ctpo.reports figures --experiment {input.experiment} --results {params.results} --out {params.out} > {log} 2>&1"
+
+
+rule wandb_reports:
+    """Eval curves (one W&B run per run x seed over train_step), tables and figures; in `all` only when
+    the experiment's W&B mode resolves online (a key is configured). A localrule: it needs the network."""
+    input:
+        unpack(get_tables_inputs),
+        tables=rules.tables.output,
+        figures=rules.figures.output,
+    output:
+        f"{R}/wandb.json",
+    params:
+        results=R,
+        tables=P["tables"],
+        figures=P["figures"],
+    log:
+        f"{L}/wandb_reports.log",
+    benchmark:
+        f"{B}/wandb_reports.tsv"
+    conda:
+        ENV_CPU
+    shell:
+        "python -m ctpo.reports wandb --experiment {input.experiment} --results {params.results} "
+        "--tables {params.tables} --figures {params.figures} --out {output} > {log} 2>&1"
