@@ -210,6 +210,7 @@ def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
         write_text(id_file, run_id + "\n")
     t0 = time.monotonic()
     mode, reason = usable_mode(cfg_dict["wandb"]["mode"])
+    waited = time.monotonic() - t0
     if mode == "disabled":
         return Tracker(None, run_id, mode)
     try:
@@ -235,14 +236,14 @@ def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
             return Tracker(run, run_id, "online")
         except Exception as e:
             reason = f"wandb.init failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            mode = "offline"
+            mode, waited = "offline", time.monotonic() - t0
     try:
         run = wandb.init(mode=mode, settings=wandb.Settings(silent=True, console="off"), **kwargs)
     except Exception as e:
         print(f"warning: wandb did not start ({type(e).__name__}: {e}); training continues untracked", file=sys.stderr)
         return Tracker(None, run_id, "failed")
     if reason:
-        print(fallback_message(reason, time.monotonic() - t0, workdir / "wandb"), file=sys.stderr, flush=True)
+        print(fallback_message(reason, waited, workdir / "wandb"), file=sys.stderr, flush=True)
     return Tracker(run, run_id, mode)
 
 

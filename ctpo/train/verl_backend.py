@@ -31,6 +31,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ctpo.agent.protocols import verl_protocol_overrides
@@ -305,7 +306,7 @@ def next_attempt(workdir: str | Path) -> int:
 
 def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None = None) -> dict:
     """Environment of the verl process: W&B resume, file-logger path, rollout-dump contract, no foreign Ray."""
-    from ctpo.tracking import resolve_mode
+    from ctpo.tracking import fallback_message, usable_mode
 
     workdir = Path(workdir).resolve()
     env = dict(os.environ if base is None else base)
@@ -314,7 +315,10 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     env["WANDB_RESUME"] = "allow"
     env["WANDB_RUN_GROUP"] = f"{cfg.experiment}/{cfg.loss.method}"
     env["WANDB_DIR"] = str(workdir)
-    mode = resolve_mode(cfg.wandb.mode)
+    t0 = time.monotonic()
+    mode, reason = usable_mode(cfg.wandb.mode)  # online only when the server answers: never a 90 s stall
+    if reason:
+        print(fallback_message(reason, time.monotonic() - t0, workdir / "wandb"), file=sys.stderr, flush=True)
     if mode != "disabled":
         env["WANDB_MODE"] = mode
     if cfg.wandb.entity:
