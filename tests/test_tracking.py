@@ -139,3 +139,14 @@ def test_groups_separate_model_sizes():
     paper = load_experiment(REPO_ROOT / "configs" / "experiments" / "paper.yaml")
     groups = {r: tracking.wandb_group(resolve_run(paper, r, 0)) for r in ("qwen3_4b_ctpo", "qwen3_14b_ctpo")}
     assert groups == {"qwen3_4b_ctpo": "paper/Qwen3-4B/ctpo", "qwen3_14b_ctpo": "paper/Qwen3-14B/ctpo"}
+
+
+def test_verl_job_env_goes_offline_when_the_server_is_unreachable(online_env, tmp_path, capsys):
+    from ctpo.config import load_run_config
+    from ctpo.train import verl_backend as vb
+
+    online_env(None)
+    paper = load_experiment(REPO_ROOT / "configs" / "experiments" / "paper.yaml")
+    env = vb.run_env(load_run_config(resolve_run(paper, "qwen3_4b_ctpo", 0)), tmp_path / "w", attempt=1, base={})
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str((tmp_path / "w").resolve())
+    assert capsys.readouterr().err.count("wandb: online logging unavailable") == 1
