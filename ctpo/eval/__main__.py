@@ -85,6 +85,9 @@ def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ctpo.hub import set_offline
+
+    set_offline()  # compute nodes are offline: the checkpoint and its tokenizer are local files
     args = parse_args(argv)
     cfg = load_run_config(args.config)
     cfg_dict = asdict(cfg)
