@@ -41,10 +41,12 @@ resolve-gpu:
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# Installs the `slurm` global profile where Snakemake looks for it (~/.config/snakemake/slurm).
+# Installs the `slurm` global profile where Snakemake looks for it (~/.config/snakemake/slurm). An existing,
+# different profile is kept: the script refuses unless FORCE=1 (which backs it up); NAME=<n> installs beside it.
 slurm-profile:
-	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<part>"; exit 2; }
-	$(PYTHON) workflow/scripts/install_slurm_profile.py --account "$(ACCOUNT)" --partition "$(PARTITION)" --repo "$(CURDIR)"
+	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" -a -n "$(CPU_PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<gpu part> CPU_PARTITION=<cpu part> [NAME=slurm] [FORCE=1]"; exit 2; }
+	$(PYTHON) workflow/scripts/install_slurm_profile.py --account "$(ACCOUNT)" --partition "$(PARTITION)" \
+		--cpu-partition "$(CPU_PARTITION)" --name "$(or $(NAME),slurm)" $(if $(FORCE),--force)
 
 clean-demo:
 	rm -rf results/toy figures/toy runs/toy logs/toy .snakemake

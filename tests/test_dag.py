@@ -116,10 +116,10 @@ def test_paper_dryrun_job_counts_and_gpu_resources(wf):
     for j in jobs:
         res = kv(j.get("resources", ""))
         if j["rule"] == "train":
-            assert res["gpu"] == "8" and res["gpu_model"] == "h100"
+            assert res["gpu"] == "8" and res["gpu_model"] == "h100" and res["nodes"] == "1"
             assert int(res["runtime"]) >= 24 * 60 and int(res["mem_mb"]) >= 500_000 and res["cpus_per_gpu"] == "12"
         elif j["rule"] == "eval":
-            assert res["gpu"] == "1"
+            assert res["gpu"] == "1" and res["nodes"] == "1"
         else:
             assert "gpu" not in res, f"{j['rule']} asks for a GPU"
 

@@ -1,15 +1,18 @@
-"""`snakemake --profile slurm` against fake SLURM commands: the sbatch arguments of a training job.
+"""`snakemake --profile slurm` against fake SLURM commands: the exact sbatch lines the real
+snakemake-executor-plugin-slurm (2.8) builds for a training, an evaluation and a merge; and the profile
+installer (`make slurm-profile`), which never destroys an existing profile and bakes in no checkout path.
 
 The profile is installed with workflow/scripts/install_slurm_profile.py into a temporary
 XDG_CONFIG_HOME. Fake `sbatch`, `squeue`, `sacct`, `sacctmgr`, `sshare`, `sinfo` and `scontrol`
-on PATH record their arguments (the SLURM executor plugin 2.8 calls sacctmgr to validate the
-account, scontrol for the array limit, sbatch to submit and sacct/squeue for status). Snakemake is
-stopped once sbatch has been called.
+on PATH record their arguments (the plugin calls sacctmgr to validate the account, scontrol for the
+array limit, sbatch to submit and sacct/squeue for status). Snakemake is stopped once every expected
+sbatch call has been made.
 """
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +25,10 @@ from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow
 
 FAKE = {
-    # sbatch --parsable prints the job id; record the whole command line, one call per line
-    "sbatch": 'cat > /dev/null; printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/sbatch.args"; echo 4242',
+    # sbatch --parsable prints the job id (a distinct one per call); each call's argv, NUL-separated, to its
+    # own file (written to a temp name first, so a reader never sees half a call)
+    "sbatch": 'cat > /dev/null; f="$FAKE_SLURM_LOG/sbatch.$$"; printf "%s\\0" "$@" > "$f.tmp"; mv "$f.tmp" "$f.call"; '
+              'echo $((4000 + $$ % 1000))',
     "sacctmgr": 'printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/sacctmgr.args"; echo "  $FAKE_ACCOUNT"',
     "sacct": 'printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/sacct.args"; echo "4242|RUNNING"',
     "squeue": 'printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/squeue.args"; echo "4242|RUNNING"',
@@ -32,6 +37,8 @@ FAKE = {
     "scontrol": 'printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/scontrol.args"; echo "MaxArraySize = 1001"',
     "scancel": 'printf "%s\\n" "$*" >> "$FAKE_SLURM_LOG/scancel.args"',
 }
+SCRIPT = "workflow/scripts/install_slurm_profile.py"
+GPU_PART, CPU_PART, ACCOUNT = "gpu-h100", "cpu-std", "proj42"
 
 
 def install_fakes(bin_dir: Path) -> None:
@@ -42,82 +49,148 @@ def install_fakes(bin_dir: Path) -> None:
         p.chmod(0o755)
 
 
-def test_install_slurm_profile_fills_repo_account_partition(tmp_path):
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
-    script = REPO / "workflow/scripts/install_slurm_profile.py"
-    subprocess.run(
-        [sys.executable, script, "--account", "proj42", "--partition", "gpu-h100", "--repo", str(REPO)],
-        env=env, check=True, capture_output=True,
+def install(xdg: Path, *extra: str, repo: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, repo / SCRIPT, "--account", ACCOUNT, "--partition", GPU_PART, "--cpu-partition", CPU_PART,
+         *extra],
+        env=dict(os.environ, XDG_CONFIG_HOME=str(xdg)), capture_output=True, text=True,
     )
-    prof = yaml.safe_load((tmp_path / "xdg/snakemake/slurm/config.yaml").read_text())
+
+
+def test_installed_profile_names_partitions_and_no_checkout_path(tmp_path):
+    proc = install(tmp_path / "xdg")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "xdg/snakemake/slurm/config.yaml").read_text()
+    prof = yaml.safe_load(text)
     assert prof["executor"] == "slurm" and prof["slurm-requeue"] is True
-    assert prof["configfile"] == f"{REPO}/configs/experiments/paper.yaml"
-    assert prof["default-resources"]["slurm_account"] == "proj42"
-    assert prof["default-resources"]["slurm_partition"] == "gpu-h100"
+    assert prof["configfile"] == "configs/experiments/paper.yaml"  # relative to the checkout run from
+    assert str(REPO) not in text and "@" not in text.split("#")[0]
+    assert prof["default-resources"]["slurm_account"] == ACCOUNT
+    assert prof["default-resources"]["slurm_partition"] == CPU_PART  # every job but training and evaluation
+    assert prof["set-resources"] == {"train": {"slurm_partition": GPU_PART}, "eval": {"slurm_partition": GPU_PART}}
     bad = subprocess.run(
-        [sys.executable, script, "--account", "a;rm -rf /", "--partition", "p", "--repo", str(REPO)],
-        env=env, capture_output=True, text=True,
+        [sys.executable, REPO / SCRIPT, "--account", "a;rm -rf /", "--partition", "p", "--cpu-partition", "c"],
+        env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg2")), capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "--account" in bad.stderr
+    assert not (tmp_path / "xdg2/snakemake/slurm/config.yaml").exists()
 
 
-def test_training_job_is_submitted_with_gpus_time_memory_partition_account(tmp_path):
+def test_installing_never_destroys_an_existing_profile(tmp_path):
+    xdg = tmp_path / "xdg"
+    mine = xdg / "snakemake/slurm/config.yaml"
+    mine.parent.mkdir(parents=True)
+    own = "executor: slurm\ndefault-resources:\n  slurm_account: other_lab\n"
+    mine.write_text(own)
+    refused = install(xdg)
+    assert refused.returncode == 3 and "not overwriting" in refused.stderr and str(mine) in refused.stderr
+    assert mine.read_text() == own and list(mine.parent.iterdir()) == [mine]
+    beside = install(xdg, "--name", "ctpo-slurm")  # a second profile next to the user's own
+    assert beside.returncode == 0 and mine.read_text() == own
+    assert yaml.safe_load((xdg / "snakemake/ctpo-slurm/config.yaml").read_text())["executor"] == "slurm"
+    forced = install(xdg, "--force")
+    assert forced.returncode == 0, forced.stderr
+    backups = sorted(mine.parent.glob("config.yaml.bak-*"))
+    assert len(backups) == 1 and backups[0].read_text() == own and str(backups[0]) in forced.stdout
+    assert yaml.safe_load(mine.read_text())["default-resources"]["slurm_account"] == ACCOUNT
+    again = install(xdg)  # the same settings again: nothing to do, nothing backed up
+    assert again.returncode == 0 and "already installed" in again.stdout
+    assert len(list(mine.parent.glob("config.yaml.bak-*"))) == 1
+
+
+def test_make_slurm_profile_from_two_checkouts_runs_each_checkouts_config(tmp_path):
+    xdg = tmp_path / "xdg"
+    a, b = copy_workflow(tmp_path / "a"), copy_workflow(tmp_path / "b")
+    shutil.copy2(REPO / "Makefile", a / "Makefile")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    make = subprocess.run(["make", "-s", "slurm-profile", f"ACCOUNT={ACCOUNT}", f"PARTITION={GPU_PART}",
+                           f"CPU_PARTITION={CPU_PART}"], cwd=a, env=env, capture_output=True, text=True)
+    assert make.returncode == 0, make.stdout + make.stderr
+    usage = subprocess.run(["make", "-s", "slurm-profile", f"ACCOUNT={ACCOUNT}"], cwd=a, env=env,
+                           capture_output=True, text=True)
+    assert usage.returncode != 0 and "CPU_PARTITION" in usage.stdout + usage.stderr
+    exp_b = b / "configs/experiments/paper.yaml"
+    exp_b.write_text(exp_b.read_text().replace("experiment: paper\n", "experiment: paper_b\n"))
+    for wf, name in ((a, "paper"), (b, "paper_b")):  # the one installed profile, used from each checkout
+        proc = subprocess.run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "-n", "run_qwen3_4b_ctpo"],
+                              cwd=wf, env=env, capture_output=True, text=True, timeout=HANG_S)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"results/{name}/train/qwen3_4b_ctpo/seed0/done.json" in proc.stdout
+
+
+def submit(tmp_path: Path, targets: list[str], stage: list[str], n_calls: int) -> tuple[list[list[str]], Path]:
+    """Run `snakemake --profile slurm TARGETS` with fake SLURM until sbatch was called n_calls times."""
     wf = copy_workflow(tmp_path / "repo")
     xdg, log_dir = tmp_path / "xdg", tmp_path / "slurm_log"
     log_dir.mkdir()
     install_fakes(tmp_path / "bin")
-    subprocess.run(
-        [sys.executable, wf / "workflow/scripts/install_slurm_profile.py", "--account", "proj42",
-         "--partition", "gpu-h100", "--repo", str(wf)],
-        env=dict(os.environ, XDG_CONFIG_HOME=str(xdg)), check=True, capture_output=True,
-    )
-    # The training job's inputs exist (as after `run_config` and `prepare_deepscaler`), so the only job
-    # to submit is the training itself.
-    run = "qwen3_14b_ctpo_fixed"
-    for rel in (f"results/paper/configs/{run}/seed0.json", "results/paper/data/deepscaler.json"):
+    assert install(xdg, repo=wf).returncode == 0
+    for rel in stage:  # inputs as after the upstream jobs, so exactly the targets' jobs are submitted
         (wf / rel).parent.mkdir(parents=True, exist_ok=True)
         (wf / rel).write_text("{}\n")
-    env = dict(
-        os.environ,
-        PATH=f"{tmp_path / 'bin'}:{VENV_BIN}:{os.environ['PATH']}",
-        XDG_CONFIG_HOME=str(xdg),
-        FAKE_SLURM_LOG=str(log_dir),
-        FAKE_ACCOUNT="proj42",
-        WANDB_MODE="offline",
-    )
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{VENV_BIN}:{os.environ['PATH']}", XDG_CONFIG_HOME=str(xdg),
+               FAKE_SLURM_LOG=str(log_dir), FAKE_ACCOUNT=ACCOUNT, WANDB_MODE="offline")
     env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "snakemake"), "--profile", "slurm", f"run_{run}"],
-        cwd=wf, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    args_file = log_dir / "sbatch.args"
+    proc = subprocess.Popen([str(VENV_BIN / "snakemake"), "--profile", "slurm", *targets], cwd=wf, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def calls() -> list[list[str]]:
+        return [p.read_text().split("\0")[:-1] for p in sorted(log_dir.glob("sbatch.*.call"))]
+
     deadline = time.time() + HANG_S
     try:
-        while time.time() < deadline and not args_file.exists() and proc.poll() is None:
+        while time.time() < deadline and len(calls()) < n_calls and proc.poll() is None:
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would wait for the (fake) running job
+            os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would wait for the (fake) running jobs
         out = proc.communicate(timeout=HANG_S)[0]
-    assert args_file.exists(), f"sbatch never called:\n{out[-4000:]}"
-    calls = args_file.read_text().splitlines()
-    assert len(calls) == 1, calls
-    argv = shlex.split(calls[0])
-    exp = yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())
-    res = exp["resources"]["train"]
-
-    def value(flag: str) -> str:
-        return argv[argv.index(flag) + 1]
-
-    assert f"--gpus={res['gpu_model']}:{res['gpu']}" in argv
-    assert res["gpu"] == 8
-    assert value("-t") == str(res["runtime"])
-    assert value("--mem") == str(res["mem_mb"])
-    assert value("-p") == "gpu-h100"
-    assert value("-A") == "proj42"
-    assert f"--cpus-per-gpu={res['cpus_per_gpu']}" in argv
-    assert "--requeue" in argv
-    assert value("--comment").startswith("rule_train_wildcards_")
-    assert run in value("--comment")
-    assert value("-D") == str(wf)
+    assert len(calls()) == n_calls, f"sbatch calls {calls()}:\n{out[-4000:]}"
     assert (log_dir / "sacctmgr.args").exists()  # the plugin validated the account
+    return calls(), wf
+
+
+def value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_training_evaluation_and_merge_sbatch_lines(tmp_path):
+    """One training (8 GPUs on exactly one node, GPU partition), one evaluation (1 GPU, one node, GPU
+    partition) and one merge (CPU partition, no GPU); each line printed (run with -s to see them)."""
+    train_run, eval_run, step, bench = "qwen3_14b_ctpo_fixed", "qwen3_14b_ctpo", 300, "aime25"
+    R = "results/paper"
+    targets = [
+        f"{R}/train/{train_run}/seed0/done.json",
+        f"{R}/merged/qwen3_14b_gspo/seed0/step{step}.json",
+        f"{R}/eval/{eval_run}/seed0/step{step}/{bench}.parquet",
+    ]
+    stage = [
+        f"{R}/configs/{train_run}/seed0.json", f"{R}/data/deepscaler.json",  # the training's inputs
+        f"{R}/train/qwen3_14b_gspo/seed0/done.json",  # the merge's
+        f"{R}/configs/{eval_run}/seed0.json", f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
+        f"{R}/data/benchmarks.json", f"{R}/merged/{eval_run}/seed0/step{step}.json",
+    ]
+    argvs, wf = submit(tmp_path, targets, stage, n_calls=3)
+    by_rule = {value(a, "--comment").split("_wildcards_")[0].removeprefix("rule_"): a for a in argvs}
+    assert set(by_rule) == {"train", "eval", "merge"}, argvs
+    for rule in ("train", "eval", "merge"):
+        a = by_rule[rule]
+        assert a[-1].startswith("--wrap=") and "--executor slurm-jobstep" in a[-1]
+        print(f"\n{rule}: sbatch {shlex.join(a[:-1])} --wrap=<snakemake --executor slurm-jobstep ...>")
+    exp = yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())["resources"]
+    for rule, res in (("train", exp["train"]), ("eval", exp["eval"])):
+        a = by_rule[rule]
+        assert f"--gpus={res['gpu_model']}:{res['gpu']}" in a and "--nodes=1" in a
+        assert f"--cpus-per-gpu={res['cpus_per_gpu']}" in a
+        assert value(a, "-p") == GPU_PART and value(a, "-A") == ACCOUNT
+        assert value(a, "-t") == str(res["runtime"]) and value(a, "--mem") == str(res["mem_mb"])
+    assert exp["train"]["gpu"] == 8
+    m = by_rule["merge"]
+    assert value(m, "-p") == CPU_PART and value(m, "-A") == ACCOUNT
+    assert not any(x.startswith(("--gpus", "--gres")) for x in m)
+    assert f"--cpus-per-task={exp['merge']['cpus_per_task']}" in m and value(m, "--mem") == str(exp["merge"]["mem_mb"])
+    for a in argvs:
+        assert "--requeue" in a and value(a, "-D") == str(wf)
+        assert value(a, "--job-name").startswith("ctpo_")  # the plugin's run id, with our prefix
+    assert value(by_rule["train"], "--comment") == f"rule_train_wildcards_{train_run}_0"
+    assert value(by_rule["eval"], "--comment") == f"rule_eval_wildcards_{eval_run}_0_{step}_{bench}"
+    assert value(by_rule["merge"], "--comment") == f"rule_merge_wildcards_qwen3_14b_gspo_0_{step}"
