@@ -15,11 +15,14 @@ Layout (W = runs/{exp}/{run}/seed{seed}, R = results/{exp}/train/{run}/seed{seed
   W/hf/step{N}/                       merged HF model for evaluation (`merge_checkpoint`)
   R/metrics.jsonl, R/provenance.json, R/done.json
 
-Preemption: SIGTERM / SIGUSR1 / SIGINT are forwarded to verl's process group; verl has no signal-time
-save, so a preempted job loses the steps since its last checkpoint (at most save_freq - 1 = 19 steps,
-~hours at paper scale) and, on requeue, resumes from `latest_checkpointed_iteration.txt`. A checkpoint at
-an epoch boundary can resume into zero steps (verl issues 5725/7401): 40,315 prompts / 512 = 78 steps
-per epoch and saves every 20 steps never coincide before step 305 (lcm(20, 78) = 780).
+Preemption and time limits (`ctpo.train.verl_preempt`): on SIGTERM / SIGUSR1, or when the SLURM job's end
+time leaves no room for another step, the launcher writes W/verl/save_request; verl's driver
+(`ctpo.train.verl_save_hook.SaveOnRequest`, verl's `trainer.checkpoint_callback_class`) then saves at the
+end of the step in progress and stops, and the launcher exits non-zero (128 + signal, or 75) so SLURM's
+requeue or Snakemake's retry resumes from that checkpoint with the same W&B run. SIGINT (and a second
+SIGTERM) stop verl's process group at once. A checkpoint at an epoch boundary can resume into zero steps
+(verl issues 5725/7401): 40,315 prompts / 512 = 78 steps per epoch and saves every 20 steps never
+coincide before step 305 (lcm(20, 78) = 780); a save on request can land on one (step 78, 156, 234).
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import dataclasses
 import hashlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, load_run_config
+from ctpo.train import verl_preempt
 from ctpo.train.workdir import claim
 from ctpo.io import write_json, write_text
 
@@ -48,7 +51,6 @@ AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # templa
 REWARD_MODULE = "pkg://ctpo.reward"
 REWARD_FN = "compute_score"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 ROLLOUT_TP = 1  # paper: vLLM tensor parallel 1 per rollout replica
 GPU_MEMORY_UTILIZATION = 0.6  # paper: vLLM KV-cache share of GPU memory
 WEIGHT_SYNC_BUCKET_MB = 4096  # authors' launcher: trainer -> vLLM weight update bucket (verl default 2048)
@@ -197,6 +199,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"trainer.test_freq={t.test_freq}",
         "trainer.val_before_train=false",
         "trainer.resume_mode=auto",
+        f"trainer.checkpoint_callback_class={verl_preempt.HOOK_CLASS}",  # save on signal / before the end time
         f"trainer.default_local_dir={_q(ckpt)}",
         f"trainer.project_name={cfg.wandb.project}",
         f"trainer.experiment_name={experiment_name(cfg)}",
@@ -328,6 +331,7 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     env["CTPO_DUMP_STEPS"] = ",".join(str(s) for s in cfg.train.dump_steps)
     env["CTPO_DUMP_START_STEP"] = str(latest_step(workdir) + 1)
     env["CTPO_DUMP_CALLS_PER_STEP"] = str(loss_calls_per_step(cfg))
+    env[verl_preempt.ENV_REQUEST] = str(verl_preempt.request_path(workdir))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(device_profile(cfg)[1])
     return env
@@ -357,27 +361,21 @@ def saved_steps(workdir: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def run_verl(argv: list[str], env: dict, log_path: Path | None = None) -> int:
-    """Run verl in its own process group; forward SIGTERM/SIGUSR1/SIGINT to that group; return its exit code."""
-    out = open(log_path, "ab") if log_path is not None else None
-    try:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
-    finally:
-        if out is not None:
-            out.close()
+def run_verl(argv: list[str], env: dict, log_path: Path | None = None,
+             saves: verl_preempt.SaveController | None = None) -> int:
+    """Run verl in its own process group and return its exit code. SIGINT is forwarded to that group; so are
+    SIGTERM/SIGUSR1 without `saves`; with it, the first asks verl to save and stop (`verl_preempt`)."""
 
-    def forward(signum, _frame):
+    def start() -> subprocess.Popen:
+        out = open(log_path, "ab") if log_path is not None else None
         try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+            return subprocess.Popen(argv, env=env, start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
-    try:
-        return proc.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return verl_preempt.run_with_saves(start, saves)
 
 
 def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, command: list[str]) -> dict:
@@ -412,18 +410,19 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
 
 
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
-         init: str | Path | None = None) -> int:
-    """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs."""
+         init: str | Path | None = None, command: list[str] | None = None) -> int:
+    """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs.
+    `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model)."""
     from ctpo.hub import MissingLocalFiles, require_model, set_offline
 
     workdir = Path(workdir)
-    if not print_command and cfg.model.kind == "hf" and init is None:
+    if not print_command and command is None and cfg.model.kind == "hf" and init is None:
         try:  # compute nodes are offline: the model must be on disk (`python -m ctpo.hub fetch`)
             require_model(cfg.model.path)
         except MissingLocalFiles as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    argv = build_command(cfg, results_dir, workdir, init)
+    argv = build_command(cfg, results_dir, workdir, init) if command is None else list(command)
     if print_command:
         sys.stdout.write(format_command(argv))
         return 0
@@ -436,7 +435,19 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         (workdir / "verl_logs").mkdir(parents=True, exist_ok=True)
         write_text(workdir / "verl_logs" / f"attempt{attempt}.cmd", format_command(argv))
         print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)
-        rc = run_verl(argv, env)
+        end, source = verl_preempt.job_end_time()
+        print(f"[ctpo] job end time: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))} ({source}); "
+              f"a checkpoint is saved before it" if end else f"[ctpo] job end time unknown ({source})", flush=True)
+        saves = verl_preempt.SaveController(
+            verl_preempt.request_path(workdir), end_time=end, logs_dir=workdir / "verl_logs",
+            current_log=Path(env["VERL_FILE_LOGGER_PATH"]))
+        rc = run_verl(argv, env, saves=saves)
+        if saves.reason is not None and latest_step(workdir) < cfg.train.total_steps:
+            step = latest_step(workdir)
+            saved = f"saved step {step}" if saves.saved_step == step else f"no new checkpoint (last saved step {step})"
+            print(f"[ctpo] stopped after '{saves.reason}': {saved}; exiting {saves.exit_code()} so the job is "
+                  f"requeued or retried and resumes from step {step} in the same W&B run", file=sys.stderr, flush=True)
+            return saves.exit_code()
         if rc != 0 and latest_step(workdir) < cfg.train.total_steps:
             print(f"[ctpo] verl exited with {rc} at saved step {latest_step(workdir)}; rerun to resume", file=sys.stderr)
             return rc if rc > 0 else 128 - rc
