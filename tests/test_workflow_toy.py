@@ -119,6 +119,61 @@ def test_figures_from_copied_results_never_train_or_evaluate(tiny, tmp_path):
     assert not (fresh / "runs").exists() and not (fresh / "data/toy").exists()
 
 
+def adopt_copy(tiny: Path, dst: Path, edit=None) -> tuple[Path, str]:
+    """A fresh checkout holding a copy of the tiny results and figures (scrambled dates, no .snakemake/),
+    `edit(checkout)` applied, then adopted as the README says; returns (checkout, adoption output)."""
+    fresh = copy_workflow(dst)
+    shutil.copy2(tiny / CFG, fresh / CFG)
+    for d in ("results", "figures"):
+        shutil.copytree(tiny / d, fresh / d)
+    rng = random.Random(1)
+    now = time.time()
+    for p in [*(fresh / "results").rglob("*"), *(fresh / "figures").rglob("*")]:
+        t = now - rng.uniform(0, 30 * 86400)
+        os.utime(p, (t, t))
+    if edit is not None:
+        edit(fresh)
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", WANDB_MODE="offline")
+    proc = subprocess.run([str(VENV_BIN / "python"), "-m", "ctpo.adopt", "--configfile", CFG], cwd=fresh, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return fresh, proc.stdout
+
+
+def edit_method(wf: Path, name: str, old: str, new: str) -> None:
+    f = wf / f"configs/methods/{name}.yaml"
+    assert old in f.read_text()
+    f.write_text(f.read_text().replace(old, new))
+
+
+def planned(wf: Path) -> tuple[dict, set]:
+    jobs = parse_jobs(snakemake(wf, "-n", "--configfile", CFG).stdout)
+    return count(jobs), {kv(j.get("wildcards", "")).get("run") for j in jobs} - {None}
+
+
+def test_adopted_results_rerun_only_the_edited_method(tiny, tmp_path):
+    fresh, _ = adopt_copy(tiny, tmp_path / "fresh")
+    n, runs = planned(fresh)
+    assert n == {} and runs == set()  # the copied tree is current: nothing to do, whatever its dates
+    edit_method(fresh, "gspo", "clip_ratio_high: 0.0004", "clip_ratio_high: 0.0005")
+    n, runs = planned(fresh)
+    assert runs == {"toy_gspo"}, n
+    assert n["run_config"] == 1 and n["train"] == 1 and n["eval"] >= 1
+    assert not {"warmstart", "prepare_toy_data", "experiment_config", "sft_config", "diagnostics"} & set(n)
+    assert {"tables", "figures"} <= set(n)
+
+
+def test_adopting_results_made_with_another_method_file_reruns_that_method(tiny, tmp_path):
+    """A checkout whose ctpo_fixed.yaml differs from the one the results were made with."""
+    fresh, out = adopt_copy(tiny, tmp_path / "other",
+                            edit=lambda wf: edit_method(wf, "ctpo_fixed", "fixed_bounds: [0.5, 5.0]",
+                                                        "fixed_bounds: [0.4, 5.0]"))
+    assert "configs/toy_ctpo_fixed/seed0.json differs" in out and "loss.fixed_bounds" in out
+    n, runs = planned(fresh)
+    assert runs == {"toy_ctpo_fixed"}, n
+    assert n["train"] == 1 and n["eval"] >= 1 and "run_config" not in n  # its config is already this checkout's
+
+
 def test_keep_going_keeps_finished_evaluations(tiny, tmp_path):
     wf = clone(tiny, tmp_path / "kg")
     ev = wf / f"results/{EXP}/eval"
