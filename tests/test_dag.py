@@ -178,6 +178,22 @@ def test_unknown_top_level_key_fails_at_parse_time_naming_it(wf):
     assert "'evalution' was unexpected" in out and "Building DAG" not in out
 
 
+def test_schema_takes_the_executors_resource_keys_and_names_an_unknown_one(wf):
+    def partitions(e):
+        e["resources"]["cpu"] = {"slurm_partition": "cpu-std", "slurm_account": "lab", "cpus_per_task": 2}
+        e["resources"]["train"] = {"nodes": 1, "gres": "gpu:2", "slurm_extra": "--mail-type=FAIL", "qos": "long"}
+
+    proc = snakemake(wf, "-n", "--configfile", _bad_config(wf, "good_res", partitions))
+    jobs = parse_jobs(proc.stdout)
+    cpu = [kv(j["resources"]) for j in jobs if j["rule"] == "prepare_toy_data"]
+    assert cpu and cpu[0]["slurm_partition"] == "cpu-std" and cpu[0]["slurm_account"] == "lab"
+    train = [kv(j["resources"]) for j in jobs if j["rule"] == "train"]
+    assert train and all(r["nodes"] == "1" and r["gres"] == "gpu:2" for r in train)
+    bad = _bad_config(wf, "bad_res", lambda e: e["resources"]["train"].__setitem__("partition", "gpu"))
+    proc = snakemake(wf, "-n", "--configfile", bad, check=False)
+    assert proc.returncode != 0 and "'partition' was unexpected" in proc.stdout + proc.stderr
+
+
 def test_mistyped_run_override_fails_at_parse_time_naming_the_key(wf):
     cfg = _bad_config(
         wf, "bad_run", lambda e: e["runs"]["toy_gspo"].__setitem__("overrides", {"train": {"total_step": 3}})
