@@ -22,7 +22,9 @@ end of the step in progress and stops, and the launcher exits non-zero (128 + si
 requeue or Snakemake's retry resumes from that checkpoint with the same W&B run. SIGINT (and a second
 SIGTERM) stop verl's process group at once. A checkpoint at an epoch boundary can resume into zero steps
 (verl issues 5725/7401): 40,315 prompts / 512 = 78 steps per epoch and saves every 20 steps never
-coincide before step 305 (lcm(20, 78) = 780); a save on request can land on one (step 78, 156, 234).
+coincide before step 305 (lcm(20, 78) = 780). A save on request can land on one (step 78, 156, 234); the
+v1 trainer used here takes a fresh data iterator on StopIteration (trainer_base.py, the batch fetch), so
+by its source it resumes into the next epoch rather than stopping.
 """
 from __future__ import annotations
 
