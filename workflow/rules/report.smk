@@ -39,6 +39,8 @@ rule tables:
         f"{B}/tables.tsv"
     conda:
         ENV_CPU
+    resources:
+        **get_resources("cpu"),
     shell:
         "python -m ctpo.reports tables --experiment {input.experiment} --results {params.results} --out {params.out} > {log} 2>&1"
 
@@ -61,6 +63,8 @@ rule figures:
         f"{B}/figures.tsv"
     conda:
         ENV_CPU
+    resources:
+        **get_resources("cpu"),
     shell:
         "python -m ctpo.reports figures --experiment {input.experiment} --results {params.results} --out {params.out} > {log} 2>&1"
 
