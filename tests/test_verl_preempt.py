@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hang import HANG_S
 
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
@@ -56,7 +57,7 @@ def launch(tmp_path, monkeypatch):
     return run
 
 
-def wait_for(path: Path, timeout: float = 120.0) -> None:
+def wait_for(path: Path, timeout: float = HANG_S) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         assert time.time() < deadline, f"{path} never appeared"

@@ -135,7 +135,7 @@ def adopt_copy(tiny: Path, dst: Path, edit=None) -> tuple[Path, str]:
         edit(fresh)
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", WANDB_MODE="offline")
     proc = subprocess.run([str(VENV_BIN / "python"), "-m", "ctpo.adopt", "--configfile", CFG], cwd=fresh, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return fresh, proc.stdout
 
