@@ -165,6 +165,7 @@ def test_training_evaluation_and_merge_sbatch_lines(tmp_path):
     ]
     stage = [
         f"{R}/configs/{train_run}/seed0.json", f"{R}/data/deepscaler.json",  # the training's inputs
+        f"{R}/data/model_qwen3_14b.json",  # (`prepare_model` ran on the login node)
         f"{R}/train/qwen3_14b_gspo/seed0/done.json",  # the merge's
         f"{R}/configs/{eval_run}/seed0.json", f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
         f"{R}/data/benchmarks.json", f"{R}/merged/{eval_run}/seed0/step{step}.json",
