@@ -185,9 +185,11 @@ def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == want
     assert vb.wandb_run_id(cfg, tmp_path / "b") == want  # a fresh workdir derives the same id
     (tmp_path / "a" / "wandb_run_id").write_text("kept-from-before\n")  # a stored id always wins
-    env = vb.run_env(cfg, tmp_path / "a", attempt=2, base={"RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline"})
+    env = vb.run_env(cfg, tmp_path / "a", attempt=2, base={"RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline",
+                                                           "WANDB_SERVICE": "2-123-unix-/tmp/parent.sock"})
     assert env["WANDB_RUN_ID"] == "kept-from-before" and env["WANDB_RESUME"] == "allow"
     assert env["WANDB_RUN_GROUP"] == "paper/ctpo" and "RAY_ADDRESS" not in env
+    assert "WANDB_SERVICE" not in env  # verl starts its own W&B service, never the launcher's parent's
     assert env["VERL_FILE_LOGGER_PATH"].endswith("verl_logs/attempt2.jsonl")
     assert env["CTPO_DUMP_STEPS"] == "50,100,150"
     assert env["CTPO_DUMP_START_STEP"] == "1" and env["CTPO_DUMP_CALLS_PER_STEP"] == str(512 * 8 // 8)

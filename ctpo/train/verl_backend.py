@@ -316,6 +316,8 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     workdir = Path(workdir).resolve()
     env = dict(os.environ if base is None else base)
     env.pop("RAY_ADDRESS", None)  # never attach to somebody else's cluster
+    # nor to a parent's W&B service: it would keep a killed attempt's run open ("run ID ... is in use")
+    env.pop("WANDB_SERVICE", None)
     env["WANDB_RUN_ID"] = wandb_run_id(cfg, workdir)
     env["WANDB_RESUME"] = "allow"
     env["WANDB_RUN_GROUP"] = f"{cfg.experiment}/{cfg.loss.method}"

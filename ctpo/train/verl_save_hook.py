@@ -14,6 +14,9 @@ This callback acts on it:
   2. `on_save` (called after `latest_checkpointed_iteration.txt` is written) restores `save_freq`, writes
      `<request>.done` = {"step": N, ...} (atomically) and sets the trainer's `total_training_steps` to N, so
      the loop logs step N's metrics and ends; verl exits cleanly and the next launch resumes from N.
+Fault injection, as in the local trainer: with CTPO_PAUSE_AFTER_STEP=N, `on_save` of step N writes
+`W/verl/paused_after_stepN` and waits for the launcher's save request (a signal), then stops after step N;
+tests signal the launcher at a known step instead of racing a poll against verl.
 Imported only inside verl's process (it subclasses verl's CheckpointCallback).
 """
 from __future__ import annotations
@@ -21,11 +24,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
 ENV_REQUEST = "CTPO_SAVE_REQUEST"
+PAUSE_ENV = "CTPO_PAUSE_AFTER_STEP"  # the same name as ctpo.train.local.PAUSE_ENV
 POLL_S = 2.0
 
 
@@ -67,7 +72,22 @@ class SaveOnRequest(CheckpointCallback):
         print(f"[ctpo] save requested ({reason}): verl saves a checkpoint at the end of this step, then stops",
               flush=True)
 
+    def pause_after_step(self, global_step: int) -> None:
+        """When $CTPO_PAUSE_AFTER_STEP == global_step: write the marker, wait for the save request, arm."""
+        if self.request is None or os.environ.get(PAUSE_ENV) != str(global_step):
+            return
+        marker = self.request.parent / f"paused_after_step{global_step}"
+        tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, marker)
+        print(f"[ctpo] paused after saving step {global_step} ({PAUSE_ENV}); waiting for a save request", flush=True)
+        while not self.request.exists():
+            time.sleep(0.2)
+        self.arm()
+
     def on_save(self, trainer, global_step: int, checkpoint_dir: str, async_save: bool = False, **kwargs) -> None:
+        if not async_save:
+            self.pause_after_step(global_step)
         if not self.armed.is_set() or async_save:  # an async save is not durable yet: keep going
             return
         with self._lock:
