@@ -37,11 +37,12 @@ import atexit
 import logging
 import math
 import os
-import queue
 import re
 import threading
 import time
 from dataclasses import dataclass
+
+from ctpo.sandbox.spawner import Spawner
 
 REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout")
 MAX_SCAN_CHARS = 1 << 16  # extraction reads at most the last 64 Ki characters of a response
@@ -213,39 +214,12 @@ def _serve() -> None:
         out.flush()
 
 
-class _Spawner:
-    """One long-lived daemon thread that starts every worker: PR_SET_PDEATHSIG fires when the thread that
-    forked a child exits, so workers must not be forked by short-lived caller threads."""
-
-    def __init__(self) -> None:
-        self.requests: queue.Queue = queue.Queue()
-        threading.Thread(target=self._loop, name="ctpo-reward-spawner", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, box, done = self.requests.get()
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # handed back to the caller
-                box.append((False, e))
-            done.set()
-
-    def call(self, fn):
-        box: list = []
-        done = threading.Event()
-        self.requests.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
 
 class _Worker:
     """A `python -m ctpo.reward` subprocess (a plain subprocess, not multiprocessing: no re-import of
     the caller's __main__, and it works inside daemonic / Ray worker processes)."""
 
-    def __init__(self, spawner: _Spawner) -> None:
+    def __init__(self, spawner: Spawner) -> None:
         import subprocess
         import sys
         from pathlib import Path
@@ -307,7 +281,7 @@ class _WorkerPool:
         self.all: list[_Worker] = []
         self.starting = 0
         self.cond = threading.Condition()
-        self.spawner = _Spawner()
+        self.spawner = Spawner("ctpo-reward-spawner")
         self.owner = os.getpid()
 
     def _acquire(self, deadline: float) -> tuple[_Worker | None, float]:

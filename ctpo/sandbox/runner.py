@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctpo.sandbox import cgroup
+from ctpo.sandbox.spawner import Spawner
 
 _CHILD = str(Path(__file__).with_name("_child.py"))
 # `python -c` importing _child (its .pyc is cached: compiling the source costs ~20 ms per start);
@@ -372,35 +373,6 @@ def _execute(code: str, lim: _Limits, mode: str) -> ExecResult:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-class _Spawner:
-    """A long-lived daemon thread that starts the fork server: PR_SET_PDEATHSIG fires when the *thread*
-    that forked a child exits, so it must not be a short-lived caller thread."""
-
-    def __init__(self) -> None:
-        import queue
-
-        self.requests: queue.Queue = queue.Queue()
-        threading.Thread(target=self._loop, name="ctpo-sandbox-spawner", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, box, done = self.requests.get()
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # handed back to the caller
-                box.append((False, e))
-            done.set()
-
-    def call(self, fn):
-        box: list = []
-        done = threading.Event()
-        self.requests.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
 
 class _ForkServer:
     """`_child.forkserver` in a pre-started process: launches W by fork instead of a new interpreter."""
@@ -408,7 +380,7 @@ class _ForkServer:
     _BOOT_Z = ("import sys; sys.path.insert(0, {dir!r}); import _child; del sys.path[0]; "
                "_child.forkserver(int(sys.argv[1]), int(sys.argv[2]))")
 
-    def __init__(self, spawner: _Spawner) -> None:
+    def __init__(self, spawner: Spawner) -> None:
         import socket
 
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -475,7 +447,7 @@ class _Launched:
 
 _FORKSERVER: _ForkServer | None = None
 _FORKSERVER_LOCK = threading.Lock()
-_SPAWNER: _Spawner | None = None
+_SPAWNER: Spawner | None = None
 USE_FORKSERVER = True  # isolated modes launch W through the fork server (False: a new interpreter each)
 
 
@@ -484,7 +456,7 @@ def _forkserver() -> _ForkServer:
     with _FORKSERVER_LOCK:
         if _FORKSERVER is None or not _FORKSERVER.alive():
             if _SPAWNER is None or _FORKSERVER is not None and _FORKSERVER.owner != os.getpid():
-                _SPAWNER = _Spawner()  # threads do not survive fork(): a forked process needs its own
+                _SPAWNER = Spawner("ctpo-sandbox-spawner")  # threads do not survive fork(): a forked process needs its own
             _FORKSERVER = _ForkServer(_SPAWNER)
         return _FORKSERVER
 
