@@ -29,6 +29,8 @@ from pathlib import Path
 
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
+from ctpo.io import write_text
+
 ENV_REQUEST = "CTPO_SAVE_REQUEST"
 PAUSE_ENV = "CTPO_PAUSE_AFTER_STEP"  # the same name as ctpo.train.local.PAUSE_ENV
 POLL_S = 2.0
@@ -76,10 +78,7 @@ class SaveOnRequest(CheckpointCallback):
         """When $CTPO_PAUSE_AFTER_STEP == global_step: write the marker, wait for the save request, arm."""
         if self.request is None or os.environ.get(PAUSE_ENV) != str(global_step):
             return
-        marker = self.request.parent / f"paused_after_step{global_step}"
-        tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, marker)
+        write_text(self.request.parent / f"paused_after_step{global_step}", f"{os.getpid()}\n")
         print(f"[ctpo] paused after saving step {global_step} ({PAUSE_ENV}); waiting for a save request", flush=True)
         while not self.request.exists():
             time.sleep(0.2)
@@ -94,9 +93,7 @@ class SaveOnRequest(CheckpointCallback):
             self.config.trainer.save_freq = self._orig_save_freq
             self._stop.set()
         trainer.total_training_steps = min(int(trainer.total_training_steps), int(global_step))
-        out = done_path(self.request)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"step": int(global_step), "checkpoint_dir": str(checkpoint_dir)}) + "\n")
-        os.replace(tmp, out)
+        write_text(done_path(self.request),
+                   json.dumps({"step": int(global_step), "checkpoint_dir": str(checkpoint_dir)}) + "\n")
         print(f"[ctpo] checkpoint of step {global_step} saved on request; training stops after this step",
               flush=True)
