@@ -48,7 +48,7 @@ TOY_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "nu
 def run_id_for(experiment: str, run: str, seed: int, identity: str = "") -> str:
     """Deterministic W&B run id: the same (experiment, run, seed, run identity) always maps to the same id.
 
-    `identity` is `ctpo.train.workdir.run_identity(cfg)[0]`: a requeued job keeps its run, a run whose config
+    `identity` is `ctpo.workdir.run_identity(cfg)[0]`: a requeued job keeps its run, a run whose config
     changed (and is retrained from scratch) opens a new one."""
     key = f"{experiment}/{run}/seed{seed}" + (f"/{identity}" if identity else "")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -195,19 +195,26 @@ class Tracker:
         self.run = None
 
 
-def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
-    """Open (or resume) the W&B run of a resolved run config. `workdir` holds the id file and wandb/."""
+def wandb_run_id(cfg_dict: dict, workdir: str | Path) -> str:
+    """The run's W&B id, the one both trainers use: read from `<workdir>/wandb_run_id`, else (absent or
+    empty) derived from (experiment, run, seed, run identity) and stored there."""
     from ctpo.io import write_text
+    from ctpo.workdir import run_identity
 
-    workdir = Path(workdir)
-    id_file = workdir / RUN_ID_FILE
+    id_file = Path(workdir) / RUN_ID_FILE
     if id_file.is_file():
         run_id = id_file.read_text().strip()
-    else:
-        from ctpo.train.workdir import run_identity
+        if run_id:
+            return run_id
+    run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"], run_identity(cfg_dict)[0])
+    write_text(id_file, run_id + "\n")
+    return run_id
 
-        run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"], run_identity(cfg_dict)[0])
-        write_text(id_file, run_id + "\n")
+
+def start_tracking(cfg_dict: dict, workdir: str | Path) -> Tracker:
+    """Open (or resume) the W&B run of a resolved run config. `workdir` holds the id file and wandb/."""
+    workdir = Path(workdir)
+    run_id = wandb_run_id(cfg_dict, workdir)
     t0 = time.monotonic()
     mode, reason = usable_mode(cfg_dict["wandb"]["mode"])
     waited = time.monotonic() - t0

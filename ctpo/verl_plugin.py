@@ -28,7 +28,7 @@ fraction of model tokens whose method-specific ratio is outside its clip range),
 `ctpo/clip_frac_active` is verl's `pg_clipfrac` quantity (clip active: A > 0 above, A < 0 below) and stays
 a separate metric.
 
-Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.train.verl_dumps.record` (a no-op
+Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.diagnostics.verl_dumps.record` (a no-op
 unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ from verl.workers.config import PolicyLossConfig
 from ctpo import schema
 from ctpo.config import LossConfig
 from ctpo.losses import policy_token_losses
-from ctpo.train import verl_dumps
-from ctpo.train.verl_metrics import NOT_AVERAGEABLE, loss_metric_sums
+from ctpo.diagnostics import verl_dumps
+from ctpo.metric_sums import NOT_AVERAGEABLE, loss_metric_sums
 
 REGISTERED = ("ctpo", "ctpo_fixed", "full_seq", "verl_vanilla", "verl_gspo")
 # our registered name -> (verl's own loss it wraps, our method whose metrics it adds)

@@ -125,7 +125,7 @@ def test_tracking_offline_run_dir_and_resumed_run_reuses_id(tmp_path, monkeypatc
     cfg = dataclasses.asdict(_toy_cfg())
     t1 = start_tracking(cfg, tmp_path)
     assert t1.mode == "offline" and t1.run is not None
-    from ctpo.train.workdir import run_identity
+    from ctpo.workdir import run_identity
 
     assert t1.run_id == run_id_for("toy", "toy_grpo", 0, run_identity(cfg)[0])
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == t1.run_id
@@ -214,7 +214,7 @@ def test_cli_rejects_bad_batch_arithmetic_before_starting(tmp_path):
 
 
 def test_workdir_claim_sets_aside_state_of_a_changed_config_only(tmp_path):
-    from ctpo.train.workdir import claim, run_identity
+    from ctpo.workdir import claim, run_identity
 
     cfg = {"train": {"lr": 1e-3, "total_steps": 10, "save_freq": 5, "test_freq": 5, "dump_steps": [5]},
            "wandb": {"mode": "offline"}, "loss": {"method": "ctpo"}}

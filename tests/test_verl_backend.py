@@ -19,7 +19,7 @@ import pytest
 from ctpo import schema
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
-from ctpo.train.verl_dumps import DumpError, DumpWriter, convert_dumps, writer_from_env
+from ctpo.diagnostics.verl_dumps import DumpError, DumpWriter, convert_dumps, writer_from_env
 from ctpo.train.verl_metrics import convert_logs
 from hang import HANG_S
 
@@ -177,18 +177,19 @@ def test_command_cli_prints_the_same_command(tmp_path):
 
 def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     cfg = _cfg("ctpo", seed=1)
-    from ctpo.train.workdir import run_identity
+    from ctpo.tracking import wandb_run_id
+    from ctpo.workdir import run_identity
 
     identity = run_identity(dataclasses.asdict(cfg))[0]  # a changed config is a new W&B run
     want = hashlib.sha256(f"paper/qwen3_4b_ctpo/seed1/{identity}".encode()).hexdigest()[:16]
-    assert vb.wandb_run_id(cfg, tmp_path / "a") == want
+    assert wandb_run_id(dataclasses.asdict(cfg), tmp_path / "a") == want
     assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == want
-    assert vb.wandb_run_id(cfg, tmp_path / "b") == want  # a fresh workdir derives the same id
+    assert wandb_run_id(dataclasses.asdict(cfg), tmp_path / "b") == want  # a fresh workdir derives the same id
     (tmp_path / "a" / "wandb_run_id").write_text("kept-from-before\n")  # a stored id always wins
     env = vb.run_env(cfg, tmp_path / "a", attempt=2, base={"RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline",
                                                            "WANDB_SERVICE": "2-123-unix-/tmp/parent.sock"})
     assert env["WANDB_RUN_ID"] == "kept-from-before" and env["WANDB_RESUME"] == "allow"
-    assert env["WANDB_RUN_GROUP"] == "paper/ctpo" and "RAY_ADDRESS" not in env
+    assert env["WANDB_RUN_GROUP"] == f"paper/{cfg.model.name}/ctpo" and "RAY_ADDRESS" not in env
     assert "WANDB_SERVICE" not in env  # verl starts its own W&B service, never the launcher's parent's
     assert env["VERL_FILE_LOGGER_PATH"].endswith("verl_logs/attempt2.jsonl")
     assert env["CTPO_DUMP_STEPS"] == "50,100,150"

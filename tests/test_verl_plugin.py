@@ -205,7 +205,7 @@ def test_ctpo_loss_mode_without_our_config_class_fails_clearly():
 
 
 def test_loss_calls_feed_the_rollout_dump_writer(tmp_path, monkeypatch):
-    from ctpo.train import verl_dumps
+    from ctpo.diagnostics import verl_dumps
 
     monkeypatch.setattr(verl_dumps, "_WRITER", None)
     for k, v in {"CTPO_DUMP_DIR": str(tmp_path), "CTPO_DUMP_STEPS": "2", "CTPO_DUMP_START_STEP": "1",

@@ -1,4 +1,5 @@
-"""Read a rollout dump (`runs/.../rollouts/step{N}.npz`, arrays in ctpo.schema.ROLLOUT_ARRAYS) in row chunks.
+"""Rollout dumps (`runs/.../rollouts/step{N}.npz`, arrays in ctpo.schema.ROLLOUT_ARRAYS): `save` writes one
+(the local trainer, the verl shards and their merge all go through it), `iter_row_chunks` reads it in row chunks.
 
 `np.load` on an .npz inflates a whole member at once; a paper-scale dump holds 4096 x 8000 tokens per
 array. Here each member's .npy header is parsed and its rows are read `chunk_rows` at a time from the
@@ -14,10 +15,21 @@ from typing import Iterator
 
 import numpy as np
 
+from ctpo.io import atomic_path
 from ctpo.schema import ROLLOUT_ARRAYS
 
 # The arrays the diagnostics need (advantages are not used: the clip rates count every token).
 DIAG_ARRAYS = ("old_log_prob", "log_prob", "response_mask")
+
+
+def save(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write `arrays` (exactly ROLLOUT_ARRAYS) to `path` as .npz, atomically."""
+    if set(arrays) != set(ROLLOUT_ARRAYS):
+        raise ValueError(f"{path}: a rollout dump holds exactly {list(ROLLOUT_ARRAYS)}, got {sorted(arrays)}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare path
+            np.savez(f, **{k: arrays[k] for k in ROLLOUT_ARRAYS})
+    return Path(path)
 
 
 def dump_step(path: str | Path) -> int:

@@ -37,7 +37,7 @@ import torch
 
 from ctpo import schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
-from ctpo.io import atomic_path, read_json, write_text
+from ctpo.io import read_json, write_text
 from ctpo.progress import Progress
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
@@ -209,18 +209,14 @@ def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
 
 def write_dump(workdir: Path, step: int, res: StepResult) -> Path:
     """`<workdir>/rollouts/step{N}.npz` with ctpo.schema.ROLLOUT_ARRAYS."""
-    path = workdir / "rollouts" / f"step{step}.npz"
-    arrays = {
+    from ctpo.diagnostics import dump
+
+    return dump.save(workdir / "rollouts" / f"step{step}.npz", {
         "old_log_prob": res.old_log_prob.numpy().astype(np.float32),
         "log_prob": res.log_prob.numpy().astype(np.float32),
         "response_mask": res.response_mask.numpy().astype(np.int8),
         "advantages": res.advantages.numpy().astype(np.float32),
-    }
-    assert tuple(arrays) == schema.ROLLOUT_ARRAYS
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare path
-            np.savez(f, **arrays)
-    return path
+    })
 
 
 class _StopFlag:

@@ -11,7 +11,7 @@ from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
 from ctpo.io import write_json, write_text
 from ctpo.train import checkpoint as ckpt
 from ctpo.seeding import seed_everything
-from ctpo.train.workdir import claim, run_identity
+from ctpo.workdir import claim, run_identity
 
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, load_run_config
 from ctpo.train import verl_preempt
-from ctpo.train.workdir import claim
+from ctpo.workdir import claim
 from ctpo.io import write_json, write_text
 
 VERL_MAIN = "verl.trainer.main_ppo"
@@ -288,22 +288,6 @@ def loss_calls_per_step(cfg: RunConfig) -> int:
     return responses // world // t.micro_batch_size_per_gpu
 
 
-def wandb_run_id(cfg: RunConfig, workdir: str | Path) -> str:
-    """The run's W&B id: read from `<workdir>/wandb_run_id`, else derived from (experiment, run, seed, run
-    identity) and stored."""
-    from ctpo.tracking import RUN_ID_FILE, run_id_for
-    from ctpo.train.workdir import run_identity
-
-    f = Path(workdir) / RUN_ID_FILE
-    if f.is_file():
-        rid = f.read_text().strip()
-        if rid:
-            return rid
-    rid = run_id_for(cfg.experiment, cfg.run, cfg.seed, run_identity(dataclasses.asdict(cfg))[0])
-    write_text(f, rid + "\n")
-    return rid
-
-
 def next_attempt(workdir: str | Path) -> int:
     logs = Path(workdir) / "verl_logs"
     return 1 + len(list(logs.glob("attempt*.jsonl"))) if logs.is_dir() else 1
@@ -311,16 +295,16 @@ def next_attempt(workdir: str | Path) -> int:
 
 def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None = None) -> dict:
     """Environment of the verl process: W&B resume, file-logger path, rollout-dump contract, no foreign Ray."""
-    from ctpo.tracking import fallback_message, usable_mode
+    from ctpo.tracking import fallback_message, usable_mode, wandb_group, wandb_run_id
 
     workdir = Path(workdir).resolve()
     env = dict(os.environ if base is None else base)
     env.pop("RAY_ADDRESS", None)  # never attach to somebody else's cluster
     # nor to a parent's W&B service: it would keep a killed attempt's run open ("run ID ... is in use")
     env.pop("WANDB_SERVICE", None)
-    env["WANDB_RUN_ID"] = wandb_run_id(cfg, workdir)
+    env["WANDB_RUN_ID"] = wandb_run_id(dataclasses.asdict(cfg), workdir)
     env["WANDB_RESUME"] = "allow"
-    env["WANDB_RUN_GROUP"] = f"{cfg.experiment}/{cfg.loss.method}"
+    env["WANDB_RUN_GROUP"] = wandb_group(dataclasses.asdict(cfg))  # the local trainer's and the reports' group
     env["WANDB_DIR"] = str(workdir)
     t0 = time.monotonic()
     mode, reason = usable_mode(cfg.wandb.mode)  # online only when the server answers: never a 90 s stall
@@ -387,7 +371,8 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
     from dataclasses import asdict
 
     from ctpo.provenance import provenance
-    from ctpo.train.verl_dumps import convert_dumps
+    from ctpo.tracking import wandb_run_id
+    from ctpo.diagnostics.verl_dumps import convert_dumps
     from ctpo.train.verl_metrics import convert_logs
 
     results_dir, workdir = Path(results_dir), Path(workdir)
@@ -406,7 +391,7 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
     done = {
         "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "backend": "verl",
         "final_step": final, "total_steps": cfg.train.total_steps, "saved_steps": saved_steps(workdir),
-        "metrics_rows": n_rows, "rollout_dumps": dumped, "wandb_run_id": wandb_run_id(cfg, workdir),
+        "metrics_rows": n_rows, "rollout_dumps": dumped, "wandb_run_id": wandb_run_id(cfg_dict, workdir),
         "config_hash": prov["config_hash"], "attempts": next_attempt(workdir) - 1,
     }
     write_json(results_dir / "done.json", done)

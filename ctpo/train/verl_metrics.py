@@ -13,7 +13,7 @@ already start with `actor/` keep their name. Both spellings are read (`actor/` f
 Exact token statistics. verl wraps each loss metric in `Metric(MEAN)` (verl/workers/utils/losses.py
 `ppo_loss`): a step's value is the mean over micro-batches (and data-parallel ranks, and mini-batches) of
 per-micro-batch values, so a per-micro-batch std or max averaged that way is neither the step's std nor its
-max. The plugin therefore also logs token *sums* per micro-batch (`loss_metric_sums`: `ctpo/sum/tokens`,
+max. The plugin therefore also logs token *sums* per micro-batch (`ctpo.metric_sums`: `ctpo/sum/tokens`,
 `ctpo/sum/<metric>` = value x tokens, `ctpo/sum/log_rho_cum_sq`); a ratio of two equally-weighted means is
 the ratio of the sums, so `exact_token_stats` recovers the step's token-weighted clip fractions, log-ratio
 mean, log rho_cum mean and std exactly (every mini-batch has the same number of micro-batches: fixed
@@ -49,6 +49,7 @@ from pathlib import Path
 
 from ctpo import schema
 from ctpo.io import write_text
+from ctpo.metric_sums import NOT_AVERAGEABLE, SUM_LOG_RHO_CUM_SQ, SUM_TOKENS, TOKEN_MEAN_KEYS, sum_key
 
 # (our key, [(verl key, sign)]) in priority order after the pass-through of our own names
 VERL_SOURCES: dict[str, list[tuple[str, float]]] = {
@@ -61,33 +62,6 @@ VERL_SOURCES: dict[str, list[tuple[str, float]]] = {
     schema.STEP_TIME_S: [("timing_s/step", 1.0)],
 }
 VERL_ACTOR_PREFIX = "actor/"  # verl 0.9.1: rename_dict(actor metrics, "actor/")
-SUM_PREFIX = "ctpo/sum/"
-SUM_TOKENS = SUM_PREFIX + "tokens"  # model tokens of the micro-batch
-SUM_LOG_RHO_CUM_SQ = SUM_PREFIX + "log_rho_cum_sq"  # sum over model tokens of log_rho_cum^2
-# per-token means over model tokens (ctpo.losses: each is a count or sum / #model tokens)
-TOKEN_MEAN_KEYS = (schema.CLIP_FRAC, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.CLIP_FRAC_ACTIVE,
-                   schema.DUAL_CLIP_FRAC, schema.LOG_RATIO_MEAN, schema.LOG_RHO_CUM_MEAN)
-# per-micro-batch values whose micro-batch mean would be misnamed: not logged as such (see module doc)
-NOT_AVERAGEABLE = (schema.LOG_RHO_CUM_STD, schema.LOG_RATIO_ABS_MAX)
-
-
-def sum_key(key: str) -> str:
-    """`ctpo/clip_frac` -> `ctpo/sum/clip_frac` (no 'min'/'max' in any: verl reduces such names by min/max)."""
-    return SUM_PREFIX + key.split("/", 1)[1]
-
-
-def loss_metric_sums(metrics: dict, response_mask) -> dict:
-    """One micro-batch's loss metrics (ctpo.losses, 0-d tensors) as token sums; verl averages each over
-    micro-batches, and `exact_token_stats` divides them back. response_mask: (B, T) model tokens."""
-    tokens = response_mask.sum().float()
-    n = tokens.clamp(min=1)  # ctpo.losses divides by the clamped count (0 / 1 = 0 for an empty micro-batch)
-    out = {sum_key(k): metrics[k].detach().float() * n for k in TOKEN_MEAN_KEYS if k in metrics}
-    mean, std = metrics[schema.LOG_RHO_CUM_MEAN].detach().float(), metrics[schema.LOG_RHO_CUM_STD].detach().float()
-    out[SUM_LOG_RHO_CUM_SQ] = (std.square() + mean.square()) * n  # E[x^2] = Var + mean^2 within the micro-batch
-    out[SUM_TOKENS] = tokens
-    return out
-
-
 def _get(data: dict, key: str):
     """verl's `actor/`-prefixed spelling first, then the bare name."""
     for k in (VERL_ACTOR_PREFIX + key, key):

@@ -1,8 +1,12 @@
 """Rollout dumps of a verl run -> `runs/.../rollouts/step{N}.npz` (ctpo.schema.ROLLOUT_ARRAYS).
 
+Here, beside the dump reader, and not under ctpo.train: the writing half runs inside verl's workers through
+`ctpo.verl_plugin`, which the launcher (ctpo.train.verl_backend) imports, so neither may import the other's
+package for it (tests/test_import_arrows.py).
+
 verl's own `trainer.rollout_data_dir` writes decoded text, scores and ground truths per step (JSONL),
 not log-probs, so the diagnostics cannot use it. The log-probs come from our loss instead: with
-CTPO_DUMP_DIR and CTPO_DUMP_STEPS set (by `verl_backend.run_env`), `ctpo.verl_plugin` writes, at each
+CTPO_DUMP_DIR and CTPO_DUMP_STEPS set (by `ctpo.train.verl_backend.run_env`), `ctpo.verl_plugin` writes, at each
 dump step, one or more shards per rank
 
     $CTPO_DUMP_DIR/step{N}/<any name>.npz   arrays ROLLOUT_ARRAYS:
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctpo.io import atomic_path
+from ctpo.diagnostics.dump import save
 from ctpo.schema import ROLLOUT_ARRAYS
 
 
@@ -58,17 +62,19 @@ def _load_shard(path: Path) -> dict[str, np.ndarray]:
     return arr
 
 
+def _pad_cat(parts: list[np.ndarray]) -> np.ndarray:
+    """(n_i, T_i) arrays -> (sum n_i, max T_i), each right-padded with 0."""
+    t_max = max(a.shape[1] for a in parts)
+    return np.concatenate([np.pad(a, ((0, 0), (0, t_max - a.shape[1]))) for a in parts])
+
+
 def merge_shards(paths: list[Path]) -> dict[str, np.ndarray]:
     """Shards -> one set of arrays: (N, T_max) right-padded with 0 (mask 0), advantages (N,)."""
     shards = [_load_shard(p) for p in sorted(paths)]
     if not shards:
         raise DumpError("no dump shards to merge")
-    t_max = max(s["response_mask"].shape[1] for s in shards)
-    out = {}
-    for key, dtype in (("old_log_prob", np.float32), ("log_prob", np.float32), ("response_mask", np.int8)):
-        out[key] = np.concatenate(
-            [np.pad(s[key].astype(dtype), ((0, 0), (0, t_max - s[key].shape[1]))) for s in shards], axis=0
-        )
+    out = {key: _pad_cat([s[key].astype(dtype) for s in shards])
+           for key, dtype in (("old_log_prob", np.float32), ("log_prob", np.float32), ("response_mask", np.int8))}
     out["advantages"] = np.concatenate([s["advantages"].astype(np.float32) for s in shards])
     return out
 
@@ -81,11 +87,7 @@ def convert_dumps(dump_dir: str | Path, out_dir: str | Path, steps: list[int]) -
         shards = sorted((dump_dir / f"step{step}").glob("*.npz"))
         if not shards:
             continue
-        arrays = merge_shards(shards)
-        target = out_dir / f"step{step}.npz"
-        with atomic_path(target) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        save(out_dir / f"step{step}.npz", merge_shards(shards))
         written.append(step)
     return written
 
@@ -124,19 +126,14 @@ class DumpWriter:
             self._flush(step)
 
     def _flush(self, step: int) -> None:
-        t_max = max(b["response_mask"].shape[1] for b in self.buffer)
-        arrays = {}
-        for key in ("old_log_prob", "log_prob", "response_mask"):
-            arrays[key] = np.concatenate([np.pad(b[key], ((0, 0), (0, t_max - b[key].shape[1]))) for b in self.buffer])
+        arrays = {key: _pad_cat([b[key] for b in self.buffer]) for key in ("old_log_prob", "log_prob", "response_mask")}
         advs = [b["advantages"] for b in self.buffer]
         if all(a.ndim == 2 for a in advs):
-            arrays["advantages"] = np.concatenate([np.pad(a, ((0, 0), (0, t_max - a.shape[1]))) for a in advs])
+            arrays["advantages"] = _pad_cat(advs)
         else:
             arrays["advantages"] = np.concatenate([a if a.ndim == 1 else a[:, 0] for a in advs])
         self.buffer = []
-        with atomic_path(self.dump_dir / f"step{step}" / f"rank{self.rank}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        save(self.dump_dir / f"step{step}" / f"rank{self.rank}.npz", arrays)
 
 
 _WRITER: DumpWriter | None = None
