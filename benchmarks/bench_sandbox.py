@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ctpo.io import write_json
-from ctpo.sandbox import SandboxPool
+from ctpo.sandbox import SandboxLimits, SandboxPool
 
 CODE = "print(1+1)"
 
@@ -44,7 +44,7 @@ def bare_run_isolated_flags(code: str) -> str:
 
 def throughput(n: int, concurrency: int) -> dict[str, float]:
     """Executions per second per path; rounds interleaved so machine noise hits every path alike."""
-    pool = SandboxPool(concurrency=concurrency, timeout_s=30.0)
+    pool = SandboxPool(concurrency, SandboxLimits(timeout_s=30.0))
     bare = ThreadPoolExecutor(concurrency)
     paths = {
         "sandbox": pool.run_many,
@@ -105,7 +105,7 @@ def _mem_kb(pids: list[int]) -> tuple[int, int]:
 def memory(concurrency: int, sleep_s: float = 3.0) -> dict[str, dict[str, float]]:
     """Per-execution RSS/PSS while `concurrency` programs sleep (sample with the largest RSS)."""
     code = f"import time\ntime.sleep({sleep_s})"
-    pool, bare = SandboxPool(concurrency=concurrency, timeout_s=30.0), ThreadPoolExecutor(concurrency)
+    pool, bare = SandboxPool(concurrency, SandboxLimits(timeout_s=30.0)), ThreadPoolExecutor(concurrency)
     paths = {"sandbox": pool.run_many, "bare": lambda codes: list(bare.map(bare_run, codes))}
     out = {}
     for name, run in paths.items():
@@ -200,7 +200,8 @@ def attack_memory(ask_mb: int = 3072, memory_mb: int = 512, disk_mb: int = 256) 
         base = _meminfo()
         peak = {"Shmem": 0, "used": 0}
         with ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(run_code, code.format(ask_mb=ask_mb), 60.0, memory_mb=memory_mb, disk_mb=disk_mb)
+            fut = ex.submit(run_code, code.format(ask_mb=ask_mb),
+                            SandboxLimits(timeout_s=60.0, memory_mb=memory_mb, disk_mb=disk_mb))
             while not fut.done():
                 m = _meminfo()
                 peak["Shmem"] = max(peak["Shmem"], m["Shmem"] - base["Shmem"])

@@ -52,7 +52,7 @@ def worker(method: str, data_dir: Path, policy: Path, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     qs, gts = read_questions(cfg.data.train)
     times, updates, consumed = [], [], 0
-    with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
+    with SandboxPool.for_rollout(cfg.rollout) as pool:
         for step in range(1, steps + 1):
             idx = local.draw_prompts(len(qs), consumed, cfg.train.prompts_per_step, cfg.seed)
             consumed += len(idx)

@@ -136,11 +136,11 @@ def main(argv=None) -> int:
     from verl.tools.schemas import OpenAIFunctionToolSchema
 
     from ctpo.agent.release_protocol import CodeInterpreterTool, load_tool_config
-    from ctpo.sandbox import SandboxPool
+    from ctpo.sandbox import SandboxLimits, SandboxPool
 
     turn_ids = tok.encode(TURN, add_special_tokens=False)
     cfg, schema = load_tool_config()
-    with SandboxPool(concurrency=1, timeout_s=cfg["default_timeout_s"]) as pool:
+    with SandboxPool(1, SandboxLimits(timeout_s=cfg["default_timeout_s"])) as pool:
         with contextlib.redirect_stdout(io.StringIO()):  # verl's BaseTool prints its schema
             tool = CodeInterpreterTool(cfg, OpenAIFunctionToolSchema.model_validate(schema), sandbox=pool)
         o_prompt, o_tool = ours(tok, a.question, turn_ids, tool)

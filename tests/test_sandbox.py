@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from ctpo.sandbox import ExecResult, SandboxPool, SandboxUnavailable, isolation_mode, run_code, run_many
+from ctpo.sandbox import ExecResult, SandboxLimits, SandboxPool, SandboxUnavailable, isolation_mode, run_code, run_many
 from ctpo.sandbox import runner
 
 STATUSES = {"ok", "error", "timeout", "memory", "infra"}
@@ -41,7 +41,7 @@ def test_stdin_is_empty_and_input_raises_eof():
 
 
 def test_wall_clock_timeout_returns_partial_output():
-    r = run_code("import time\nprint('started')\ntime.sleep(30)", timeout_s=1.0)
+    r = run_code("import time\nprint('started')\ntime.sleep(30)", limits=SandboxLimits(timeout_s=1.0))
     assert (r.status, r.timed_out, r.exit_code) == ("timeout", True, None)
     assert r.stdout == "started\n"  # line-buffered: output before the kill survives
     assert 1.0 <= r.wall_s < 4.0
@@ -50,25 +50,25 @@ def test_wall_clock_timeout_returns_partial_output():
 def test_memory_error_is_an_error_decided_by_the_parent():
     """An uncaught MemoryError is an error with its traceback; "memory" is only a kernel fact (a cgroup
     OOM kill, or a fatal signal at a large peak RSS), never what the program prints."""
-    r = run_code("x = bytearray(600 * 1024 * 1024)", memory_mb=256)
+    r = run_code("x = bytearray(600 * 1024 * 1024)", limits=SandboxLimits(memory_mb=256))
     assert (r.status, r.exit_code) == ("error", 1)
     assert r.stderr.strip().endswith("MemoryError") and "MemoryError" in r.detail
-    forged = run_code("import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)", memory_mb=256)
+    forged = run_code("import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)", limits=SandboxLimits(memory_mb=256))
     assert (forged.status, forged.exit_code) == ("error", 1)
-    ok = run_code("x = bytearray(100 * 1024 * 1024)\nprint(len(x))", memory_mb=512)
+    ok = run_code("x = bytearray(100 * 1024 * 1024)\nprint(len(x))", limits=SandboxLimits(memory_mb=512))
     assert (ok.status, ok.stdout) == ("ok", f"{100 * 1024 * 1024}\n")
 
 
 def test_fatal_signal_at_a_large_peak_rss_is_memory():
     code = "import os, signal\nx = bytearray(300 << 20)\nos.kill(os.getpid(), signal.SIGSEGV)"
-    r = run_code(code, memory_mb=400)
+    r = run_code(code, limits=SandboxLimits(memory_mb=400))
     assert (r.status, r.exit_code) == ("memory", -11) and "peak RSS" in r.detail
-    small = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", memory_mb=400)
+    small = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", limits=SandboxLimits(memory_mb=400))
     assert (small.status, small.exit_code) == ("error", -11)
 
 
 def test_output_is_capped_per_stream_and_flagged():
-    r = run_code("import sys\nprint('a' * 5000)\nsys.stderr.write('b' * 3000)", max_output_bytes=1000)
+    r = run_code("import sys\nprint('a' * 5000)\nsys.stderr.write('b' * 3000)", limits=SandboxLimits(max_output_bytes=1000))
     assert (r.status, r.truncated) == ("ok", True)
     assert r.stdout == "a" * 1000 and r.stderr == "b" * 1000
     assert "1000 bytes" in r.detail
@@ -92,7 +92,7 @@ def test_each_call_gets_a_fresh_private_workdir():
 
 
 def test_file_size_limit_applies():
-    r = run_code("open('big', 'wb').write(b'0' * (3 << 20))", fsize_mb=1)
+    r = run_code("open('big', 'wb').write(b'0' * (3 << 20))", limits=SandboxLimits(fsize_mb=1))
     assert r.status == "error"
     assert "File too large" in r.stderr or "SIGXFSZ" in r.detail
 
@@ -107,7 +107,7 @@ def test_run_many_keeps_input_order_under_concurrency():
 
 
 def test_pool_is_reusable_and_survives_hostile_programs():
-    with SandboxPool(concurrency=3, timeout_s=2.0, memory_mb=256) as pool:
+    with SandboxPool(concurrency=3, limits=SandboxLimits(timeout_s=2.0, memory_mb=256)) as pool:
         bad = pool.run_many(["while True: pass", "x = bytearray(1 << 30)", "import os; os._exit(9)", "print(1)"])
         assert [r.status for r in bad] == ["timeout", "error", "error", "ok"]
         assert bad[1].stderr.strip().endswith("MemoryError")
@@ -122,7 +122,13 @@ def test_pool_is_reusable_and_survives_hostile_programs():
 
 def test_bad_arguments_fail_with_clear_message():
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
-        run_code("print(1)", timeout_s=0)
+        run_code("print(1)", limits=SandboxLimits(timeout_s=0))
+    with pytest.raises(ValueError, match="SandboxLimits: nproc must be > 0, got -1"):
+        SandboxLimits(nproc=-1)
+    with pytest.raises(TypeError, match="limits must be a SandboxLimits"):
+        run_code("print(1)", {"timeout_s": 1.0})
+    with pytest.raises(TypeError, match="limits must be a SandboxLimits"):
+        SandboxPool(2, {"timeout_s": 1.0})
     with pytest.raises(TypeError, match="code must be str"):
         run_code(b"print(1)")
     with pytest.raises(ValueError, match="isolation must be"):
@@ -155,7 +161,7 @@ def test_sandbox_that_cannot_start_is_infra(monkeypatch, forkserver):
     monkeypatch.setattr(runner, "_CHILD", "/nonexistent/ctpo_child.py")
     monkeypatch.setattr(runner, "USE_FORKSERVER", forkserver)
     monkeypatch.setattr(runner, "_FORKSERVER", None)  # a fresh fork server cannot start either
-    r = runner._execute("print(1)", runner._Limits(5.0, 256, 1000, 16, 64, 1, 16), runner._host_mode())
+    r = runner._execute("print(1)", SandboxLimits(5.0, 256, 1000, 16, 64, 1, 16), runner._host_mode())
     assert r.status == "infra" and r.exit_code is None
     assert "without running the code" in r.detail or "fork server did not launch" in r.detail
 
@@ -209,7 +215,7 @@ def test_large_program_is_fed_through_stdin_completely():
 
 def test_cpu_time_limit_is_a_timeout():
     code = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass"
-    r = run_code(code, timeout_s=8.0)
+    r = run_code(code, limits=SandboxLimits(timeout_s=8.0))
     assert (r.status, r.exit_code, r.timed_out) == ("timeout", -24, False)  # SIGXCPU = 24
     assert "CPU-time limit" in r.detail
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ctpo.sandbox import SandboxPool, run_code
+from ctpo.sandbox import SandboxLimits, SandboxPool, run_code
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = f"ctpohostile{uuid.uuid4().hex[:12]}"
@@ -99,12 +99,12 @@ def contained(host_state):
 
 
 def test_infinite_loop_times_out(contained):
-    r = run_code("while True:\n    pass", timeout_s=1.0)
+    r = run_code("while True:\n    pass", limits=SandboxLimits(timeout_s=1.0))
     assert (r.status, r.timed_out, r.exit_code) == ("timeout", True, None)
 
 
 def test_sleep_past_timeout_is_killed(contained):
-    r = run_code("import time\ntime.sleep(120)", timeout_s=1.0)
+    r = run_code("import time\ntime.sleep(120)", limits=SandboxLimits(timeout_s=1.0))
     assert r.status == "timeout" and r.wall_s < 5.0
 
 
@@ -123,7 +123,7 @@ def test_timeout_during_sandbox_setup_orphans_nothing(contained):
     """A timeout that fires before the namespace init exists still ends with every process reaped
     (killing the launcher first would orphan the init to host pid 1, which may never reap it)."""
     before = _zombies_of_host_init()
-    results = [run_code("while True:\n    pass", timeout_s=t) for t in (0.001, 0.01, 0.03, 0.06)]
+    results = [run_code("while True:\n    pass", limits=SandboxLimits(timeout_s=t)) for t in (0.001, 0.01, 0.03, 0.06)]
     assert {r.status for r in results} == {"timeout"}
     time.sleep(0.2)
     assert _zombies_of_host_init() <= before
@@ -131,12 +131,12 @@ def test_timeout_during_sandbox_setup_orphans_nothing(contained):
 
 def test_fork_bomb_is_bounded_and_killed(contained):
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    r = run_code(code, timeout_s=2.0, nproc=64)
+    r = run_code(code, limits=SandboxLimits(timeout_s=2.0, nproc=64))
     assert r.status == "timeout"
 
 
 def test_memory_bomb_is_stopped(contained):
-    r = run_code("x = []\nwhile True:\n    x.append(b'x' * 10_000_000)", memory_mb=400)
+    r = run_code("x = []\nwhile True:\n    x.append(b'x' * 10_000_000)", limits=SandboxLimits(memory_mb=400))
     assert (r.status, r.exit_code) == ("error", 1) and r.stderr.strip().endswith("MemoryError")
 
 
@@ -164,14 +164,14 @@ def test_background_child_dies_with_the_program(contained, isolation):
         "time.sleep(0.3)\n"
         "print('parent done')\n"
     )
-    r = run_code(code, timeout_s=5.0, isolation=isolation)
+    r = run_code(code, limits=SandboxLimits(timeout_s=5.0), isolation=isolation)
     assert (r.status, r.stdout) == ("ok", "parent done\n")
     assert _processes_with(SLEEP_ARG) == []
 
 
 def test_background_child_holding_stdout_does_not_block(contained):
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('bye')\n"
-    r = run_code(code, timeout_s=10.0)
+    r = run_code(code, limits=SandboxLimits(timeout_s=10.0))
     assert (r.status, r.stdout) == ("ok", "bye\n") and r.wall_s < 5.0
 
 
@@ -188,7 +188,7 @@ def test_no_network_even_to_localhost(contained, isolation):
         "s.sendall(b'leak')\n"
     )
     try:
-        r = run_code(code, timeout_s=5.0, isolation=isolation)
+        r = run_code(code, limits=SandboxLimits(timeout_s=5.0), isolation=isolation)
         with pytest.raises(socket.timeout):
             server.accept()
     finally:
@@ -273,7 +273,7 @@ def test_killing_the_parent_is_contained(contained):
         "import os, signal, time\nif os.fork() == 0:\n    time.sleep(30)\n"
         "os.kill(-1, signal.SIGKILL)\nprint('alive')"
     )
-    r2 = run_code(code, timeout_s=5.0)  # kills every process it may signal: its own child only
+    r2 = run_code(code, limits=SandboxLimits(timeout_s=5.0))  # kills every process it may signal: its own child only
     assert (r2.status, r2.stdout) == ("ok", "alive\n") and r2.wall_s < 3.0
 
 
@@ -292,7 +292,7 @@ def test_pool_survives_a_hostile_batch(contained):
         "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "print('fine')",
     ]
-    with SandboxPool(concurrency=3, timeout_s=1.5, memory_mb=400, nproc=64) as pool:
+    with SandboxPool(concurrency=3, limits=SandboxLimits(timeout_s=1.5, memory_mb=400, nproc=64)) as pool:
         first = pool.run_many(hostile)
         assert [r.status for r in first] == ["timeout", "timeout", "error", "error", "ok"], first
         second = pool.run_many([f"print({i} ** 2)" for i in range(6)])

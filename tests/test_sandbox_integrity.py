@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hang import HANG_S
 
-from ctpo.sandbox import SandboxPool, run_many, runner
+from ctpo.sandbox import SandboxLimits, SandboxPool, run_many, runner
 from ctpo.sandbox import cgroup as cg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +44,9 @@ CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
 DRIVER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from ctpo.sandbox import run_many
+from ctpo.sandbox import SandboxLimits, run_many
 req = json.loads(sys.stdin.read())
-rs = run_many(req["codes"], concurrency=req["concurrency"], **req["kw"])
+rs = run_many(req["codes"], concurrency=req["concurrency"], limits=SandboxLimits(**req["kw"]))
 print(json.dumps([r.__dict__ for r in rs]))
 """
 
@@ -70,7 +70,7 @@ def _unpriv_argv(pkg: Path, *args: str) -> list[str]:
 def run(who: str, codes: list[str], pkg: Path, concurrency: int = 1, **kw) -> list[dict]:
     kw.setdefault("timeout_s", 120.0)  # a hang guard, not a speed limit: a loaded machine is slow
     if who == "current":
-        return [r.__dict__ for r in run_many(codes, concurrency=concurrency, **kw)]
+        return [r.__dict__ for r in run_many(codes, concurrency=concurrency, limits=SandboxLimits(**kw))]
     out = subprocess.run(_unpriv_argv(pkg, "-c", DRIVER, str(pkg)), capture_output=True, text=True,
                          cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}, timeout=HANG_S,
                          input=json.dumps({"codes": codes, "concurrency": concurrency, "kw": kw}))
@@ -323,9 +323,9 @@ def test_a_signal_from_outside_is_infra(who, pkg):
 TRAINER = """
 import sys, threading, time
 sys.path.insert(0, sys.argv[1])
-from ctpo.sandbox import run_code
+from ctpo.sandbox import SandboxLimits, run_code
 code = "import os\\nos.execv('/bin/sleep', ['sleep', %r])"
-threading.Thread(target=run_code, args=(code,), kwargs={"timeout_s": 600.0}, daemon=True).start()
+threading.Thread(target=run_code, args=(code, SandboxLimits(timeout_s=600.0)), daemon=True).start()
 time.sleep(600)
 """
 
@@ -356,7 +356,7 @@ def test_a_dead_fork_server_is_infra_and_replaced():
     marker = _marker("current", 3)
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", runner.run_code(
-        f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])", timeout_s=HANG_S)))
+        f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])", SandboxLimits(timeout_s=HANG_S))))
     t.start()
     assert _wait_for(lambda: _sleepers(marker))
     server = runner._FORKSERVER.proc

@@ -127,14 +127,14 @@ def test_method_trains_and_writes_the_contract_outputs(toy, tmp_path, run):
 def test_log_ratios_move_off_zero_after_the_first_minibatch(toy):
     from ctpo.agent import load_policy
     from ctpo.data.problems import read_questions
-    from ctpo.sandbox import SandboxPool
+    from ctpo.sandbox import SandboxLimits, SandboxPool
 
     data, policy, _ = toy
     cfg = load_run_config(_cfg_dict(data, "toy_ctpo"))
     model, tok = load_policy(str(policy))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     qs, gts = read_questions(cfg.data.train)
-    with SandboxPool(concurrency=2, timeout_s=30.0) as pool:
+    with SandboxPool(concurrency=2, limits=SandboxLimits(timeout_s=30.0)) as pool:
         res = local.rl_step(model, opt, tok, cfg, qs, gts, list(range(8)), step=1, sandbox=pool)
     mb = res.minibatch_abs_log_ratio
     assert len(mb) == cfg.train.prompts_per_step // cfg.train.mini_batch_prompts

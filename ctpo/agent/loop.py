@@ -54,9 +54,10 @@ def sandbox_runner(cfg, sandbox=None):
     concurrency and timeout."""
     if sandbox is not None:
         return sandbox.run_many
-    from ctpo.sandbox import run_many
+    from ctpo.sandbox import SandboxLimits, run_many
 
-    return lambda codes: run_many(codes, concurrency=cfg.sandbox_concurrency, timeout_s=cfg.sandbox_timeout_s)
+    limits = SandboxLimits(timeout_s=cfg.sandbox_timeout_s)
+    return lambda codes: run_many(codes, cfg.sandbox_concurrency, limits)
 
 
 def encode_prompts(tokenizer, questions: list[str], cfg) -> list[list[int]]:

@@ -176,9 +176,9 @@ class CodeInterpreterTool(BaseTool):
         self.max_output_chars = int(config["max_output_chars"])
         self.languages = {str(x).strip().lower() for x in config["languages"]}
         if sandbox is None:
-            from ctpo.sandbox import SandboxPool
+            from ctpo.sandbox import SandboxLimits, SandboxPool
 
-            sandbox = SandboxPool(concurrency=config["concurrency"], timeout_s=self.default_timeout_s)
+            sandbox = SandboxPool(config["concurrency"], SandboxLimits(timeout_s=self.default_timeout_s))
         self._sandbox = sandbox
 
     def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:

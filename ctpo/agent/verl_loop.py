@@ -44,7 +44,7 @@ def shared_sandbox(cfg: RolloutConfig):
         if key not in _POOLS:
             from ctpo.sandbox import SandboxPool
 
-            _POOLS[key] = SandboxPool(concurrency=cfg.sandbox_concurrency, timeout_s=cfg.sandbox_timeout_s)
+            _POOLS[key] = SandboxPool.for_rollout(cfg)
         return _POOLS[key]
 
 

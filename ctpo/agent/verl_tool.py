@@ -56,9 +56,9 @@ class PythonSandboxTool(BaseTool):
         if sandbox is not None:
             self._run_batch = sandbox.run_many
         else:  # verl loads tools once per worker: one pool bounds concurrent executions
-            from ctpo.sandbox import SandboxPool
+            from ctpo.sandbox import SandboxLimits, SandboxPool
 
-            self._run_batch = SandboxPool(concurrency=config["concurrency"], timeout_s=self.timeout_s).run_many
+            self._run_batch = SandboxPool(config["concurrency"], SandboxLimits(timeout_s=self.timeout_s)).run_many
 
     def get_openai_tool_schema(self) -> OpenAIFunctionToolSchema:
         return self._schema

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = runner.EvalPlan(problems, cfg.eval.k, cfg.eval.chunk_size, seed_parts, fp)
     partial = runner.partial_path(out)
     # fails closed here (SandboxUnavailable), before any generation, when isolation is not available
-    with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
+    with SandboxPool.for_rollout(cfg.rollout) as pool:
         prov["sandbox_isolation"] = pool.mode
 
         if cfg.rollout.protocol == "release":  # the training loop's own class (ctpo.agent.release_episodes)

@@ -8,42 +8,36 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from ctpo.sandbox.limits import SandboxLimits
 from ctpo.sandbox.runner import ExecResult, describe, isolation_mode, run_code
 
 
 class SandboxPool:
-    """At most `concurrency` sandboxes at once; the same limits for every call.
+    """At most `concurrency` sandboxes at once; the same `limits` for every call (a batch may change the timeout).
 
-    >>> with SandboxPool(concurrency=4, timeout_s=5.0) as pool:
+    >>> with SandboxPool(concurrency=4, limits=SandboxLimits(timeout_s=5.0)) as pool:
     ...     [r.stdout for r in pool.run_many(["print(1)", "print(2)"])]
     ['1\\n', '2\\n']
     """
 
-    def __init__(
-        self,
-        concurrency: int = 8,
-        timeout_s: float = 10.0,
-        *,
-        memory_mb: int = 2048,
-        max_output_bytes: int = 1 << 20,
-        allow_unisolated: bool = False,
-        nproc: int = 256,
-        nofile: int = 256,
-        fsize_mb: int = 64,
-        disk_mb: int = 256,
-        isolation: str = "auto",
-    ) -> None:
+    def __init__(self, concurrency: int = 8, limits: SandboxLimits = SandboxLimits(), *,
+                 allow_unisolated: bool = False, isolation: str = "auto") -> None:
         if not (isinstance(concurrency, int) and concurrency > 0):
             raise ValueError(f"SandboxPool: concurrency must be a positive int, got {concurrency!r}")
+        if not isinstance(limits, SandboxLimits):
+            raise TypeError(f"SandboxPool: limits must be a SandboxLimits, got {type(limits).__name__}")
         # Fail closed at construction, not halfway through a batch (raises SandboxUnavailable).
         self.mode = isolation_mode(allow_unisolated, isolation)
-        self._run = partial(
-            run_code, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-            allow_unisolated=allow_unisolated, nproc=nproc, nofile=nofile, fsize_mb=fsize_mb,
-            disk_mb=disk_mb, isolation=self.mode,
-        )
+        self.limits = limits
+        self._run = partial(run_code, allow_unisolated=allow_unisolated, isolation=self.mode)
         self.concurrency = concurrency
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(concurrency, thread_name_prefix="sandbox")
+
+    @classmethod
+    def for_rollout(cls, rollout) -> SandboxPool:
+        """The pool a run's `rollout` section (ctpo.config.RolloutConfig) asks for: `sandbox_concurrency`
+        sandboxes at once, each with `sandbox_timeout_s` (the other limits: SandboxLimits' defaults)."""
+        return cls(rollout.sandbox_concurrency, SandboxLimits(timeout_s=rollout.sandbox_timeout_s))
 
     def describe(self) -> dict:
         """Isolation mode, limit mechanism (cgroup v2 or the namespace fallback) and visible packages."""
@@ -59,7 +53,7 @@ class SandboxPool:
         timeout_s: this batch's wall-clock limit per program (None: the pool's)."""
         if not isinstance(codes, (list, tuple)):
             raise TypeError(f"run_many: codes must be a list of str, got {type(codes).__name__}")
-        run = self._run if timeout_s is None else partial(self._run, timeout_s=timeout_s)
+        run = partial(self._run, limits=self.limits.with_timeout(timeout_s))
         return list(self._pool().map(run, codes))
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -80,24 +74,8 @@ class SandboxPool:
         self.close()
 
 
-def run_many(
-    codes: list[str],
-    concurrency: int = 8,
-    timeout_s: float = 10.0,
-    *,
-    memory_mb: int = 2048,
-    max_output_bytes: int = 1 << 20,
-    allow_unisolated: bool = False,
-    nproc: int = 256,
-    nofile: int = 256,
-    fsize_mb: int = 64,
-    disk_mb: int = 256,
-    isolation: str = "auto",
-) -> list[ExecResult]:
+def run_many(codes: list[str], concurrency: int = 8, limits: SandboxLimits = SandboxLimits(), *,
+             allow_unisolated: bool = False, isolation: str = "auto") -> list[ExecResult]:
     """`run_code` over `codes` with at most `concurrency` at once; results in input order."""
-    with SandboxPool(
-        concurrency, timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-        allow_unisolated=allow_unisolated, nproc=nproc, nofile=nofile, fsize_mb=fsize_mb,
-        disk_mb=disk_mb, isolation=isolation,
-    ) as pool:
+    with SandboxPool(concurrency, limits, allow_unisolated=allow_unisolated, isolation=isolation) as pool:
         return pool.run_many(codes)

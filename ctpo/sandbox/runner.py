@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctpo.sandbox import cgroup
+from ctpo.sandbox.limits import SandboxLimits
 from ctpo.sandbox.spawner import Spawner
 
 _CHILD = str(Path(__file__).with_name("_child.py"))
@@ -89,25 +90,6 @@ class ExecResult:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class _Limits:
-    timeout_s: float
-    memory_mb: int
-    max_output_bytes: int
-    nproc: int
-    nofile: int
-    fsize_mb: int
-    disk_mb: int
-
-
-def _validate(code: object, lim: _Limits) -> None:
-    if not isinstance(code, str):
-        raise TypeError(f"run_code: code must be str, got {type(code).__name__}")
-    for name in ("timeout_s", "memory_mb", "max_output_bytes", "nproc", "nofile", "fsize_mb", "disk_mb"):
-        if not getattr(lim, name) > 0:
-            raise ValueError(f"run_code: {name} must be > 0, got {getattr(lim, name)!r}")
-
-
 def _warm_bytecode_cache() -> None:
     """Import _child once on the host so its .pyc exists before the first sandbox starts."""
     import importlib
@@ -128,7 +110,7 @@ def _probe(mode: str) -> str:
     if mode in _PROBED_OK:
         return ""
     _warm_bytecode_cache()
-    lim = _Limits(30.0, 512, 4096, 16, 64, 1, 1)
+    lim = SandboxLimits(30.0, 512, 4096, 16, 64, 1, 1)
     res = _execute("print(7 * 6)", lim, mode)
     if res.status == "ok" and res.stdout.strip() == "42":
         _PROBED_OK.add(mode)
@@ -181,33 +163,19 @@ def isolation_mode(allow_unisolated: bool = False, isolation: str = "auto") -> s
     return "none"
 
 
-def run_code(
-    code: str,
-    timeout_s: float = 10.0,
-    *,
-    memory_mb: int = 2048,
-    max_output_bytes: int = 1 << 20,
-    allow_unisolated: bool = False,
-    nproc: int = 256,
-    nofile: int = 256,
-    fsize_mb: int = 64,
-    disk_mb: int = 256,
-    isolation: str = "auto",
-) -> ExecResult:
+def run_code(code: str, limits: SandboxLimits = SandboxLimits(), *, allow_unisolated: bool = False,
+             isolation: str = "auto") -> ExecResult:
     """Execute `code` (a Python program, like `python -c`) in a fresh sandbox; never raises for bad code.
 
-    timeout_s: wall clock; CPU time is limited to ceil(timeout_s) + 1 s. memory_mb: address space.
-    max_output_bytes: cap per stream (excess is read and dropped; `truncated` is set).
-    nproc/nofile/fsize_mb: rlimits. RLIMIT_NPROC counts per uid: in root mode every sandbox runs as
-    uid 65534, so concurrent sandboxes share the `nproc` budget (a fork bomb can briefly starve its
-    neighbours' forks, never the host's); in userns mode the count is per user namespace.
-    disk_mb: size of the private tmpfs work dir (in memory).
+    limits: `SandboxLimits` (wall clock, memory, output cap, rlimits, tmpfs size).
     isolation: 'auto' (root mode as root, else user namespaces), or force 'root'|'userns'|'none'.
     Raises SandboxUnavailable when isolation is impossible and allow_unisolated is False.
     """
-    lim = _Limits(float(timeout_s), memory_mb, max_output_bytes, nproc, nofile, fsize_mb, disk_mb)
-    _validate(code, lim)
-    return _execute(code, lim, isolation_mode(allow_unisolated, isolation))
+    if not isinstance(code, str):
+        raise TypeError(f"run_code: code must be str, got {type(code).__name__}")
+    if not isinstance(limits, SandboxLimits):
+        raise TypeError(f"run_code: limits must be a SandboxLimits, got {type(limits).__name__}")
+    return _execute(code, limits, isolation_mode(allow_unisolated, isolation))
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,7 +286,7 @@ class _Slots:
 _SLOTS = _Slots()
 
 
-def _spec(lim: _Limits, mode: str, workdir: str, status_w: int, slot: int, status_fd: int | None = None,
+def _spec(lim: SandboxLimits, mode: str, workdir: str, status_w: int, slot: int, status_fd: int | None = None,
           host_pid: int | None = None) -> str:
     """W's instructions. status_fd: the status pipe's number in W; host_pid: W's parent (this process,
     or the fork server)."""
@@ -331,7 +299,7 @@ def _spec(lim: _Limits, mode: str, workdir: str, status_w: int, slot: int, statu
         "site_dirs": _site_dirs() if mode == "none" else [SANDBOX_SITE],
         "binds": list(binds), "symlinks": list(links), "hide": list(hide), "executable": exe,
         "workdir": workdir, "shm_mb": SHM_MB,
-        "cpu_s": math.ceil(lim.timeout_s) + 1, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
+        "cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     }).hex()  # same interpreter on both sides, so the marshal format matches
 
@@ -351,7 +319,7 @@ class _Capture:
         return self.buf.decode("utf-8", errors="replace")
 
 
-def _execute(code: str, lim: _Limits, mode: str) -> ExecResult:
+def _execute(code: str, lim: SandboxLimits, mode: str) -> ExecResult:
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="ctpo-sbx-") if mode == "none" else ""
     slot = _SLOTS.take()
@@ -490,7 +458,7 @@ def _launch_via_forkserver(spec_args, status_w: int) -> _Launched:
     return proc
 
 
-def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float, slot: int,
+def _execute_in(code: str, lim: SandboxLimits, mode: str, workdir: str, t0: float, slot: int,
                 group: cgroup.SandboxCgroup | None) -> ExecResult:
     status_r, status_w = os.pipe()
     try:
@@ -523,7 +491,7 @@ def _execute_in(code: str, lim: _Limits, mode: str, workdir: str, t0: float, slo
     return _drive(proc, status_r, code.encode("utf-8", "surrogatepass"), lim, t0, group)
 
 
-def _drive(proc: subprocess.Popen | _Launched, status_r: int, code: bytes, lim: _Limits, t0: float,
+def _drive(proc: subprocess.Popen | _Launched, status_r: int, code: bytes, lim: SandboxLimits, t0: float,
            group: cgroup.SandboxCgroup | None = None) -> ExecResult:
     """Feed stdin, capture output, enforce the wall clock, reap; then classify the end."""
     out, err, status = _Capture(lim.max_output_bytes), _Capture(lim.max_output_bytes), bytearray()
@@ -614,7 +582,7 @@ def _kill_init(status: bytearray) -> bool:
     return True
 
 
-def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: _Limits,
+def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: SandboxLimits,
               oom: bool = False):
     """(exit_code, status, detail) from facts the code cannot forge: the status pipe (written by W and I,
     which user code cannot reach), W's exit status, U's wait status and kernel rusage, the cgroup's OOM

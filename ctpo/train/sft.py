@@ -120,7 +120,7 @@ def measure_accuracy(model, tokenizer, cfg: RunConfig, questions: list[str], tru
     from ctpo.sandbox import SandboxPool
 
     params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-    with SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s) as pool:
+    with SandboxPool.for_rollout(cfg.rollout) as pool:
         episodes = run_episodes(HFGenerator(model, tokenizer), tokenizer, questions, cfg.rollout, params, sandbox=pool)
     return float(np.mean([score(e.response_text, t).score == 1.0 for e, t in zip(episodes, truths)]))
 

@@ -105,7 +105,7 @@ class Run:
         })
         write_json(results_dir / "provenance.json", rec)
         run.tracker = start_tracking(run.cfg_dict, workdir)
-        run.sandbox = SandboxPool(concurrency=cfg.rollout.sandbox_concurrency, timeout_s=cfg.rollout.sandbox_timeout_s)
+        run.sandbox = SandboxPool.for_rollout(cfg.rollout)
         return run
 
     def _new_optimizer(self):
