@@ -1,16 +1,16 @@
 """The CPU toy RL trainer (train.backend = local), structured as the paper's verl runs.
 
-One RL step (`rl_step`):
-  1. draw `prompts_per_step` prompts (seeded per-epoch permutation; the cursor is checkpointed) and run
-     `rollout.n` episodes per prompt through the real agent loop and sandbox (`ctpo.agent.run_episodes`),
-     sampling with a per-step seed;
-  2. reward each episode (`ctpo.reward.score`); group-relative advantages (`ctpo.losses.group_advantages`);
-     void-turn / infra episodes are masked out;
+One RL step (`train_step` -> `rl_step`):
+  1. draw `prompts_per_step` prompts (`draw_prompts`: seeded per-epoch permutation; the cursor is
+     checkpointed) and run `rollout.n` episodes per prompt through the real agent loop and sandbox
+     (`sample_episodes`), sampling with a per-step seed;
+  2. reward each episode (`score_episodes`); void-turn / infra episodes are masked out (`pack_kept`);
+     group-relative advantages (`step_advantages`);
   3. old_log_prob: one no-grad forward of the behaviour policy over the whole batch (as verl recomputes it);
-     rollout-vs-trainer IS weights from the generator's log-probs (`train.rollout_is`);
+     rollout-vs-trainer IS weights from the generator's log-probs (`rollout_is_weights`, `train.rollout_is`);
   4. `prompts_per_step / mini_batch_prompts` AdamW mini-batch updates (grad clip `train.grad_clip`) with
      `ctpo.losses.compute_policy_loss` (the method is `loss.method`), so from the second mini-batch on the
-     policy has moved and the ratios differ from 1.
+     policy has moved and the ratios differ from 1 (`update_policy`); the row (`metrics_row`).
 
 Outputs: `<results>/metrics.jsonl` (ctpo.schema.TRAIN_KEYS per step, val/<bench>/avg_at_k at test_freq and
 the final step), `<results>/provenance.json`, `<workdir>/checkpoints/step{N}/` (step 0 = the init policy,
@@ -111,42 +111,88 @@ class StepResult:
 
 def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indices, step: int, sandbox) -> StepResult:
     """Rollout, advantages, old_log_prob, and the mini-batch updates of one RL step (module docstring)."""
-    from ctpo.agent import HFGenerator, SamplingParams, run_episodes
-    from ctpo.losses import compute_policy_loss, group_advantages
-    from ctpo.reward import score
-
     t0 = time.time()
     t, r = cfg.train, cfg.rollout
-    n = r.n
-    qs = [questions[i] for i in indices for _ in range(n)]  # rows i*n .. i*n+n-1 share a prompt
-    gts = [truths[i] for i in indices for _ in range(n)]
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
-                            seed=step_seed(cfg.seed, step))
-    model.eval()
-    episodes = run_episodes(HFGenerator(model, tokenizer), tokenizer, qs, r, params, sandbox=sandbox)
-    rewards = torch.tensor([score(e.response_text, gt).score for e, gt in zip(episodes, gts)], dtype=torch.float32)
-    keep = torch.tensor([e.finish_reason not in ("void", "infra") for e in episodes], dtype=torch.float32)
-    batch = pack_episodes(episodes, tokenizer.pad_token_id)
-    mask = batch.response_mask * keep[:, None]  # (B, T)
-    batch.response_mask = mask
-    groups = [i // n if e.finish_reason != "infra" else f"infra{i}" for i, e in enumerate(episodes)]
-    adv = group_advantages(rewards, groups, mask, norm_by_std=t.norm_adv_by_std)  # (B, T)
+    qs = [questions[i] for i in indices for _ in range(r.n)]  # rows i*n .. i*n+n-1 share a prompt
+    gts = [truths[i] for i in indices for _ in range(r.n)]
+    episodes = sample_episodes(model, tokenizer, cfg, qs, step, sandbox)
+    rewards = score_episodes(episodes, gts)
+    batch, keep = pack_kept(episodes, tokenizer.pad_token_id)
+    mask = batch.response_mask  # (B, T)
+    adv = step_advantages(rewards, episodes, mask, r.n, t.norm_adv_by_std)  # (B, T)
     adv_seq = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
     with torch.no_grad():
         old_log_prob, _ = response_log_probs(model, batch, r.temperature, with_entropy=False)  # (B, T)
     is_w = rollout_is_weights(old_log_prob, batch.rollout_log_prob, mask, t.rollout_is, t.rollout_is_threshold)
+    upd = update_policy(model, optimizer, batch, old_log_prob, adv, is_w, cfg)
+    row = metrics_row(step, episodes, rewards, keep, upd)
+    row[schema.STEP_TIME_S] = time.time() - t0
+    return StepResult(row, old_log_prob, upd.log_prob, mask, adv_seq, upd.minibatch_abs_log_ratio, upd.seconds)
 
+
+def sample_episodes(model, tokenizer, cfg: RunConfig, questions: list[str], step: int, sandbox) -> list:
+    """Step 1: one episode per question through the agent loop and sandbox, sampled with the step's seed."""
+    from ctpo.agent import HFGenerator, SamplingParams, run_episodes
+
+    r = cfg.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+                            seed=step_seed(cfg.seed, step))
+    model.eval()
+    return run_episodes(HFGenerator(model, tokenizer), tokenizer, questions, r, params, sandbox=sandbox)
+
+
+def score_episodes(episodes, truths: list[str]) -> torch.Tensor:
+    """(B,) float32 rewards (`ctpo.reward.score` of each response against its ground truth)."""
+    from ctpo.reward import score
+
+    return torch.tensor([score(e.response_text, gt).score for e, gt in zip(episodes, truths)], dtype=torch.float32)
+
+
+def pack_kept(episodes, pad_id: int):
+    """(PackedBatch whose response_mask (B, T) is 0 on void-turn and infra episodes, keep (B,) float 1/0)."""
+    keep = torch.tensor([e.finish_reason not in ("void", "infra") for e in episodes], dtype=torch.float32)
+    batch = pack_episodes(episodes, pad_id)
+    batch.response_mask = batch.response_mask * keep[:, None]  # (B, T)
+    return batch, keep
+
+
+def step_advantages(rewards, episodes, mask, n: int, norm_by_std: bool) -> torch.Tensor:
+    """(B, T) group-relative advantages: rows i*n .. i*n+n-1 form a group; an infra episode is a group of
+    its own (the sandbox failed, so it says nothing about the prompt)."""
+    from ctpo.losses import group_advantages
+
+    groups = [i // n if e.finish_reason != "infra" else f"infra{i}" for i, e in enumerate(episodes)]
+    return group_advantages(rewards, groups, mask, norm_by_std=norm_by_std)
+
+
+@dataclass
+class UpdateStats:
+    """What the mini-batch updates of one step measured."""
+
+    log_prob: torch.Tensor  # (B, T) policy at each row's mini-batch update
+    grad_norms: list[float]
+    pg_losses: list[float]
+    minibatch_abs_log_ratio: list[float]  # max |log r_t| per mini-batch
+    entropy: float  # token mean over model tokens
+    loss_metrics: dict[str, list[float]]  # per mini-batch
+    seconds: float
+
+
+def update_policy(model, optimizer, batch, old_log_prob, adv, is_w, cfg: RunConfig) -> UpdateStats:
+    """Step 4: `prompts_per_step / mini_batch_prompts` AdamW updates with `compute_policy_loss`, in row order."""
+    from ctpo.losses import compute_policy_loss
+
+    t, r = cfg.train, cfg.rollout
     model.train()
-    t_update = time.time()
-    mb = t.mini_batch_prompts * n
+    t0 = time.time()
+    mask, mb = batch.response_mask, t.mini_batch_prompts * r.n
     new_log_prob = torch.zeros_like(old_log_prob)
     loss_metrics: dict[str, list[float]] = {}
     grad_norms, pg_losses, mb_abs = [], [], []
     ent_sum, ent_n = 0.0, 0.0
-    for start in range(0, len(episodes), mb):
+    for start in range(0, mask.shape[0], mb):
         rows = slice(start, start + mb)
-        sub = batch.select(rows)
-        log_prob, entropy = response_log_probs(model, sub, r.temperature, with_entropy=True)
+        log_prob, entropy = response_log_probs(model, batch.select(rows), r.temperature, with_entropy=True)
         m = mask[rows]
         loss, metrics = compute_policy_loss(old_log_prob[rows], log_prob, adv[rows], m, cfg.loss,
                                             rollout_is_weights=None if is_w is None else is_w[rows])
@@ -161,8 +207,12 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
         ent_n += float(m.sum())
         for k, v in metrics.items():
             loss_metrics.setdefault(k, []).append(float(v))
+    return UpdateStats(new_log_prob, grad_norms, pg_losses, mb_abs, ent_sum / max(ent_n, 1.0), loss_metrics,
+                       time.time() - t0)
 
-    update_s = time.time() - t_update
+
+def metrics_row(step: int, episodes, rewards, keep, upd: UpdateStats) -> dict:
+    """The step's metrics row: every ctpo.schema.TRAIN_KEYS key but time/step_s (the caller's clock)."""
     kept = keep.bool()
     row = {
         schema.STEP: step,
@@ -172,17 +222,16 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
         schema.MODEL_TOKENS: float(np.mean([sum(e.response_mask) for e in episodes])),
         schema.TURNS: float(np.mean([e.turns for e in episodes])),
         schema.TOOL_CALLS: float(np.mean([e.tool_calls for e in episodes])),
-        schema.ENTROPY: ent_sum / max(ent_n, 1.0),
-        schema.GRAD_NORM: float(np.mean(grad_norms)),
-        schema.PG_LOSS: float(np.mean(pg_losses)),
+        schema.ENTROPY: upd.entropy,
+        schema.GRAD_NORM: float(np.mean(upd.grad_norms)),
+        schema.PG_LOSS: float(np.mean(upd.pg_losses)),
     }
-    for k, vals in loss_metrics.items():
+    for k, vals in upd.loss_metrics.items():
         row[k] = float(np.max(vals)) if k == schema.LOG_RATIO_ABS_MAX else float(np.mean(vals))
-    row[schema.STEP_TIME_S] = time.time() - t0
-    missing = [k for k in schema.TRAIN_KEYS if k not in row]
+    missing = [k for k in schema.TRAIN_KEYS if k not in row and k != schema.STEP_TIME_S]
     if missing:
         raise RuntimeError(f"rl_step: metrics row lacks {missing} (ctpo.schema.TRAIN_KEYS)")
-    return StepResult(row, old_log_prob, new_log_prob, mask, adv_seq, mb_abs, update_s)
+    return row
 
 
 def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
@@ -250,6 +299,22 @@ def pause_after_step(step: int, stop: _StopFlag, workdir: Path) -> None:
         time.sleep(0.2)
 
 
+def train_step(run, step: int) -> dict:
+    """RL step `step` of a `trainer_setup.Run`: the next prompts, `rl_step`, validation at test_freq and the
+    last step, the rollout dump at a dump step; the row is recorded (metrics.jsonl, W&B) and returned."""
+    cfg = run.cfg
+    idx = draw_prompts(len(run.questions), run.consumed, cfg.train.prompts_per_step, cfg.seed)
+    res = rl_step(run.model, run.optimizer, run.tokenizer, cfg, run.questions, run.truths, idx, step, run.sandbox)
+    run.consumed += len(idx)
+    row = dict(res.row)
+    if step % cfg.train.test_freq == 0 or step == cfg.train.total_steps:
+        row.update(validate(run.model, run.tokenizer, cfg, step, run.sandbox))
+    if step in cfg.train.dump_steps:
+        write_dump(run.workdir, step, res)
+    run.record(row)
+    return row
+
+
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str | Path | None) -> int:
     """Train (or resume, or return at once when done). Returns 0 when done, EXIT_PREEMPTED on a signal."""
     from ctpo.train.trainer_setup import Run
@@ -268,16 +333,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
     clock = Progress(cfg.train.total_steps, start=run.step)
     try:
         for step in range(run.step + 1, cfg.train.total_steps + 1):
-            idx = draw_prompts(len(run.questions), run.consumed, cfg.train.prompts_per_step, cfg.seed)
-            res = rl_step(run.model, run.optimizer, run.tokenizer, cfg, run.questions, run.truths, idx, step,
-                          run.sandbox)
-            run.consumed += len(idx)
-            row = dict(res.row)
-            if step % cfg.train.test_freq == 0 or step == cfg.train.total_steps:
-                row.update(validate(run.model, run.tokenizer, cfg, step, run.sandbox))
-            if step in cfg.train.dump_steps:
-                write_dump(workdir, step, res)
-            run.record(row)
+            row = train_step(run, step)
             print(f"train: {clock.line(step)} " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
             if step % cfg.train.save_freq == 0 or step == cfg.train.total_steps or stop.signum is not None:
                 run.save(step)

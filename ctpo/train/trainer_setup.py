@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
-from ctpo.io import write_json, write_text
+from ctpo.io import append_jsonl, write_json, write_text
 from ctpo.train import checkpoint as ckpt
 from ctpo.seeding import seed_everything
 from ctpo.workdir import claim, run_identity
-
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -24,6 +23,31 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def read_train_prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(questions, ground truths) of `data.train`; a step's `train.prompts_per_step` must fit in them."""
+    from ctpo.data.problems import read_questions
+
+    questions, truths = read_questions(cfg.data.train)
+    if cfg.train.prompts_per_step > len(questions):
+        raise ConfigError(
+            f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the {len(questions)} prompts "
+            f"in data.train ({cfg.data.train})"
+        )
+    return questions, truths
+
+
+def check_same_identity(fingerprint: str, written_by: dict, cfg_dict: dict, where: Path) -> None:
+    """A checkpoint at `where` (its identity `fingerprint`, written under config `written_by`) belongs to
+    this run config's identity; else ConfigError naming the keys that differ."""
+    this, ident = run_identity(cfg_dict)
+    if fingerprint != this:
+        _, old_ident = run_identity(written_by)
+        raise ConfigError(
+            f"{where}: written by a different run config (keys differ: "
+            f"{_diff_keys(old_ident, ident)}); use a new workdir or restore the config"
+        )
 
 
 class Run:
@@ -42,71 +66,80 @@ class Run:
 
     @classmethod
     def open(cls, cfg: RunConfig, results_dir: Path, workdir: Path, init: str | Path | None) -> "Run":
-        from ctpo.agent import load_policy
-        from ctpo.data.problems import read_questions
-        from ctpo.provenance import provenance
+        """Data, seeds, the workdir claim, the policy (resumed from the newest checkpoint, else `init`), the
+        metrics file, provenance, W&B and the sandbox pool, in that order."""
         from ctpo.sandbox import SandboxPool
         from ctpo.tracking import start_tracking
 
         run = cls(cfg, dataclasses.asdict(cfg), results_dir, workdir)
-        run.questions, run.truths = read_questions(cfg.data.train)
-        if cfg.train.prompts_per_step > len(run.questions):
-            raise ConfigError(
-                f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the {len(run.questions)} prompts "
-                f"in data.train ({cfg.data.train})"
-            )
+        run.questions, run.truths = read_train_prompts(cfg)
         seed_everything(cfg.seed)
         claim(workdir, run.cfg_dict)  # a changed config sets the old checkpoints aside and starts fresh
-        fingerprint, ident = run_identity(run.cfg_dict)
         steps = ckpt.list_checkpoints(workdir)
         if steps:
-            run.step = steps[-1]
-            state = ckpt.load_trainer_state(workdir, run.step)
-            if state.fingerprint != fingerprint:
-                _, old_ident = run_identity(state.config)
-                raise ConfigError(
-                    f"{ckpt.checkpoint_dir(workdir, run.step)}: written by a different run config (keys differ: "
-                    f"{_diff_keys(old_ident, ident)}); use a new workdir or restore the config"
-                )
-            run.model, run.tokenizer = load_policy(str(ckpt.checkpoint_dir(workdir, run.step) / ckpt.POLICY_DIR),
-                                                   dtype=cfg.model.dtype)
-            run.optimizer = run._new_optimizer()
-            if state.optimizer is not None:
-                run.optimizer.load_state_dict(state.optimizer)
-            ckpt.restore_rng(state.rng)
-            run.consumed = state.consumed_prompts
-            run.rows = [r for r in state.metrics_rows if r["step"] <= run.step]
-            run.last_saved = run.step
-            print(f"train: resuming from {ckpt.checkpoint_dir(workdir, run.step)} (step {run.step})", flush=True)
+            run._resume(steps[-1])
         else:
-            if init is None:
-                raise ConfigError("train.backend=local: --init <policy dir> (the SFT warm start) is required "
-                                  f"to start a run (no checkpoint under {workdir}/checkpoints)")
-            run.model, run.tokenizer = load_policy(str(init), dtype=cfg.model.dtype)
-            run.optimizer = run._new_optimizer()
-        # the metrics file holds exactly the rows up to the resume step (later rows were not checkpointed)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run.metrics_path, "")
-        from ctpo.io import append_jsonl
-
-        append_jsonl(run.metrics_path, run.rows)
-        (results_dir / "done.json").unlink(missing_ok=True)  # stale marker of a shorter schedule
+            run._start_fresh(init)
+        run._reset_results()
         if not steps:
             run.save(0)  # step 0 = the init policy
-        rec = provenance(run.cfg_dict)
+        write_json(results_dir / "provenance.json", run._provenance(init, resumed=bool(steps)))
+        run.tracker = start_tracking(run.cfg_dict, workdir)
+        run.sandbox = SandboxPool.for_rollout(cfg.rollout)
+        return run
+
+    def _resume(self, step: int) -> None:
+        """Weights, optimizer, RNG, data cursor and metrics rows of checkpoint `step` (same run identity)."""
+        from ctpo.agent import load_policy
+
+        self.step = step
+        where = ckpt.checkpoint_dir(self.workdir, step)
+        state = ckpt.load_trainer_state(self.workdir, step)
+        check_same_identity(state.fingerprint, state.config, self.cfg_dict, where)
+        self.model, self.tokenizer = load_policy(str(where / ckpt.POLICY_DIR), dtype=self.cfg.model.dtype)
+        self.optimizer = self._new_optimizer()
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        ckpt.restore_rng(state.rng)
+        self.consumed = state.consumed_prompts
+        self.rows = [r for r in state.metrics_rows if r["step"] <= step]
+        self.last_saved = step
+        print(f"train: resuming from {where} (step {step})", flush=True)
+
+    def _start_fresh(self, init: str | Path | None) -> None:
+        """The policy from `init` (the SFT warm start) and a new optimizer."""
+        from ctpo.agent import load_policy
+
+        if init is None:
+            raise ConfigError("train.backend=local: --init <policy dir> (the SFT warm start) is required "
+                              f"to start a run (no checkpoint under {self.workdir}/checkpoints)")
+        self.model, self.tokenizer = load_policy(str(init), dtype=self.cfg.model.dtype)
+        self.optimizer = self._new_optimizer()
+
+    def _reset_results(self) -> None:
+        """metrics.jsonl holds exactly the rows up to the resume step (later rows were not checkpointed);
+        a done.json left by an earlier, shorter schedule goes."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.metrics_path, "")
+        append_jsonl(self.metrics_path, self.rows)
+        (self.results_dir / "done.json").unlink(missing_ok=True)
+
+    def _provenance(self, init: str | Path | None, resumed: bool) -> dict:
+        """provenance.json: `ctpo.provenance` plus batch sizes, seeding rules, init policy, resume step."""
+        from ctpo.provenance import provenance
+
+        cfg = self.cfg
+        rec = provenance(self.cfg_dict)
         rec.update({
             "effective_batch_sizes": effective_batch_sizes(cfg),
             "seeds": {"python": cfg.seed, "numpy": cfg.seed, "torch": cfg.seed,
                       "sampling": "step_seed(seed, step) = (seed * 1000003 + step) mod (2^31 - 1)",
                       "data_order": "numpy default_rng([seed, epoch]).permutation(n_train)"},
             "init_policy": None if init is None else str(init),
-            "resumed_from_step": run.step if steps else None,
+            "resumed_from_step": self.step if resumed else None,
             "torch_threads": torch.get_num_threads(),
         })
-        write_json(results_dir / "provenance.json", rec)
-        run.tracker = start_tracking(run.cfg_dict, workdir)
-        run.sandbox = SandboxPool.for_rollout(cfg.rollout)
-        return run
+        return rec
 
     def _new_optimizer(self):
         t = self.cfg.train
@@ -114,8 +147,6 @@ class Run:
 
     def record(self, row: dict) -> None:
         """Append one step's row to metrics.jsonl (atomic rewrite) and to W&B."""
-        from ctpo.io import append_jsonl
-
         self.rows.append(row)
         self.step = row["step"]
         append_jsonl(self.metrics_path, [row])
