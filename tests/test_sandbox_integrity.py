@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hang import HANG_S
 
-from ctpo.sandbox import SandboxLimits, SandboxPool, run_many, runner
+from ctpo.sandbox import SandboxLimits, SandboxPool, rootfs, run_many, runner
 from ctpo.sandbox import cgroup as cg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,23 +143,23 @@ print(json.dumps({{"seen": seen, "path": sys.path, "dev": sorted(os.listdir('/de
     got = json.loads(r["stdout"])
     # an interpreter installed in a home directory (pyenv under /root here) keeps its own path: the
     # directories above it exist, holding nothing else
-    interp = [dst for _, dst, _ in runner._fs_plan()[0] if not dst.startswith(("/usr", "/etc", runner.SANDBOX_SITE))]
-    assert [p for p, exists in got["seen"].items() if exists and not any(runner._inside(i, p) for i in interp)] == []
+    interp = [dst for _, dst, _ in rootfs.fs_plan()[0] if not dst.startswith(("/usr", "/etc", rootfs.SANDBOX_SITE))]
+    assert [p for p, exists in got["seen"].items() if exists and not any(rootfs.inside(i, p) for i in interp)] == []
     assert [p for p in got["path"] if p.startswith((str(REPO), venv, "/work", "/home"))] == []
-    assert who != "current" or got["path"][-1] == runner.SANDBOX_SITE
+    assert who != "current" or got["path"][-1] == rootfs.SANDBOX_SITE
     assert got["dev"] == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]
     assert set(got["top"]) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp", "usr",
                                "sandbox", "root"}, got["top"]  # root: only the interpreter's prefix, if it lives there
     assert got["etc"] == ["group", "hosts", "ld.so.cache", "localtime", "passwd"] or set(got["etc"]) <= {
         "group", "hosts", "ld.so.cache", "localtime", "passwd"}
-    allowed = (*interp, runner.SANDBOX_SITE)  # the standard library's and packages' own test data
+    allowed = (*interp, rootfs.SANDBOX_SITE)  # the standard library's and packages' own test data
     assert [f for f in got["parquet"] if f.endswith((".parquet", ".pt", ".safetensors"))
-            or not any(runner._inside(f, a) for a in allowed)] == []
+            or not any(rootfs.inside(f, a) for a in allowed)] == []
     if who == "current":
         for p, exists in got["seen"].items():
             if exists:
                 r2 = run(who, [f"import os\nprint(sorted(os.listdir({p!r})))"], pkg)[0]
-                below = sorted({i[len(p):].lstrip("/").split("/")[0] for i in interp if runner._inside(i, p)})
+                below = sorted({i[len(p):].lstrip("/").split("/")[0] for i in interp if rootfs.inside(i, p)})
                 assert r2["stdout"] == f"{below}\n", (p, r2)
 
 
@@ -168,7 +168,7 @@ def test_only_the_allowed_packages_are_importable():
             "print([m for m in ('numpy', 'sympy', 'torch', 'ctpo', 'pandas', 'verl', 'math_verify', 'wandb') "
             "if u.find_spec(m)])")
     r = run("current", [code], None)[0]
-    allowed = [m for m in ("numpy", "sympy") if m in runner.SANDBOX_PACKAGES and runner._package_paths(m, runner._host_site_dirs())]
+    allowed = [m for m in ("numpy", "sympy") if m in rootfs.SANDBOX_PACKAGES and rootfs.package_paths(m, rootfs.host_site_dirs())]
     assert (r["status"], r["stdout"]) == ("ok", f"{allowed}\n")
 
 
@@ -379,7 +379,7 @@ def test_the_active_mechanism_is_reported_in_provenance():
     assert desc["isolation"] == pool.mode and desc["isolation_probe"] == "ok"
     parent, why = cg.detect()
     assert desc["limits"]["mechanism"] == ("cgroup2" if parent else "namespaces")
-    assert set(desc["packages"]) <= set(runner.SANDBOX_PACKAGES)
+    assert set(desc["packages"]) <= set(rootfs.SANDBOX_PACKAGES)
     rec = provenance()
     assert rec["sandbox"]["limits"]["mechanism"] == desc["limits"]["mechanism"]
 

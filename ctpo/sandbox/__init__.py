@@ -11,7 +11,8 @@ Fails closed: `SandboxUnavailable` when isolation is impossible, unless allow_un
 """
 from ctpo.sandbox.limits import SandboxLimits
 from ctpo.sandbox.pool import SandboxPool, run_many
-from ctpo.sandbox.runner import SANDBOX_PACKAGES, ExecResult, SandboxUnavailable, describe, isolation_mode, run_code
+from ctpo.sandbox.rootfs import SANDBOX_PACKAGES
+from ctpo.sandbox.runner import ExecResult, SandboxUnavailable, describe, isolation_mode, run_code
 
 __all__ = ["ExecResult", "SANDBOX_PACKAGES", "SandboxLimits", "SandboxPool", "SandboxUnavailable", "describe",
            "isolation_mode", "run_code", "run_many"]

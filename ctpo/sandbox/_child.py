@@ -25,7 +25,7 @@ The filesystem U sees (root and userns modes) is a fresh tmpfs holding only:
   /usr /bin /lib* /sbin  the host's system directories, read-only (shared libraries, /bin/sh)
   the interpreter        its binary, libpython and standard library, read-only, at their host paths,
                          with the interpreter's own site-packages covered by an empty tmpfs
-  /sandbox/site-packages the allowed packages only (spec["packages"], named in runner.SANDBOX_PACKAGES)
+  /sandbox/site-packages the allowed packages only (spec["packages"], named in rootfs.SANDBOX_PACKAGES)
   /etc                   passwd, group, hosts written here; ld.so.cache and localtime bound read-only
   /dev                   null zero full random urandom, fd/stdin/stdout/stderr links, a private /dev/shm
   /proc                  the new pid namespace's own (an empty tmpfs where a container forbids it)

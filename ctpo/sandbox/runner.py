@@ -4,7 +4,7 @@ Host side of `_child.py` (read its docstring for what happens inside). Each call
   - starts `python -I -S -c <import _child> SPEC` in a new session, with a fixed minimal environment (no secrets);
   - the child enters new user/mount/net/ipc/uts/pid namespaces, builds a root filesystem holding only the
     interpreter, its standard library, the packages in `SANDBOX_PACKAGES`, a private /tmp and a minimal
-    /dev (see `_fs_plan`), drops privileges, sets rlimits and runs the code;
+    /dev (see `rootfs.fs_plan`), drops privileges, sets rlimits and runs the code;
   - per-sandbox limits: a cgroup v2 of its own where one is delegated (`ctpo.sandbox.cgroup`), else the
     namespace fallback (bounded SysV/POSIX shm, no nested user namespaces, a process limit and, as root,
     a host uid per concurrent slot); `describe()` reports which is active (recorded in provenance);
@@ -14,7 +14,6 @@ Host side of `_child.py` (read its docstring for what happens inside). Each call
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -33,25 +32,20 @@ from pathlib import Path
 
 from ctpo.sandbox import cgroup
 from ctpo.sandbox.limits import SandboxLimits
+from ctpo.sandbox.outcome import Capture, classify
+from ctpo.sandbox.rootfs import SANDBOX_SITE, fs_plan, site_dirs
 from ctpo.sandbox.spawner import Spawner
 
 _CHILD = str(Path(__file__).with_name("_child.py"))
 # `python -c` importing _child (its .pyc is cached: compiling the source costs ~20 ms per start);
 # the directory leaves sys.path again before any user code runs.
 _BOOT = "import sys; sys.path.insert(0, {dir!r}); import _child; del sys.path[0]; _child.main()"
-# The packages model code may import (plus the standard library); nothing else of the host's
-# site-packages is visible. Missing ones are skipped. Their bundled shared libraries (NAME.libs) come along.
-SANDBOX_PACKAGES = ("numpy", "sympy", "mpmath", "scipy", "networkx", "gmpy2")
-SANDBOX_SITE = "/sandbox/site-packages"  # where they appear inside the sandbox
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 # As root, each concurrent sandbox runs as its own host uid, SLOT_UID_BASE + slot (systemd's "unused"
 # range 1879048192-2147483646, never a login or container uid), so RLIMIT_NPROC is per sandbox even on
 # kernels that count processes per host uid.
 SLOT_UID_BASE = 1879048192
 SHM_MB = 64  # /dev/shm tmpfs size and SysV shm total of one sandbox
 _KILL_GRACE_S = 5.0
-_MEMORY_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
 # A fixed environment: nothing from the host (API keys, tokens, cloud credentials) reaches the code.
 _ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -130,7 +124,7 @@ def describe(isolation: str = "auto") -> dict:
                   f"limits ({SHM_MB} MB), nested user namespaces refused, RLIMIT_NPROC per sandbox"
                   + (", a host uid per concurrent slot" if mode == "root" else ""),
     }
-    binds, _, _, _ = _fs_plan()
+    binds, _, _, _ = fs_plan()
     return {
         "isolation": mode,
         "isolation_probe": "ok" if mode in _PROBED_OK else "not run",
@@ -178,94 +172,6 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits(), *, allow_unisol
     return _execute(code, limits, isolation_mode(allow_unisolated, isolation))
 
 
-@functools.lru_cache(maxsize=None)
-def _site_dirs() -> list[str]:
-    import site
-
-    return [d for d in site.getsitepackages() if os.path.isdir(d)]
-
-
-def _host_site_dirs() -> list[str]:
-    """Every directory the host interpreter may import third-party code from."""
-    import site
-    import sysconfig
-
-    cands = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
-             sysconfig.get_paths()["platlib"], "/usr/lib/python3/dist-packages",
-             f"/usr/local/lib/python{sys.version_info.major}.{sys.version_info.minor}/dist-packages"]
-    cands += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    cands.append(os.path.join(os.path.dirname(os.__file__), "site-packages"))  # the base interpreter's
-    return list(dict.fromkeys(os.path.realpath(c) for c in cands if c and os.path.isdir(c)))
-
-
-def _package_paths(name: str, dirs: list[str]) -> list[str]:
-    """Host paths making up importable package `name`: the package (dir, module or extension), its
-    bundled libraries (NAME.libs) and metadata (NAME-VERSION.dist-info), from the first dir that has it."""
-    norm = name.lower().replace("-", "_")
-    for d in dirs:
-        entries = os.listdir(d)
-        hits = [e for e in entries if e == name or e == name + ".py"
-                or (e.startswith(name + ".") and e.endswith(".so") and "cpython" in e)]
-        if hits:
-            extra = [e for e in entries if e.lower() in (f"{norm}.libs", f"{name}.libs")
-                     or (e.endswith(".dist-info") and e.lower().split("-")[0].replace("-", "_") == norm)]
-            return [os.path.join(d, e) for e in hits + extra]
-    return []
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-@functools.lru_cache(maxsize=None)
-def _fs_plan() -> tuple[tuple, tuple, tuple, str]:
-    """(binds, symlinks, hide, executable) of the sandbox's root filesystem; see _child.py.
-
-    binds: (host source, target inside, dir|file): system dirs, the interpreter binary, libpython, the
-    standard library, the allowed packages (under SANDBOX_SITE), /etc/ld.so.cache and /etc/localtime.
-    hide: host paths inside a bound tree that are covered by an empty tmpfs (site-packages dirs, the
-    project root, home directories), so e.g. a system python's dist-packages stays invisible."""
-    import sysconfig
-    from pathlib import Path
-
-    binds: list[tuple[str, str, str]] = []
-    links: list[tuple[str, str]] = []
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            links.append((d, os.readlink(d)))
-        elif os.path.isdir(d):
-            binds.append((d, d, "dir"))
-
-    def covered(p: str) -> bool:
-        return any(kind == "dir" and _inside(p, dst) for _, dst, kind in binds)
-
-    exe = os.path.realpath(sys.executable)
-    files = [exe] + [os.path.realpath(f) for f in _ETC_FILES if os.path.exists(f)]
-    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
-        if os.path.isfile(lib):
-            files.append(lib)
-            files.append(os.path.realpath(lib))
-    for f, dst in zip(files, [exe] + [f for f in _ETC_FILES if os.path.exists(f)] + [None, None]):
-        dst = dst or f
-        if not covered(dst) and all(b[1] != dst for b in binds):
-            binds.append((f, dst, "file"))
-    # the base interpreter's standard library and lib-dynload (never a venv's lib dir: it holds site-packages)
-    stdlib = [os.path.dirname(os.__file__)] + [p for p in sys.path if p.endswith("lib-dynload")]
-    for d in dict.fromkeys(os.path.realpath(p) for p in stdlib):
-        if os.path.isdir(d) and not covered(d):
-            binds.append((d, d, "dir"))
-    site_dirs = _host_site_dirs()
-    for name in SANDBOX_PACKAGES:
-        for p in _package_paths(name, site_dirs):
-            binds.append((p, f"{SANDBOX_SITE}/{os.path.basename(p)}", "dir" if os.path.isdir(p) else "file"))
-    repo = str(Path(__file__).resolve().parents[2])
-    homes = [os.path.expanduser("~"), "/root", "/home", "/run", "/var/run", repo, os.getcwd()]
-    hide = [h for h in dict.fromkeys(os.path.realpath(h) for h in site_dirs + homes)
-            if covered(h) and not any(_inside(dst, h) for _, dst, _ in binds)]
-    return tuple(binds), tuple(links), tuple(sorted(hide)), exe
-
-
 class _Slots:
     """Small integers for concurrent sandboxes (one host uid each in root mode), lowest free first."""
 
@@ -292,31 +198,16 @@ def _spec(lim: SandboxLimits, mode: str, workdir: str, status_w: int, slot: int,
     or the fork server)."""
     import marshal
 
-    binds, links, hide, exe = _fs_plan()
+    binds, links, hide, exe = fs_plan()
     return marshal.dumps({
         "mode": mode, "status_fd": status_w if status_fd is None else status_fd,
         "host_pid": os.getpid() if host_pid is None else host_pid, "host_uid": SLOT_UID_BASE + slot,
-        "site_dirs": _site_dirs() if mode == "none" else [SANDBOX_SITE],
+        "site_dirs": site_dirs() if mode == "none" else [SANDBOX_SITE],
         "binds": list(binds), "symlinks": list(links), "hide": list(hide), "executable": exe,
         "workdir": workdir, "shm_mb": SHM_MB,
         "cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     }).hex()  # same interpreter on both sides, so the marshal format matches
-
-
-class _Capture:
-    """Bytes from one stream, keeping the first `cap` and counting the rest."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap, self.buf, self.dropped = cap, bytearray(), 0
-
-    def add(self, data: bytes) -> None:
-        room = self.cap - len(self.buf)
-        self.buf += data[:room]
-        self.dropped += max(0, len(data) - room)
-
-    def text(self) -> str:
-        return self.buf.decode("utf-8", errors="replace")
 
 
 def _execute(code: str, lim: SandboxLimits, mode: str) -> ExecResult:
@@ -494,7 +385,7 @@ def _execute_in(code: str, lim: SandboxLimits, mode: str, workdir: str, t0: floa
 def _drive(proc: subprocess.Popen | _Launched, status_r: int, code: bytes, lim: SandboxLimits, t0: float,
            group: cgroup.SandboxCgroup | None = None) -> ExecResult:
     """Feed stdin, capture output, enforce the wall clock, reap; then classify the end."""
-    out, err, status = _Capture(lim.max_output_bytes), _Capture(lim.max_output_bytes), bytearray()
+    out, err, status = Capture(lim.max_output_bytes), Capture(lim.max_output_bytes), bytearray()
     readers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: None}
     stdin_fd, pending = proc.stdin.fileno(), memoryview(code)
     for fd in (*readers, stdin_fd):
@@ -551,7 +442,7 @@ def _drive(proc: subprocess.Popen | _Launched, status_r: int, code: bytes, lim: 
         proc.stderr.close()
     wall = time.monotonic() - t0
     oom = group is not None and group.oom_killed()
-    res = _classify(status.decode("utf-8", "replace"), proc.returncode, timed_out, out, err, lim, oom)
+    res = classify(status.decode("utf-8", "replace"), proc.returncode, timed_out, out, err, lim, oom)
     exit_code, st, detail = res
     truncated = bool(out.dropped or err.dropped)
     if truncated:
@@ -580,42 +471,3 @@ def _kill_init(status: bytearray) -> bool:
     except ProcessLookupError:
         pass
     return True
-
-
-def _classify(status: str, returncode: int, timed_out: bool, out: _Capture, err: _Capture, lim: SandboxLimits,
-              oom: bool = False):
-    """(exit_code, status, detail) from facts the code cannot forge: the status pipe (written by W and I,
-    which user code cannot reach), W's exit status, U's wait status and kernel rusage, the cgroup's OOM
-    count. Nothing U prints or writes decides the status; every end maps to exactly one status."""
-    lines = status.splitlines()
-    fails = [ln[2:] for ln in lines if ln.startswith("F ")]
-    external = [ln[2:] for ln in lines if ln.startswith("E ")]
-    ends = [ln.split() for ln in lines if ln.startswith("X ")]
-    if external:
-        sig = int(external[0]) if external[0].isdigit() else 0
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else external[0]
-        return None, "infra", f"the sandbox received {name} from outside (not the code's doing); retry"
-    if fails:
-        return None, "infra", f"sandbox setup failed: {fails[0]}"
-    if timed_out:
-        return None, "timeout", f"wall-clock limit of {lim.timeout_s:g} s exceeded; process tree killed"
-    if oom:
-        return (-signal.SIGKILL, "memory",
-                f"out of memory: the sandbox's cgroup limit ({lim.memory_mb} MB + tmpfs) was hit and it was killed")
-    if not ends or len(ends[0]) != 5 or ends[0][2] not in ("exit", "signal"):
-        tail = err.text().strip().splitlines()[-1:] or [""]
-        return None, "infra", f"sandbox exited ({returncode}) without running the code: {tail[0][:200]}"
-    _, _, how, val, rss_kb = ends[0]
-    val = int(val)
-    last = (err.text().strip().splitlines() or [""])[-1]
-    if how == "signal":
-        name = signal.Signals(val).name if val in signal.Signals._value2member_map_ else str(val)
-        if val == signal.SIGXCPU:
-            return -val, "timeout", "CPU-time limit exceeded (SIGXCPU)"
-        big = int(rss_kb) * 1024 >= (lim.memory_mb << 20) // 2
-        if val in (*_MEMORY_SIGNALS, signal.SIGKILL) and big:
-            return -val, "memory", f"killed by {name} near the {lim.memory_mb} MB limit (peak RSS {int(rss_kb) >> 10} MB)"
-        return -val, "error", f"killed by signal {name}"
-    if val == 0:
-        return 0, "ok", ""
-    return val, "error", f"exit code {val}" + (f": {last[:200]}" if last else "")
