@@ -34,6 +34,7 @@ from verl.utils.ray_utils import get_event_loop
 
 from ctpo.agent.protocols import RELEASE_LOOP, RELEASE_PARSER, RELEASE_TOOL_CONFIG
 from ctpo.agent.turns import CODE_BLOCK_RE, execute_with_retry
+from ctpo.agent.verl_tool import check_config_keys
 from ctpo.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,7 @@ CONFIG_KEYS = {
 
 def check_tool_config(config: dict, source: str = str(RELEASE_TOOL_CONFIG)) -> dict:
     """The tool's `config` block: exactly CONFIG_KEYS, each of its type (one-line errors)."""
-    for key, kind in CONFIG_KEYS.items():
-        if key not in config:
-            raise ConfigError(f"{source}: code_interpreter config is missing key '{key}'")
-        if not isinstance(config[key], kind) or isinstance(config[key], bool):
-            raise ConfigError(f"{source}: code_interpreter config key '{key}' has the wrong type")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"{source}: code_interpreter config has unknown key(s) {unknown}")
+    check_config_keys(config, CONFIG_KEYS, f"{source}: code_interpreter")
     if not 0 < config["default_timeout_s"] <= config["max_timeout_s"]:
         raise ConfigError(f"{source}: need 0 < default_timeout_s <= max_timeout_s")
     if not config["languages"] or not all(isinstance(x, str) for x in config["languages"]):

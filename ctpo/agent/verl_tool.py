@@ -32,17 +32,23 @@ DEFAULT_SCHEMA = {
 CONFIG_KEYS = {"type": str, "template": str, "timeout_s": (int, float), "obs_max_chars": int, "concurrency": int}
 
 
+def check_config_keys(config: dict, keys: dict, what: str) -> dict:
+    """`config` holds exactly `keys` (name -> type or tuple of types; a bool never passes as a number);
+    else a one-line ConfigError naming `what` and the key. Both tools' config blocks go through it."""
+    for key, kind in keys.items():
+        if key not in config:
+            raise ConfigError(f"{what} config is missing key '{key}'")
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            raise ConfigError(f"{what} config key '{key}' has the wrong type")
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ConfigError(f"{what} config has unknown key(s) {unknown}")
+    return config
+
+
 def check_tool_config(config: dict) -> dict:
     """The tool's `config` block: every key in CONFIG_KEYS, nothing else (one-line errors)."""
-    for key, kind in CONFIG_KEYS.items():
-        if key not in config:
-            raise ConfigError(f"tool_config: PythonSandboxTool config is missing key '{key}'")
-        if not isinstance(config[key], kind):
-            raise ConfigError(f"tool_config: PythonSandboxTool config key '{key}' has the wrong type")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"tool_config: PythonSandboxTool config has unknown key(s) {unknown}")
-    return config
+    return check_config_keys(config, CONFIG_KEYS, "tool_config: PythonSandboxTool")
 
 
 class PythonSandboxTool(BaseTool):
