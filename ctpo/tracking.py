@@ -1,8 +1,9 @@
 """Weights & Biases tracking that is never required.
 
 - project = `wandb.project`, group = "<experiment>/<method>", name = "<run>-seed<seed>";
-- run id = a hash of (experiment, run, seed), stored at `<workdir>/wandb_run_id` beside the checkpoints
-  and reused with resume="allow", so a restarted or requeued run continues the same W&B run;
+- run id = a hash of (experiment, run, seed, run identity), stored at `<workdir>/wandb_run_id` beside the
+  checkpoints and reused with resume="allow" (`wandb_run_id`, for both trainers), so a restarted or
+  requeued run continues the same W&B run;
 - mode "auto": online when a key is configured (WANDB_API_KEY or a ~/.netrc entry for api.wandb.ai),
   else offline (an explicit WANDB_MODE in the environment wins); "online" | "offline" | "disabled" as given;
 - online never goes dark: `usable_mode` first asks the W&B server who the key belongs to, bounded by
