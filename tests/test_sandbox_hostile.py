@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ctpo.sandbox import SandboxLimits, SandboxPool, run_code
+from hang import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = f"ctpohostile{uuid.uuid4().hex[:12]}"
@@ -108,25 +110,35 @@ def test_sleep_past_timeout_is_killed(contained):
     assert r.status == "timeout" and r.wall_s < 5.0
 
 
-def _zombies_of_host_init() -> int:
-    n = 0
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        n += fields[0] == "Z" and fields[1] == "1"
-    return n
+_SUBREAPER_SCRIPT = """
+import ctypes, os, sys, time
+from pathlib import Path
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+from ctpo.sandbox import SandboxLimits, run_code
+statuses = {run_code("while True:\\n    pass", limits=SandboxLimits(timeout_s=t)).status for t in (0.001, 0.01, 0.03, 0.06)}
+time.sleep(0.2)
+me, zombies = str(os.getpid()), []
+for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    if fields[0] == "Z" and fields[1] == me:
+        zombies.append(entry)
+print(sorted(statuses), len(zombies))
+"""
 
 
 def test_timeout_during_sandbox_setup_orphans_nothing(contained):
     """A timeout that fires before the namespace init exists still ends with every process reaped
-    (killing the launcher first would orphan the init to host pid 1, which may never reap it)."""
-    before = _zombies_of_host_init()
-    results = [run_code("while True:\n    pass", limits=SandboxLimits(timeout_s=t)) for t in (0.001, 0.01, 0.03, 0.06)]
-    assert {r.status for r in results} == {"timeout"}
-    time.sleep(0.2)
-    assert _zombies_of_host_init() <= before
+    (killing the launcher first would orphan the init, which its new parent may never reap).
+
+    The calls run in a child process that makes itself the subreaper of everything below it, so an
+    orphan lands there and is counted exactly, whatever other jobs on the machine leave to host pid 1."""
+    out = subprocess.run([sys.executable, "-c", _SUBREAPER_SCRIPT], capture_output=True, text=True,
+                         timeout=HANG_S, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "['timeout'] 0"
 
 
 def test_fork_bomb_is_bounded_and_killed(contained):
