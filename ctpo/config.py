@@ -1,4 +1,6 @@
 """Typed run configuration. Every key and its default exist here once; YAML in `configs/` overrides.
+The loss knobs are the exception: their values exist only in the method files, `configs/methods/<method>.yaml`
+(the methods themselves: `ctpo.methods`).
 
 An experiment file (`configs/experiments/<name>.yaml`, also the Snakemake config) names runs as
 (model, method) pairs. `resolve_run(experiment, run, seed)` merges, in order,
@@ -21,10 +23,11 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ctpo import methods
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
-METHODS = ("grpo", "gspo", "ctpo", "ctpo_fixed", "full_seq")
 PROTOCOLS = ("ctpo_tir", "release")  # rollout.protocol: see RolloutConfig and docs/TOOL_PROTOCOL.md
 
 
@@ -34,20 +37,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class LossConfig:
-    """The policy loss (paper Sec. 2-3). `method` selects the importance ratio."""
+    """The policy loss (paper Sec. 2-3): `method` (one of `ctpo.methods`) and every method's knobs.
 
-    method: str = MISSING  # one of METHODS
-    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    The values are in the method file, configs/methods/<method>.yaml, and only there: a knob another method
+    reads stays null (`ctpo.methods.check_loss`)."""
+
+    method: Optional[str] = MISSING  # a registered method (ctpo.methods); null: no policy loss (the SFT warm start)
+    loss_agg_mode: Optional[str] = MISSING  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     # token / sequence ratios (GRPO, GSPO, full_seq): ratio clipped to [1 - low, 1 + high]
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    clip_ratio_low: Optional[float] = None
+    clip_ratio_high: Optional[float] = None
     clip_ratio_c: Optional[float] = None  # PPO dual clip for A < 0 (verl's clip_ratio_c); None = off
     # CTPO (Sec. 3.3): log rho_cum clipped to [-eps_low * t^power, eps_high * t^power]
-    eps_low: float = 0.025
-    eps_high: float = 0.05
-    power: float = 0.5
-    fixed_bounds: Optional[List[float]] = None  # ctpo_fixed: rho_cum clipped to [lo, hi] (Table 3: [0.5, 5])
+    eps_low: Optional[float] = None
+    eps_high: Optional[float] = None
+    power: Optional[float] = None
     dual_clip_c: Optional[float] = None  # CTPO log-space dual clip: loss of A<0 tokens <= -A * exp(c * t^power)
+    fixed_bounds: Optional[List[float]] = None  # ctpo_fixed: rho_cum clipped to [lo, hi]
     fixed_dual_clip: Optional[float] = None  # ctpo_fixed: loss of A<0 tokens <= -A * c at every position (c >= hi)
 
 
@@ -247,38 +253,25 @@ def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
     return obj
 
 
-def check_fixed_ablation(fixed_bounds, dual_clip_c, fixed_dual_clip) -> None:
-    """Table 3's ablation is fixed at every position for both advantage signs: a ValueError naming the key
-    unless fixed_bounds is [lo, hi], the position-scaled dual_clip_c is off, and the constant dual clip (if any)
-    is no tighter than the upper bound (a cap below hi would zero A < 0 gradients inside the band)."""
-    if not fixed_bounds or len(fixed_bounds) != 2:
-        raise ValueError(f"loss.fixed_bounds: method ctpo_fixed needs [lo, hi], got {fixed_bounds}")
-    if dual_clip_c is not None:
-        raise ValueError(f"loss.dual_clip_c: method ctpo_fixed must not scale its dual clip with position "
-                         f"(got {dual_clip_c}); use loss.fixed_dual_clip, a constant ratio cap >= fixed_bounds[1]")
-    if fixed_dual_clip is not None and fixed_dual_clip < fixed_bounds[1]:
-        raise ValueError(f"loss.fixed_dual_clip: {fixed_dual_clip} is tighter than the upper bound "
-                         f"fixed_bounds[1] = {fixed_bounds[1]}; expected >= it")
+def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> LossConfig:
+    """The loss of configs/methods/<method>.yaml (plus `overrides`), checked against the method's entry."""
+    path = config_dir / "methods" / f"{method}.yaml"
+    cfg = _merge(_merge(OmegaConf.structured(LossConfig), _load_yaml(path), str(path)), overrides, "overrides")
+    out = OmegaConf.to_object(cfg)
+    try:
+        methods.check_loss(out)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return out
 
 
 def validate_run_config(cfg: dict, source: str = "run config") -> None:
     """Checks that span keys; raises ConfigError naming the key."""
     loss, train, rollout, model = cfg["loss"], cfg["train"], cfg["rollout"], cfg["model"]
-    if loss["method"] not in METHODS:
-        raise ConfigError(f"{source}: loss.method must be one of {METHODS}, got '{loss['method']}'")
-    if loss["method"] == "ctpo_fixed" and not loss.get("fixed_bounds"):
-        raise ConfigError(f"{source}: loss.fixed_bounds [lo, hi] is required for method ctpo_fixed")
-    fb = loss.get("fixed_bounds")
-    if fb is not None and (len(fb) != 2 or not 0 < fb[0] < 1 < fb[1]):
-        raise ConfigError(f"{source}: loss.fixed_bounds must be [lo, hi] with 0 < lo < 1 < hi, got {fb}")
-    if loss["method"] == "ctpo_fixed":
-        try:
-            check_fixed_ablation(fb, loss.get("dual_clip_c"), loss.get("fixed_dual_clip"))
-        except ValueError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    elif loss.get("fixed_dual_clip") is not None:
-        raise ConfigError(f"{source}: loss.fixed_dual_clip is only for method ctpo_fixed, got method "
-                          f"'{loss['method']}'")
+    try:
+        methods.check_loss(loss, allow_none=True)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     if train["prompts_per_step"] % train["mini_batch_prompts"] != 0:
         raise ConfigError(
             f"{source}: train.prompts_per_step ({train['prompts_per_step']}) must be divisible by "

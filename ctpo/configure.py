@@ -22,14 +22,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, resolve_run
-from ctpo.diagnostics.run import FIXED_METHOD, method_loss  # Figure 1: the fixed band is the ablation's
+from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, method_loss, resolve_run
+from ctpo.diagnostics.run import FIXED_METHOD  # Figure 1: the fixed band is the ablation's
 from ctpo.io import sha256_file, write_json
 
-# The warm start trains no policy loss; its config carries the LossConfig defaults under this method
-# so that it is a valid RunConfig while no method file (configs/methods/*.yaml) can change it.
+# The warm start trains no policy loss: its config's loss is all null (method null), so that no method file
+# (configs/methods/*.yaml) can change it.
 WARMSTART_RUN = "sft"
-WARMSTART_LOSS_METHOD = "grpo"
 
 
 def resolve_runs(experiment: dict, config_dir: Path = CONFIG_DIR) -> dict[tuple[str, int], dict]:
@@ -107,7 +106,7 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
 
 def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
     """The toy SFT warm start's config: experiment defaults + the shared model, with no run's overrides and
-    no method file in it (`loss` holds LossConfig defaults), so editing one method or one run never
+    no method file in it (`loss` is all null: no policy loss), so editing one method or one run never
     retrains the warm start that every toy-model run (either backend) starts from.
 
     Every toy-model run must resolve to the same model section."""
@@ -129,7 +128,7 @@ def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR)
     spec = {"model": experiment["runs"][first]["model"], "method": experiment["runs"][first]["method"]}
     cfg = resolve_run(dict(experiment, runs={WARMSTART_RUN: spec}), WARMSTART_RUN, seed, config_dir)
     cfg["model"] = local[first]["model"]
-    cfg["loss"] = asdict(LossConfig(method=WARMSTART_LOSS_METHOD))
+    cfg["loss"] = asdict(LossConfig(method=None, loss_agg_mode=None))
     return cfg
 
 

@@ -37,12 +37,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ctpo import schema
-from ctpo.config import LossConfig, check_fixed_ablation
+from ctpo import methods, schema
+from ctpo.config import LossConfig
+from ctpo.methods import AGG_MODES
 
 LOG_RATIO_CLAMP = 20.0  # per-token |log r_t| clamp (verl, released CTPO)
 LOG_WEIGHT_CAP = 10.0  # cumulative / sequence log-weight capped before exp (released CTPO, verl GSPO)
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 Tensor = torch.Tensor
 
@@ -202,14 +202,13 @@ def cumulative_log_ratio(log_prob: Tensor, old_log_prob: Tensor, response_mask: 
     return log_rho_cum, t
 
 
-def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                      eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
-                      fixed_bounds: Optional[Sequence[float]] = None,
-                      dual_clip_c: Optional[float] = None,
-                      fixed_dual_clip: Optional[float] = None) -> tuple[Tensor, dict]:
-    """Per-token CTPO loss (B, T) and metrics; see `ctpo_loss`."""
-    if dual_clip_c is not None and fixed_dual_clip is not None:
-        raise ValueError("dual_clip_c (position-scaled) and fixed_dual_clip (constant) are exclusive")
+def _cumulative_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             bounds) -> tuple[Tensor, dict]:
+    """Per-token loss (B, T) and metrics with weight rho_cum_t (CTPO and its fixed-band ablation).
+
+    bounds(mask) -> (lo, hi, cap): log-space clip bounds of rho_cum (floats or (B, T) fp32 tensors the caller
+    hands over) and the dual-clip cap of A < 0 tokens ((B, T), 0-d or None); called once the log ratios are freed.
+    """
     _check_shapes(old_log_prob, log_prob, advantages, response_mask)
     mask = response_mask.bool()
     with torch.no_grad():
@@ -221,18 +220,9 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
         del log_r
         grad_ok = s <= LOG_WEIGHT_CAP  # exp(min(S, 10)): no gradient above the cap
         log_w = s.clamp_(max=LOG_WEIGHT_CAP)  # released: log ratio capped at 10 before exp
-        t_p = torch.cumsum(mask, dim=-1, dtype=torch.float32).pow_(power)  # t^p, t = 1-based model-token index
-        cap = None if dual_clip_c is None else torch.mul(t_p, dual_clip_c).exp_()  # loss(A<0) <= -A exp(c t^p)
-        if fixed_dual_clip is not None:  # Table 3 ablation: loss(A<0) <= -A c at every position
-            cap = torch.tensor(float(fixed_dual_clip), device=adv.device)
-        if fixed_bounds is None:  # position-adaptive: log rho_cum in [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
-            hi = t_p * eps_high
-            lo = t_p.mul_(-eps_low)
-            log_w_clip = torch.clamp(log_w, lo, hi)
-            del lo, hi
-        else:  # Table 3 ablation: rho_cum in [lo, hi]
-            log_w_clip = log_w.clamp(math.log(fixed_bounds[0]), math.log(fixed_bounds[1]))
-        del t_p
+        lo, hi, cap = bounds(mask)
+        log_w_clip = torch.clamp(log_w, lo, hi)
+        del lo, hi
         below, above = log_w < log_w_clip, log_w > log_w_clip
         # rho_cum = exp(log_w), clip(rho_cum) = exp(log_w_clip), both computed in place
         value, grad, capped = _surrogate(adv, log_w.exp_(), log_w_clip.exp_(), mask, grad_ok, cap)
@@ -240,11 +230,37 @@ def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
     return _attach_grad(log_prob, value, grad), metrics
 
 
-def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-              eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
-              fixed_bounds: Optional[Sequence[float]] = None, dual_clip_c: Optional[float] = None,
-              fixed_dual_clip: Optional[float] = None, loss_agg_mode: str = "token-mean", batch_num_tokens=None,
-              global_batch_size=None) -> tuple[Tensor, dict]:
+def ctpo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                      eps_low: float, eps_high: float, power: float,
+                      dual_clip_c: Optional[float]) -> tuple[Tensor, dict]:
+    """Per-token CTPO loss (B, T) and metrics; see `ctpo_loss`."""
+
+    def bounds(mask: Tensor):  # position-adaptive: log rho_cum in [-eps_low t^p, eps_high t^p]   (Sec. 3.3)
+        t_p = torch.cumsum(mask, dim=-1, dtype=torch.float32).pow_(power)  # t^p, t = 1-based model-token index
+        cap = None if dual_clip_c is None else torch.mul(t_p, dual_clip_c).exp_()  # loss(A<0) <= -A exp(c t^p)
+        hi = t_p * eps_high
+        return t_p.mul_(-eps_low), hi, cap
+
+    return _cumulative_token_losses(old_log_prob, log_prob, advantages, response_mask, bounds)
+
+
+def ctpo_fixed_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                            fixed_bounds: Sequence[float],
+                            fixed_dual_clip: Optional[float]) -> tuple[Tensor, dict]:
+    """Per-token loss (B, T) of Table 3's ablation: rho_cum clipped to fixed_bounds [lo, hi] at every position;
+    for A < 0 the token loss is capped at -A fixed_dual_clip (a constant, no position scaling; None = off)."""
+    lo, hi = math.log(fixed_bounds[0]), math.log(fixed_bounds[1])
+
+    def bounds(mask: Tensor):
+        cap = None if fixed_dual_clip is None else torch.tensor(float(fixed_dual_clip), device=mask.device)
+        return lo, hi, cap
+
+    return _cumulative_token_losses(old_log_prob, log_prob, advantages, response_mask, bounds)
+
+
+def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+              eps_low: float, eps_high: float, power: float, dual_clip_c: Optional[float], loss_agg_mode: str,
+              batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
     """CTPO loss (paper Eq. J_CTPO, Sec. 3.3), negated for minimisation.
 
         loss = agg_t  max(-A_t rho_cum_t, -A_t clip(rho_cum_t, e^{-eps_low t^p}, e^{eps_high t^p}))
@@ -252,26 +268,33 @@ def ctpo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respon
     Args:
         old_log_prob, log_prob, advantages, response_mask: (B, T); advantages broadcast per token as in verl.
         eps_low, eps_high, power: position-adaptive log-space bounds [-eps_low t^p, eps_high t^p].
-        fixed_bounds: (lo, hi) clips rho_cum to [lo, hi] instead (Table 3 ablation: (0.5, 5)).
-        dual_clip_c: for A < 0 the token loss is capped at -A exp(c t^p) (released CTPO, c = 0.05).
-        fixed_dual_clip: for A < 0 the token loss is capped at -A c at every position (the Table 3 ablation,
-            whose clip does not scale with t; exclusive with dual_clip_c).
+        dual_clip_c: for A < 0 the token loss is capped at -A exp(c t^p) (the release's dual clip); None = off.
         loss_agg_mode, batch_num_tokens, global_batch_size: see `agg_loss`.
-    Returns: scalar loss; metrics dict (schema names -> 0-d tensors).
+    Values: configs/methods/ctpo.yaml. Returns: scalar loss; metrics dict (schema names -> 0-d tensors).
     Gradient: d loss / d log_prob_t = -A_t rho_cum_t / N where the unclipped branch is taken, else 0
     (Proposition 1's estimator); rho_cum's value is capped at e^10.
     """
-    loss_mat, metrics = ctpo_token_losses(old_log_prob, log_prob, advantages, response_mask, eps_low, eps_high,
-                                          power, fixed_bounds, dual_clip_c, fixed_dual_clip)
+    loss_mat, metrics = ctpo_token_losses(old_log_prob, log_prob, advantages, response_mask, eps_low=eps_low,
+                                          eps_high=eps_high, power=power, dual_clip_c=dual_clip_c)
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
+
+
+def ctpo_fixed_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                    fixed_bounds: Sequence[float], fixed_dual_clip: Optional[float], loss_agg_mode: str,
+                    batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+    """Table 3's fixed-clip ablation: `ctpo_loss` with rho_cum clipped to [lo, hi] = fixed_bounds at every
+    position and a constant dual clip -A fixed_dual_clip for A < 0 (configs/methods/ctpo_fixed.yaml)."""
+    loss_mat, metrics = ctpo_fixed_token_losses(old_log_prob, log_prob, advantages, response_mask,
+                                                fixed_bounds=fixed_bounds, fixed_dual_clip=fixed_dual_clip)
     return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
 
 
 # ----------------------------------------------------------------------------- baselines (Sec. 2)
 
 
-def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                             clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
-                             clip_ratio_c: Optional[float] = None) -> tuple[Tensor, dict]:
+def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                             clip_ratio_low: float, clip_ratio_high: float,
+                             clip_ratio_c: Optional[float]) -> tuple[Tensor, dict]:
     """Per-token PPO / GRPO loss (B, T): max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)), dual clip -A c."""
     _check_shapes(old_log_prob, log_prob, advantages, response_mask)
     mask = response_mask.bool()
@@ -291,18 +314,18 @@ def token_ratio_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages:
     return _attach_grad(log_prob, value, grad), metrics
 
 
-def token_ratio_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                     clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: Optional[float] = None,
-                     loss_agg_mode: str = "token-mean", batch_num_tokens=None,
-                     global_batch_size=None) -> tuple[Tensor, dict]:
+def token_ratio_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                     clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: Optional[float],
+                     loss_agg_mode: str, batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
     """GRPO / PPO token-ratio loss (paper Eq. J_GRPO); with clip_ratio_c = 3 it equals verl's `vanilla`."""
     loss_mat, metrics = token_ratio_token_losses(old_log_prob, log_prob, advantages, response_mask,
-                                                 clip_ratio_low, clip_ratio_high, clip_ratio_c)
+                                                 clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
+                                                 clip_ratio_c=clip_ratio_c)
     return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
 
 
-def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                      clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4) -> tuple[Tensor, dict]:
+def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                      clip_ratio_low: float, clip_ratio_high: float) -> tuple[Tensor, dict]:
     """Per-token GSPO loss (B, T) in its token-gradient form s_{i,t} = sg[s_i] pi_t / sg[pi_t].
 
     s_i = exp(mean_{model tokens} log r_t) (length-normalised sequence ratio, GSPO Eq. 7), capped at e^10;
@@ -328,18 +351,18 @@ def gspo_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor
     return _attach_grad(log_prob, value, grad), metrics
 
 
-def gspo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-              clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4, loss_agg_mode: str = "seq-mean-token-mean",
-              batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+def gspo_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+              clip_ratio_low: float, clip_ratio_high: float, loss_agg_mode: str, batch_num_tokens=None,
+              global_batch_size=None) -> tuple[Tensor, dict]:
     """GSPO loss (paper Eq. J_GSPO); equals verl's `gspo` on the same tensors and aggregation."""
     loss_mat, metrics = gspo_token_losses(old_log_prob, log_prob, advantages, response_mask,
-                                          clip_ratio_low, clip_ratio_high)
+                                          clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high)
     return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
 
 
-def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                          clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
-                          clip_ratio_c: Optional[float] = None) -> tuple[Tensor, dict]:
+def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                          clip_ratio_low: float, clip_ratio_high: float,
+                          clip_ratio_c: Optional[float]) -> tuple[Tensor, dict]:
     """Per-token full-sequence-ratio loss (B, T): weight rho_seq = prod_{model t} r_t on every token of a row.
 
     Clip [1-eps_low, 1+eps_high] in ratio space, PPO dual clip -A c for A < 0 (optional); value capped at e^10;
@@ -363,12 +386,13 @@ def full_seq_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Te
     return _attach_grad(log_prob, value, grad), metrics
 
 
-def full_seq_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                  clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: Optional[float] = None,
-                  loss_agg_mode: str = "token-mean", batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
+def full_seq_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                  clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: Optional[float], loss_agg_mode: str,
+                  batch_num_tokens=None, global_batch_size=None) -> tuple[Tensor, dict]:
     """Full-sequence ratio loss (rho_seq = prod_t r_t, Sec. 2.2 / Table 1)."""
     loss_mat, metrics = full_seq_token_losses(old_log_prob, log_prob, advantages, response_mask,
-                                              clip_ratio_low, clip_ratio_high, clip_ratio_c)
+                                              clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
+                                              clip_ratio_c=clip_ratio_c)
     return agg_loss(loss_mat, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size), metrics
 
 
@@ -418,7 +442,7 @@ def group_advantages(rewards: Tensor, groups: Union[int, Tensor, Sequence], resp
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                         cfg: LossConfig, rollout_is_weights: Optional[Tensor] = None, batch_num_tokens=None,
                         global_batch_size=None) -> tuple[Tensor, dict]:
-    """Policy loss for `cfg.method` (grpo | gspo | ctpo | ctpo_fixed | full_seq), aggregated by cfg.loss_agg_mode.
+    """Policy loss for `cfg.method` (a method of `ctpo.methods`), aggregated by cfg.loss_agg_mode.
 
     rollout_is_weights (B, T), optional, multiplies the per-token loss (rollout-vs-trainer correction, as verl).
     Returns (scalar loss, metrics with schema names).
@@ -432,21 +456,8 @@ def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
 
 def policy_token_losses(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                         cfg: LossConfig) -> tuple[Tensor, dict]:
-    """Per-token loss (B, T) and metrics for `cfg.method` (shared by `compute_policy_loss` and the verl plugin)."""
-    m = cfg.method
-    args = (old_log_prob, log_prob, advantages, response_mask)
-    if m == "grpo":
-        return token_ratio_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    if m == "gspo":
-        return gspo_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high)
-    if m == "ctpo":
-        if cfg.fixed_dual_clip is not None:
-            raise ValueError("loss.fixed_dual_clip: only for method ctpo_fixed (ctpo scales its dual clip: dual_clip_c)")
-        return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, None, cfg.dual_clip_c)
-    if m == "ctpo_fixed":
-        check_fixed_ablation(cfg.fixed_bounds, cfg.dual_clip_c, cfg.fixed_dual_clip)
-        return ctpo_token_losses(*args, cfg.eps_low, cfg.eps_high, cfg.power, tuple(cfg.fixed_bounds),
-                                 None, cfg.fixed_dual_clip)
-    if m == "full_seq":
-        return full_seq_token_losses(*args, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")
+    """Per-token loss (B, T) and metrics for `cfg.method` (shared by `compute_policy_loss` and the verl plugin):
+    the method's token-loss function with its knobs from `cfg` (ctpo.methods; ValueError naming a bad key)."""
+    method = methods.check_loss(cfg)
+    knobs = {k: getattr(cfg, k) for k in method.knobs}
+    return method.loss_fn()(old_log_prob, log_prob, advantages, response_mask, **knobs)

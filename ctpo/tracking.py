@@ -29,19 +29,13 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ctpo import methods
+
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("auto", "online", "offline", "disabled")
 PROBE_TIMEOUT_S = 5.0  # how long a job may wait to learn that W&B is unreachable
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
-# loss.* keys that each method reads (ctpo.losses.policy_token_losses); the rest are not logged
-LOSS_KEYS = {
-    "grpo": ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"),
-    "full_seq": ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"),
-    "gspo": ("clip_ratio_low", "clip_ratio_high"),
-    "ctpo": ("eps_low", "eps_high", "power", "dual_clip_c"),
-    "ctpo_fixed": ("fixed_bounds", "power", "dual_clip_c"),
-}
 TOY_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "intermediate_size", "max_position_embeddings")
 
@@ -123,7 +117,7 @@ def run_config_for_wandb(cfg_dict: dict) -> dict:
 
     out = copy.deepcopy(cfg_dict)
     loss = out.get("loss", {})
-    keep = {"method", "loss_agg_mode", *LOSS_KEYS.get(loss.get("method"), ())}
+    keep = methods.loss_keys(loss.get("method"))  # the method's knobs (ctpo.methods); other methods' are null
     out["loss"] = {k: v for k, v in loss.items() if k in keep}
     model = out.get("model", {})
     if model.get("kind") != "toy":

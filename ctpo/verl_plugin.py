@@ -1,21 +1,21 @@
-"""verl 0.9.1 adapter: registers `ctpo`, `ctpo_fixed`, `full_seq`, `verl_vanilla`, `verl_gspo` as verl policy losses.
+"""verl 0.9.1 adapter: registers every method of `ctpo.methods` as a verl policy loss.
 
 Importing this module (verl does so for `actor_rollout_ref.model.external_lib=ctpo.verl_plugin`, and Hydra
-does so when it instantiates `CTPOPolicyLossConfig`) adds these names to verl's `POLICY_LOSS_REGISTRY`
-with verl's exact `PolicyLossFn` signature. `vanilla` (GRPO) and `gspo` stay verl's own; the GRPO and GSPO
-runs use `verl_vanilla` / `verl_gspo`, which call verl's own `vanilla` / `gspo` unchanged for the loss and
-its gradient and add the `ctpo/*` metrics, so every method reports one clip fraction (below).
+does so when it instantiates `CTPOPolicyLossConfig`) adds each method's `loss_mode` (`ctpo`, `ctpo_fixed`,
+`full_seq`, `verl_vanilla`, `verl_gspo`) to verl's `POLICY_LOSS_REGISTRY` with verl's exact `PolicyLossFn`
+signature. `vanilla` (GRPO) and `gspo` stay verl's own; a method with `verl_wraps` (GRPO: `verl_vanilla`,
+GSPO: `verl_gspo`) calls verl's own loss unchanged for the loss and its gradient and adds the `ctpo/*`
+metrics, so every method reports one clip fraction (below).
 
-Hyperparameters. verl's config dataclasses are frozen and `PolicyLossConfig` has no CTPO fields, so the
-CTPO knobs live on a `PolicyLossConfig` subclass, selected by overriding the node's `_target_`:
+Hyperparameters. A method's knobs that verl's actor config has (`ACTOR_KNOBS`: the ratio clip range and
+dual clip, as for `vanilla`) are set there; the others live on a `PolicyLossConfig` subclass (verl's config
+dataclasses are frozen and have no such fields), selected by overriding the node's `_target_`:
 
     actor_rollout_ref.actor.policy_loss._target_=ctpo.verl_plugin.CTPOPolicyLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=ctpo
-    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (eps_high, power, fixed_bounds, dual_clip_c,
-                                                         fixed_dual_clip alike)
+    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (each knob of the method alike)
 
-`verl_overrides(loss_cfg)` produces these strings from our `LossConfig`. The token/sequence-ratio clip
-range (`clip_ratio_low/high/c`) stays on verl's actor config, as for `vanilla`.
+`verl_overrides(loss_cfg)` produces these strings from our `LossConfig`; `_loss_config` reads them back.
 
 Per-token losses come from `ctpo.losses`; rollout IS weights multiply them and verl's own `agg_loss`
 aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
@@ -33,61 +33,79 @@ unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 from verl.trainer.ppo import core_algos
 from verl.workers.config import PolicyLossConfig
 
-from ctpo import schema
+from ctpo import methods, schema
 from ctpo.config import LossConfig
 from ctpo.losses import policy_token_losses
 from ctpo.diagnostics import verl_dumps
 from ctpo.metric_sums import NOT_AVERAGEABLE, loss_metric_sums
 
-REGISTERED = ("ctpo", "ctpo_fixed", "full_seq", "verl_vanilla", "verl_gspo")
-# our registered name -> (verl's own loss it wraps, our method whose metrics it adds)
-VERL_WRAPPED = {"verl_vanilla": ("vanilla", "grpo"), "verl_gspo": ("gspo", "gspo")}
+ACTOR_KNOBS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")  # knobs verl's ActorConfig holds itself
 _PREFIX = "actor_rollout_ref.actor"
 
 
 @dataclass
 class CTPOPolicyLossConfig(PolicyLossConfig):
-    """verl's PolicyLossConfig plus the CTPO knobs (meanings and defaults: ctpo.config.LossConfig)."""
+    """verl's PolicyLossConfig plus the knobs of our methods that verl's actor config lacks (meanings:
+    ctpo.config.LossConfig; values: configs/methods/). Null = not set; a method's own checks apply."""
 
-    eps_low: float = LossConfig.eps_low
-    eps_high: float = LossConfig.eps_high
-    power: float = LossConfig.power
-    fixed_bounds: Optional[list[float]] = LossConfig.fixed_bounds
-    dual_clip_c: Optional[float] = LossConfig.dual_clip_c
-    fixed_dual_clip: Optional[float] = LossConfig.fixed_dual_clip
+    eps_low: Optional[float] = None
+    eps_high: Optional[float] = None
+    power: Optional[float] = None
+    fixed_bounds: Optional[list[float]] = None
+    dual_clip_c: Optional[float] = None
+    fixed_dual_clip: Optional[float] = None
 
 
-def _loss_config(method: str, loss_agg_mode: str, config: Any) -> LossConfig:
-    """Our LossConfig from verl's actor config (ActorConfig dataclass)."""
+_NODE_KNOBS = tuple(f.name for f in fields(CTPOPolicyLossConfig) if f.name not in
+                    {g.name for g in fields(PolicyLossConfig)})
+
+
+def _node_knobs(method: methods.Method) -> tuple[str, ...]:
+    """The method's knobs that sit on the policy_loss node (a knob neither there nor on the actor config fails)."""
+    node = tuple(k for k in method.knobs if k not in ACTOR_KNOBS)
+    missing = [k for k in node if k not in _NODE_KNOBS]
+    if missing:
+        raise ValueError(f"method {method.name}: knobs {missing} are neither on verl's actor config nor fields of "
+                         f"{__name__}.CTPOPolicyLossConfig; add them there")
+    return node
+
+
+def _plain(x: Any) -> Any:
+    """A knob value off verl's config as a plain Python value (lists come as ListConfig / tuples)."""
+    return None if x is None else [float(v) for v in x] if not isinstance(x, (str, int, float)) else x
+
+
+def _loss_config(loss_mode: str, loss_agg_mode: str, config: Any) -> LossConfig:
+    """Our LossConfig from verl's actor config (ActorConfig dataclass), checked as ctpo.methods.check_loss."""
     if config is None:
-        raise ValueError(f"loss_mode={method}: verl passed no actor config")
+        raise ValueError(f"loss_mode={loss_mode}: verl passed no actor config")
+    method = _LOSS_MODES[loss_mode]
     pl = config.policy_loss
-    ratio = dict(clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
-                 clip_ratio_c=config.clip_ratio_c)
-    if method not in ("ctpo", "ctpo_fixed"):
-        return LossConfig(method=method, loss_agg_mode=loss_agg_mode, **ratio)
-    if not isinstance(pl, CTPOPolicyLossConfig):
+    if _node_knobs(method) and not isinstance(pl, CTPOPolicyLossConfig):
         raise ValueError(
-            f"{_PREFIX}.policy_loss._target_: loss_mode={method} needs "
+            f"{_PREFIX}.policy_loss._target_: loss_mode={loss_mode} needs "
             f"ctpo.verl_plugin.CTPOPolicyLossConfig (got {type(pl).__name__}); see ctpo.verl_plugin.verl_overrides"
         )
-    fixed = None if pl.fixed_bounds is None else [float(x) for x in pl.fixed_bounds]
-    if (method == "ctpo") != (fixed is None):
-        raise ValueError(f"{_PREFIX}.policy_loss.fixed_bounds: must be null for loss_mode=ctpo and [lo, hi] for "
-                         f"ctpo_fixed, got {fixed} with loss_mode={method}")
-    return LossConfig(method=method, loss_agg_mode=loss_agg_mode, eps_low=pl.eps_low, eps_high=pl.eps_high,
-                      power=pl.power, fixed_bounds=fixed, dual_clip_c=pl.dual_clip_c,
-                      fixed_dual_clip=pl.fixed_dual_clip, **ratio)
+    node = {k: _plain(getattr(pl, k)) for k in _NODE_KNOBS} if isinstance(pl, CTPOPolicyLossConfig) else {}
+    actor = {k: getattr(config, k) for k in method.knobs if k in ACTOR_KNOBS}
+    cfg = LossConfig(method=method.name, loss_agg_mode=loss_agg_mode, **node, **actor)
+    try:
+        methods.check_loss(cfg)
+    except ValueError as e:
+        raise ValueError(f"{_PREFIX}.policy_loss (loss_mode={loss_mode}): {e}") from None
+    return cfg
 
 
-def _verl_loss(method: str):
+def _verl_loss(loss_mode: str):
+    """Our method's loss (ctpo.losses) under verl's `loss_mode`."""
+
     def loss_fn(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
@@ -97,7 +115,7 @@ def _verl_loss(method: str):
         config: Optional[Any] = None,
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        cfg = _loss_config(method, loss_agg_mode, config)
+        cfg = _loss_config(loss_mode, loss_agg_mode, config)
         verl_dumps.record(old_log_prob, log_prob, response_mask, advantages)  # no-op unless CTPO_DUMP_DIR is set
         loss_mat, metrics = policy_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg)
         if rollout_is_weights is not None:
@@ -114,14 +132,15 @@ def _verl_loss(method: str):
         out.update(loss_metric_sums(metrics, response_mask))  # exact step statistics (verl_metrics)
         return loss, out
 
-    loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{method}"
-    loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={method} (ctpo.losses.policy_token_losses + verl agg_loss)."
+    loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{loss_mode}"
+    loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={loss_mode} (ctpo.losses.policy_token_losses + verl agg_loss)."
     return loss_fn
 
 
 def _verl_wrapped(name: str):
     """verl's own loss (`vanilla` / `gspo`) for value and gradient, plus our `ctpo/*` metrics on the same inputs."""
-    verl_name, method = VERL_WRAPPED[name]
+    method = _LOSS_MODES[name].name
+    verl_name = _LOSS_MODES[name].verl_wraps
     verl_fn = core_algos.POLICY_LOSS_REGISTRY[verl_name]
 
     def loss_fn(
@@ -133,7 +152,7 @@ def _verl_wrapped(name: str):
         config: Optional[Any] = None,
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        cfg = _loss_config(method, loss_agg_mode, config)  # no rollout dump: Figure 1 diagnoses CTPO's rollouts
+        cfg = _loss_config(name, loss_agg_mode, config)  # no rollout dump: Figure 1 diagnoses CTPO's rollouts
         loss, out = verl_fn(old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
                             response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config,
                             rollout_is_weights=rollout_is_weights)
@@ -147,15 +166,22 @@ def _verl_wrapped(name: str):
     return loss_fn
 
 
+_LOSS_MODES: dict[str, methods.Method] = {}  # verl loss_mode -> our method, filled by register()
+
+
 def register() -> None:
-    """Register our losses; a name held by another module's function is an error, ours is replaced (re-import)."""
+    """Register every method's loss_mode; a name held by another module's function is an error, ours is replaced
+    (re-import)."""
     registry = core_algos.POLICY_LOSS_REGISTRY
-    for name in REGISTERED:
+    _LOSS_MODES.clear()
+    _LOSS_MODES.update({m.loss_mode: m for m in methods.all_methods()})
+    for name, method in _LOSS_MODES.items():
         owner = getattr(registry[name], "__module__", "?") if name in registry else __name__
         if owner != __name__:
             raise RuntimeError(f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by {owner}."
                                f"{getattr(registry[name], '__qualname__', '?')}")
-        fn = _verl_wrapped(name) if name in VERL_WRAPPED else _verl_loss(name)
+        _node_knobs(method)  # fails here, at import, for a knob verl's config cannot carry
+        fn = _verl_wrapped(name) if method.verl_wraps else _verl_loss(name)
         core_algos.register_policy_loss(name)(fn)  # replaces our own entry on re-import
 
 
@@ -169,40 +195,23 @@ def _fmt(x: Any) -> str:
 
 def verl_overrides(loss_cfg: LossConfig) -> list[str]:
     """Hydra override strings (for verl's `ppo_trainer` config) that select and parameterise `loss_cfg.method`."""
-    m = loss_cfg.method
-    agg = [f"{_PREFIX}.loss_agg_mode={loss_cfg.loss_agg_mode}"]
-    ratio = [f"{_PREFIX}.clip_ratio_low={_fmt(loss_cfg.clip_ratio_low)}",
-             f"{_PREFIX}.clip_ratio_high={_fmt(loss_cfg.clip_ratio_high)}"]
-    if m in ("grpo", "full_seq"):
-        if loss_cfg.clip_ratio_c is None:
-            raise ValueError(f"loss.clip_ratio_c: verl's {m} loss always applies the PPO dual clip; set it "
-                             "(verl's default is 3.0)")
-        ratio.append(f"{_PREFIX}.clip_ratio_c={_fmt(loss_cfg.clip_ratio_c)}")
-    lib = ["actor_rollout_ref.model.external_lib=ctpo.verl_plugin"]
-    if m == "grpo":  # verl's vanilla, plus the ctpo/* metrics (one clip-fraction definition for Figure 2)
-        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=verl_vanilla", *ratio, *agg]
-    if m == "gspo":
-        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=verl_gspo", *ratio, *agg]
-    if m == "full_seq":
-        return [*lib, f"{_PREFIX}.policy_loss.loss_mode=full_seq", *ratio, *agg]
-    if m in ("ctpo", "ctpo_fixed"):
-        if m == "ctpo_fixed" and not loss_cfg.fixed_bounds:
-            raise ValueError("loss.fixed_bounds: method ctpo_fixed needs [lo, hi]")
-        fixed = loss_cfg.fixed_bounds if m == "ctpo_fixed" else None
-        pl = f"{_PREFIX}.policy_loss"
-        return [
-            *lib,
-            f"{pl}._target_={__name__}.{CTPOPolicyLossConfig.__name__}",
-            f"{pl}.loss_mode={m}",
-            f"+{pl}.eps_low={_fmt(loss_cfg.eps_low)}",
-            f"+{pl}.eps_high={_fmt(loss_cfg.eps_high)}",
-            f"+{pl}.power={_fmt(loss_cfg.power)}",
-            f"+{pl}.fixed_bounds={_fmt(fixed)}",
-            f"+{pl}.dual_clip_c={_fmt(loss_cfg.dual_clip_c)}",
-            f"+{pl}.fixed_dual_clip={_fmt(loss_cfg.fixed_dual_clip)}",
-            *agg,
-        ]
-    raise ValueError(f"loss.method: expected one of grpo, gspo, ctpo, ctpo_fixed, full_seq, got '{m}'")
+    method = methods.check_loss(loss_cfg)
+    pl = f"{_PREFIX}.policy_loss"
+    node = _node_knobs(method)
+    out = ["actor_rollout_ref.model.external_lib=ctpo.verl_plugin"]
+    if node:
+        out.append(f"{pl}._target_={__name__}.{CTPOPolicyLossConfig.__name__}")
+    out.append(f"{pl}.loss_mode={method.loss_mode}")
+    for k in method.knobs:
+        v = getattr(loss_cfg, k)
+        if k in node:
+            out.append(f"+{pl}.{k}={_fmt(v)}")
+        elif v is None:  # verl's actor config has a number there, never "off"
+            raise ValueError(f"loss.{k}: verl's {method.verl_wraps or method.loss_mode} loss always applies it "
+                             f"(verl's actor config has no null {k}); set it in configs/methods/{method.name}.yaml")
+        else:
+            out.append(f"{_PREFIX}.{k}={_fmt(v)}")
+    return [*out, f"{_PREFIX}.loss_agg_mode={loss_cfg.loss_agg_mode}"]
 
 
 register()

@@ -8,12 +8,14 @@ import torch
 from ctpo.config import LossConfig
 from ctpo.losses import compute_policy_loss
 
+L = dict(loss_agg_mode="token-mean")
 CFGS = {
-    "ctpo": LossConfig(method="ctpo", dual_clip_c=0.05),
-    "ctpo_fixed": LossConfig(method="ctpo_fixed", fixed_bounds=[0.9, 1.1], fixed_dual_clip=1.1),
-    "grpo": LossConfig(method="grpo", clip_ratio_c=3.0),
+    "ctpo": LossConfig(method="ctpo", **L, eps_low=0.025, eps_high=0.05, power=0.5, dual_clip_c=0.05),
+    "ctpo_fixed": LossConfig(method="ctpo_fixed", **L, fixed_bounds=[0.9, 1.1], fixed_dual_clip=1.1),
+    "grpo": LossConfig(method="grpo", **L, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0),
     "gspo": LossConfig(method="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.01, clip_ratio_high=0.02),
-    "full_seq": LossConfig(method="full_seq", loss_agg_mode="seq-mean-token-sum", clip_ratio_c=3.0),
+    "full_seq": LossConfig(method="full_seq", loss_agg_mode="seq-mean-token-sum", clip_ratio_low=0.2,
+                           clip_ratio_high=0.2, clip_ratio_c=3.0),
 }
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ctpo import schema
-from ctpo.config import LossConfig
+from ctpo import methods, schema
+from ctpo.config import LossConfig, method_loss
 from ctpo.losses import (
     agg_loss,
     compute_policy_loss,
+    ctpo_fixed_loss,
     ctpo_loss,
     cumulative_log_ratio,
     full_seq_loss,
@@ -122,20 +123,25 @@ def make_batch(seed, B=6, T=24, scale=0.3, p_mask=0.25, empty_row=True):
     return olp, lp, adv, mask
 
 
+def file_knobs(method):
+    """The method's knobs as its method file sets them (the only place their defaults live)."""
+    return {k: getattr(method_loss(method), k) for k in methods.get(method).knobs}
+
+
 def run(method, olp, lp, adv, mask, mode, **kw):
+    """The method's aggregated loss on numpy inputs; knobs not in `kw` as configs/methods/<method>.yaml sets them."""
     lpt = torch.tensor(lp, dtype=torch.float32, requires_grad=True)
     args = (torch.tensor(olp, dtype=torch.float32), lpt, torch.tensor(adv, dtype=torch.float32), torch.tensor(mask))
-    fn = {"ctpo": ctpo_loss, "ctpo_fixed": ctpo_loss, "grpo": token_ratio_loss, "gspo": gspo_loss,
+    fn = {"ctpo": ctpo_loss, "ctpo_fixed": ctpo_fixed_loss, "grpo": token_ratio_loss, "gspo": gspo_loss,
           "full_seq": full_seq_loss}[method]
-    loss, metrics = fn(*args, loss_agg_mode=mode, **kw)
+    loss, metrics = fn(*args, loss_agg_mode=mode, **{**file_knobs(method), **kw})
     loss.backward()
     return loss.item(), lpt.grad.numpy().astype(np.float64), metrics
 
 
 PARAMS = {
-    "ctpo": dict(eps_low=0.025, eps_high=0.05, power=0.5, fixed_bounds=None, dual_clip_c=0.05),
-    "ctpo_fixed": dict(eps_low=0.025, eps_high=0.05, power=0.5, fixed_bounds=(0.8, 1.25), dual_clip_c=None,
-                       fixed_dual_clip=1.25),
+    "ctpo": dict(eps_low=0.025, eps_high=0.05, power=0.5, dual_clip_c=0.05),
+    "ctpo_fixed": dict(fixed_bounds=(0.8, 1.25), fixed_dual_clip=1.25),
     "grpo": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0),
     "gspo": dict(clip_ratio_low=0.05, clip_ratio_high=0.08),
     "full_seq": dict(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=1.5),
@@ -205,7 +211,7 @@ def test_adaptive_bounds_grow_as_t_power(power):
         mask[i, :t] = True
         adv[i, :t] = 1.0 if side == "hi" else -1.0  # the sign for which this bound is active
     _, grad, metrics = run("ctpo", olp, lp, adv, mask, "token-mean", eps_low=eps_low, eps_high=eps_high,
-                           power=power)
+                           power=power, dual_clip_c=None)
     n = mask.sum()
     for i, (t, side, factor, _) in enumerate(rows):
         clipped = factor > 1.0
@@ -221,7 +227,8 @@ def test_adaptive_bounds_grow_as_t_power(power):
 def test_gradient_is_minus_advantage_times_rho_cum_over_n(seed):
     olp, lp, adv, mask = make_batch(seed, scale=0.05)
     eps_low, eps_high, power = 0.025, 0.05, 0.5
-    _, grad, _ = run("ctpo", olp, lp, adv, mask, "token-mean", eps_low=eps_low, eps_high=eps_high, power=power)
+    _, grad, _ = run("ctpo", olp, lp, adv, mask, "token-mean", eps_low=eps_low, eps_high=eps_high, power=power,
+                     dual_clip_c=None)
     n = mask.sum()
     n_unclipped = 0
     for i in range(lp.shape[0]):
@@ -258,8 +265,8 @@ def test_fixed_and_adaptive_differ_only_in_bounds():
     eps_low, eps_high = 0.1, 0.2
     common = dict(eps_low=eps_low, eps_high=eps_high, power=0.0, dual_clip_c=0.15)
     la, ga, ma = run("ctpo", olp, lp, adv, mask, "token-mean", **common)
-    lf, gf, mf = run("ctpo", olp, lp, adv, mask, "token-mean",
-                     **{**common, "fixed_bounds": (math.exp(-eps_low), math.exp(eps_high))})
+    lf, gf, mf = run("ctpo_fixed", olp, lp, adv, mask, "token-mean",  # constant dual clip exp(0.15 t^0)
+                     fixed_bounds=(math.exp(-eps_low), math.exp(eps_high)), fixed_dual_clip=math.exp(0.15))
     assert la == pytest.approx(lf, rel=1e-6)
     np.testing.assert_allclose(ga, gf, rtol=1e-6, atol=1e-9)
     for k in ma:
@@ -298,7 +305,7 @@ def test_dual_clip_caps_negative_advantage_tokens_at_minus_a_exp_c_t_power():
     assert loss == pytest.approx(expected, rel=1e-6)
     assert np.all(grad == 0.0)
     assert metrics[schema.DUAL_CLIP_FRAC].item() == 1.0
-    loss_off, grad_off, _ = run("ctpo", olp, lp, adv, mask, "seq-mean-token-sum", power=p)
+    loss_off, grad_off, _ = run("ctpo", olp, lp, adv, mask, "seq-mean-token-sum", power=p, dual_clip_c=None)
     assert loss_off == pytest.approx(sum(2.0 * math.exp(0.3 * t) for t in range(1, T + 1)), rel=1e-6)
     assert np.all(grad_off > 0)  # -A rho_cum with A < 0: pushes log_prob down
 
@@ -312,7 +319,7 @@ def test_fixed_ablation_is_fixed_at_every_position_for_both_advantage_signs():
     lp[0, 0] += math.log(2.0)  # log rho_cum_t = log 2 for every t
     mask = np.ones((1, T), dtype=bool)
     adv = np.full((1, T), -1.0)
-    cfg = LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0)
+    cfg = LossConfig(method="ctpo_fixed", loss_agg_mode="token-mean", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0)
     lpt = torch.tensor(lp, dtype=torch.float32, requires_grad=True)
     loss, m = compute_policy_loss(torch.tensor(olp, dtype=torch.float32), lpt, torch.tensor(adv, dtype=torch.float32),
                                   torch.tensor(mask), cfg)
@@ -337,7 +344,8 @@ def test_fixed_ablation_is_fixed_at_every_position_for_both_advantage_signs():
 def test_fixed_ablation_rejects_a_position_scaled_or_too_tight_dual_clip(kw, match):
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=match):
-        compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], **kw))
+        compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ctpo_fixed", loss_agg_mode="token-mean",
+                                                          fixed_bounds=[0.5, 5.0], **kw))
 
 
 def test_clip_frac_is_out_of_band_and_active_is_low_plus_high():
@@ -361,10 +369,9 @@ def test_extreme_inputs_stay_finite():
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[3] = False  # all-masked row
     adv = torch.tensor([1.0, -1.0, -1.0, 0.5])[:, None].expand(B, T).contiguous()
-    cfgs = [LossConfig(method="ctpo", dual_clip_c=0.05), LossConfig(method="ctpo"),
-            LossConfig(method="ctpo_fixed", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0),
-            LossConfig(method="grpo", clip_ratio_c=3.0),
-            LossConfig(method="gspo", loss_agg_mode="seq-mean-token-mean"), LossConfig(method="full_seq")]
+    cfgs = [method_loss("ctpo", dual_clip_c=0.05), method_loss("ctpo", dual_clip_c=None),
+            method_loss("ctpo_fixed", fixed_bounds=[0.5, 5.0], fixed_dual_clip=5.0),
+            method_loss("grpo", clip_ratio_c=3.0), method_loss("gspo"), method_loss("full_seq", clip_ratio_c=None)]
     for cfg in cfgs:
         lp.grad = None
         loss, metrics = compute_policy_loss(olp, lp, adv, mask, cfg)
@@ -388,7 +395,7 @@ def test_extreme_inputs_stay_finite():
 
 def test_metrics_log_ratio_statistics():
     olp, lp, adv, mask = make_batch(5)
-    _, _, metrics = run("ctpo", olp, lp, adv, mask, "token-mean")
+    _, _, metrics = run("ctpo", olp, lp, adv, mask, "token-mean", dual_clip_c=None)
     lr = [lp[i, j] - olp[i, j] for i in range(lp.shape[0]) for j in range(lp.shape[1]) if mask[i, j]]
     cum = []
     for i in range(lp.shape[0]):
@@ -438,10 +445,10 @@ def test_agg_loss_modes(mode):
 def test_bad_input_fails_with_a_clear_message():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="advantages: expected shape"):
-        ctpo_loss(x, x, torch.zeros(2, 4), x.bool())
+        ctpo_loss(x, x, torch.zeros(2, 4), x.bool(), loss_agg_mode="token-mean", **file_knobs("ctpo"))
     with pytest.raises(ValueError, match="loss_agg_mode"):
         agg_loss(x, x, "token-max")
     with pytest.raises(ValueError, match="loss.method"):
         compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ppo"))
     with pytest.raises(ValueError, match="loss.fixed_bounds"):
-        compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ctpo_fixed"))
+        compute_policy_loss(x, x, x, x.bool(), LossConfig(method="ctpo_fixed", loss_agg_mode="token-mean"))

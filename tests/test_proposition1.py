@@ -71,20 +71,22 @@ def rel_err(a, b):
 
 def test_cumulative_ratio_estimator_is_unbiased(problem):
     theta, behaviour, reward, grad_j = problem
-    g = estimator(ctpo_token_losses, theta, behaviour, reward, eps_low=NO_CLIP, eps_high=NO_CLIP)
+    g = estimator(ctpo_token_losses, theta, behaviour, reward, eps_low=NO_CLIP, eps_high=NO_CLIP, power=0.5,
+                  dual_clip_c=None)
     assert rel_err(g, grad_j) < 1e-5
 
 
 def test_full_sequence_ratio_estimator_is_unbiased(problem):
     theta, behaviour, reward, grad_j = problem
-    g = estimator(full_seq_token_losses, theta, behaviour, reward, clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP)
+    g = estimator(full_seq_token_losses, theta, behaviour, reward, clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP,
+                  clip_ratio_c=None)
     assert rel_err(g, grad_j) < 1e-5
 
 
 def test_token_ratio_and_gspo_estimators_are_biased(problem):
     theta, behaviour, reward, grad_j = problem
     g_tok = estimator(token_ratio_token_losses, theta, behaviour, reward, clip_ratio_low=NO_CLIP,
-                      clip_ratio_high=NO_CLIP)
+                      clip_ratio_high=NO_CLIP, clip_ratio_c=None)
     g_gspo = estimator(gspo_token_losses, theta, behaviour, reward, clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP)
     assert rel_err(g_tok, grad_j) > 0.2  # measured ~0.6: the omitted prefix correction is material
     assert rel_err(g_gspo, grad_j) > 0.2  # measured ~0.6: the omitted prefix correction is material
@@ -92,6 +94,6 @@ def test_token_ratio_and_gspo_estimators_are_biased(problem):
 
 def test_all_estimators_agree_on_policy(problem):
     theta, _, reward, grad_j = problem
-    for fn, kw in ((ctpo_token_losses, dict(eps_low=NO_CLIP, eps_high=NO_CLIP)),
-                   (token_ratio_token_losses, dict(clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP))):
+    for fn, kw in ((ctpo_token_losses, dict(eps_low=NO_CLIP, eps_high=NO_CLIP, power=0.5, dual_clip_c=None)),
+                   (token_ratio_token_losses, dict(clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP, clip_ratio_c=None))):
         assert rel_err(estimator(fn, theta, theta, reward, **kw), grad_j) < 1e-5

@@ -23,7 +23,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo import schema  # noqa: E402
-from ctpo.config import LossConfig  # noqa: E402
+from ctpo.config import method_loss  # noqa: E402
 from ctpo.losses import policy_token_losses  # noqa: E402
 from ctpo.train.verl_metrics import convert_logs  # noqa: E402
 
@@ -31,7 +31,7 @@ P, R = 3, 12  # prompt and response lengths
 
 
 def loss_config(method):
-    return LossConfig(method=method, fixed_bounds=[0.5, 5.0] if method == "ctpo_fixed" else None)
+    return method_loss(method)  # configs/methods/<method>.yaml
 
 
 def actor_config(method):

@@ -12,14 +12,13 @@ import torch
 
 pytest.importorskip("verl")
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 
 import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo import schema  # noqa: E402
-from ctpo.config import CONFIG_DIR, LossConfig  # noqa: E402
-from ctpo.losses import compute_policy_loss, ctpo_loss  # noqa: E402
+from ctpo.config import LossConfig, method_loss  # noqa: E402
+from ctpo.losses import compute_policy_loss, ctpo_fixed_loss, ctpo_loss  # noqa: E402
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(core_algos.__file__), "..", "config")
 
@@ -34,9 +33,7 @@ def actor_config(*overrides: str):
 
 def method_cfg(method: str, **over) -> LossConfig:
     """LossConfig from configs/methods/<method>.yaml (what runs use), plus overrides."""
-    merged = OmegaConf.merge(OmegaConf.structured(LossConfig), OmegaConf.load(CONFIG_DIR / "methods" / f"{method}.yaml"),
-                             over)
-    return OmegaConf.to_object(merged)
+    return method_loss(method, **over)
 
 
 def batch(seed, B=6, T=16, scale=0.3):
@@ -77,7 +74,7 @@ def test_reimport_is_idempotent_and_a_foreign_name_clash_raises(monkeypatch):
 
 @pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed", "full_seq"])
 def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
-    cfg = method_cfg(method, clip_ratio_c=3.0)
+    cfg = method_cfg(method)
     lib, actor = actor_config(*plugin.verl_overrides(cfg))
     assert lib == "ctpo.verl_plugin"
     assert actor.policy_loss.loss_mode == method
@@ -101,11 +98,14 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
         assert actor.policy_loss.eps_low == cfg.eps_low and actor.policy_loss.dual_clip_c == cfg.dual_clip_c
         assert actor.policy_loss.fixed_dual_clip == cfg.fixed_dual_clip
         assert v_m["actor/pg_clipfrac_lower"] == d_m[schema.DUAL_CLIP_FRAC]
-        # and the plain ctpo_loss call with the same knobs
-        fixed = tuple(cfg.fixed_bounds) if method == "ctpo_fixed" else None
-        c_loss, c_grad, _ = loss_and_grad(ctpo_loss, olp, lp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                          power=cfg.power, fixed_bounds=fixed, dual_clip_c=cfg.dual_clip_c,
-                                          fixed_dual_clip=cfg.fixed_dual_clip)
+        # and the plain ctpo_loss / ctpo_fixed_loss call with the same knobs
+        if method == "ctpo":
+            c_loss, c_grad, _ = loss_and_grad(ctpo_loss, olp, lp, adv, mask, eps_low=cfg.eps_low,
+                                              eps_high=cfg.eps_high, power=cfg.power, dual_clip_c=cfg.dual_clip_c,
+                                              loss_agg_mode="token-mean")
+        else:
+            c_loss, c_grad, _ = loss_and_grad(ctpo_fixed_loss, olp, lp, adv, mask, fixed_bounds=cfg.fixed_bounds,
+                                              fixed_dual_clip=cfg.fixed_dual_clip, loss_agg_mode="token-mean")
         v_loss, v_grad, _ = loss_and_grad(fn, olp, lp, adv, mask, loss_agg_mode="token-mean", config=actor)
         torch.testing.assert_close(v_loss, c_loss, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(v_grad, c_grad, rtol=1e-6, atol=1e-9)
@@ -167,8 +167,8 @@ def test_ctpo_with_extra_terms_neutralised_equals_verl_vanilla(seed):
     off[:] = olp
     rows = torch.arange(lp.shape[0])
     off[rows, last] = lp[rows, last]
-    ctpo_cfg = LossConfig(method="ctpo", eps_low=-math.log(1 - low), eps_high=math.log(1 + high), power=0.0,
-                          dual_clip_c=math.log(c))
+    ctpo_cfg = LossConfig(method="ctpo", loss_agg_mode="token-mean", eps_low=-math.log(1 - low),
+                          eps_high=math.log(1 + high), power=0.0, dual_clip_c=math.log(c))
     vanilla_cfg = method_cfg("grpo", clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=c)
     _, actor = actor_config(*plugin.verl_overrides(vanilla_cfg))
     v_loss, v_grad, _ = loss_and_grad(core_algos.compute_policy_loss_vanilla, olp, off, adv, mask,

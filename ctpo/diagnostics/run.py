@@ -4,36 +4,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
-
-from ctpo.config import CONFIG_DIR, LossConfig, RunConfig
+from ctpo import methods
+from ctpo.config import CONFIG_DIR, LossConfig, RunConfig, method_loss
 from ctpo.diagnostics.dump import dump_step, iter_row_chunks
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
 from ctpo.schema import DIAG_COLUMNS
 
-ADAPTIVE_METHOD = "ctpo"  # the method whose loss uses the position-adaptive band
-FIXED_METHOD = "ctpo_fixed"  # Table 3's ablation: the fixed band [lo, hi]
+# Figure 1 draws two bands; each comes from the run's own loss when its method clips with that band
+# (ctpo.methods: `band`), else from this method's file (Table 3's ablation and CTPO: what they train with)
+REFERENCE = {"fixed": "ctpo_fixed", "adaptive": "ctpo"}
+FIXED_METHOD, ADAPTIVE_METHOD = REFERENCE["fixed"], REFERENCE["adaptive"]
 
 
-def method_loss(method: str, config_dir=CONFIG_DIR) -> LossConfig:
-    """The loss as configured in configs/methods/<method>.yaml (merged onto LossConfig's defaults)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(LossConfig), OmegaConf.load(config_dir / "methods" / f"{method}.yaml"))
-    return OmegaConf.to_object(cfg)
+def band_loss(loss: LossConfig, band: str, config_dir=CONFIG_DIR) -> LossConfig:
+    """The loss that sets Figure 1's `band` ("fixed" | "adaptive") for a run with `loss`."""
+    return loss if methods.get(loss.method).band == band else method_loss(REFERENCE[band], config_dir)
 
 
-def ctpo_default_loss() -> LossConfig:
-    """The CTPO loss as configured in configs/methods/ctpo.yaml."""
-    return method_loss(ADAPTIVE_METHOD)
-
-
-def bands_for_run(cfg: RunConfig) -> ClipBands:
-    """Figure 1's two bands, each from the loss that applies it: the fixed band from the run's own loss when it
-    is the ablation, else from the ablation's method file (configs/methods/ctpo_fixed.yaml, one copy: what
-    Table 3 trains with); the adaptive band from the run's own loss when it is CTPO, else from ctpo.yaml."""
-    fixed = cfg.loss if cfg.loss.method == FIXED_METHOD else method_loss(FIXED_METHOD)
-    adaptive = cfg.loss if cfg.loss.method == ADAPTIVE_METHOD else method_loss(ADAPTIVE_METHOD)
+def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
+    """Figure 1's two bands, each from the loss that applies it (`band_loss`)."""
+    fixed, adaptive = band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir)
     lo, hi = fixed.fixed_bounds
     return ClipBands(lo, hi, adaptive.eps_low, adaptive.eps_high, adaptive.power)
+
+
+def reference_bands(config_dir=CONFIG_DIR) -> ClipBands:
+    """Both bands from the reference methods' files (what a run of neither band is shown against)."""
+    fixed, adaptive = method_loss(FIXED_METHOD, config_dir), method_loss(ADAPTIVE_METHOD, config_dir)
+    return ClipBands(*fixed.fixed_bounds, adaptive.eps_low, adaptive.eps_high, adaptive.power)
 
 
 def diagnose(dump: str | Path, bands: ClipBands, bin_width: int, min_bin_tokens: int = 1,

@@ -12,17 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctpo import methods
 from ctpo.config import ConfigError, load_experiment
 from ctpo.eval.metrics import EvalDataError, check_k_samples, correct_counts
 from ctpo.io import read_json, read_jsonl
 
-METHOD_NAMES = {
-    "grpo": "GRPO",
-    "gspo": "GSPO",
-    "ctpo": "CTPO",
-    "ctpo_fixed": "CTPO (fixed clip)",
-    "full_seq": "Full-seq ratio",
-}
 MODEL_NAMES = {"qwen3_4b": "Qwen3-4B", "qwen3_14b": "Qwen3-14B", "toy": "toy-qwen3"}
 REQUIRED_SECTIONS = ("experiment", "label", "seeds", "runs", "evaluation", "diagnostics")
 EVALUATION_KEYS = ("table2_benchmarks", "table2_runs", "table3_runs", "figure2_benchmark", "figure2_runs")
@@ -67,7 +61,7 @@ def label_tag(exp: dict) -> str:
 
 def run_title(exp: dict, run: str) -> str:
     spec = exp["runs"][run]
-    return f"{MODEL_NAMES.get(spec['model'], spec['model'])} {METHOD_NAMES.get(spec['method'], spec['method'])}"
+    return f"{MODEL_NAMES.get(spec['model'], spec['model'])} {methods.display_name(spec['method'])}"
 
 
 @dataclass

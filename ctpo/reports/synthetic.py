@@ -23,7 +23,7 @@ import pandas as pd
 
 from ctpo import schema
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
-from ctpo.diagnostics.run import ctpo_default_loss, method_loss
+from ctpo.diagnostics.run import reference_bands
 from ctpo.io import atomic_path, write_json, write_text
 from ctpo.reports.table1 import QUICK, run_study
 
@@ -76,7 +76,7 @@ def _metrics_rows(rng, method: str, total_steps: int) -> list[dict]:
             schema.STEP: step,
             schema.REWARD_MEAN: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
             schema.ACCURACY: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
-            schema.CLIP_FRAC: _CLIP[method] * (1 + 0.1 * rng.normal()),
+            schema.CLIP_FRAC: _CLIP.get(method, 0.05) * (1 + 0.1 * rng.normal()),
             schema.RESPONSE_LENGTH: 2500 + 2500 * prog + rng.normal(0, 100),
             schema.MODEL_TOKENS: 2000 + 2000 * prog,
             schema.STEP_TIME_S: 600 + rng.normal(0, 20),
@@ -116,7 +116,7 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
     total = exp["defaults"]["train"]["total_steps"]
     difficulty = {b: rng.normal(0, 1.5, n_problems) for b in benches}
     for run, spec in exp["runs"].items():
-        base, gain = _BASE.get(spec["model"], 0.3), _GAIN[spec["method"]]
+        base, gain = _BASE.get(spec["model"], 0.3), _GAIN.get(spec["method"], 0.05)
         for s in seeds:
             for step in steps:
                 acc = base + gain * (1 - np.exp(-step / 100))
@@ -131,8 +131,7 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
             path = out / "train" / run / f"seed{s}" / "metrics.jsonl"
             write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     diag = exp["diagnostics"]
-    loss = ctpo_default_loss()
-    bands = ClipBands(*method_loss("ctpo_fixed").fixed_bounds, loss.eps_low, loss.eps_high, loss.power)
+    bands = reference_bands()
     max_len = exp["defaults"]["rollout"]["max_response_tokens"]
     for s in seeds:
         for step in diag["steps"]:
