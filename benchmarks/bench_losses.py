@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctpo.config import LossConfig  # noqa: E402
+from ctpo.config import method_loss  # noqa: E402
 from ctpo.io import write_json  # noqa: E402
 from ctpo.losses import compute_policy_loss  # noqa: E402
 
@@ -44,10 +44,10 @@ def candidates():
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
     from verl.workers.config import FSDPActorConfig
 
-    actor = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=0.2,
-                            clip_ratio_high=0.2, clip_ratio_c=3.0)
-    ctpo_cfg = LossConfig(method="ctpo", dual_clip_c=0.05)
-    grpo_cfg = LossConfig(method="grpo", clip_ratio_c=3.0)
+    ctpo_cfg, grpo_cfg = method_loss("ctpo"), method_loss("grpo")  # configs/methods/{ctpo,grpo}.yaml
+    actor = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                            clip_ratio_low=grpo_cfg.clip_ratio_low, clip_ratio_high=grpo_cfg.clip_ratio_high,
+                            clip_ratio_c=grpo_cfg.clip_ratio_c)
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     from ctpo.verl_plugin import CTPOPolicyLossConfig  # importing registers `ctpo`
