@@ -134,7 +134,8 @@ def check_loss(loss: Any, allow_none: bool = False) -> Optional[Method]:
         return None
     method = get(loss.get("method"))
     if loss.get("loss_agg_mode") not in AGG_MODES:
-        raise ValueError(f"loss.loss_agg_mode: expected one of {', '.join(AGG_MODES)}, got '{loss.get('loss_agg_mode')}'")
+        raise ValueError(f"loss.loss_agg_mode: expected one of {', '.join(AGG_MODES)}, "
+                         f"got '{loss.get('loss_agg_mode')}'")
     for k in method.knobs:
         if k not in loss:
             raise ValueError(f"loss.{k}: method {method.name} reads it but the loss config has no such key "

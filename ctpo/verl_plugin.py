@@ -48,6 +48,7 @@ from ctpo.metric_sums import NOT_AVERAGEABLE, loss_metric_sums
 
 ACTOR_KNOBS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")  # knobs verl's ActorConfig holds itself
 _PREFIX = "actor_rollout_ref.actor"
+_LOSS_MODES: dict[str, methods.Method] = {}  # verl loss_mode -> our method, filled by register()
 
 
 @dataclass
@@ -79,7 +80,9 @@ def _node_knobs(method: methods.Method) -> tuple[str, ...]:
 
 def _plain(x: Any) -> Any:
     """A knob value off verl's config as a plain Python value (lists come as ListConfig / tuples)."""
-    return None if x is None else [float(v) for v in x] if not isinstance(x, (str, int, float)) else x
+    if x is None or isinstance(x, (str, int, float)):
+        return x
+    return [float(v) for v in x]
 
 
 def _loss_config(loss_mode: str, loss_agg_mode: str, config: Any) -> LossConfig:
@@ -164,9 +167,6 @@ def _verl_wrapped(name: str):
     loss_fn.__doc__ = (f"verl PolicyLossFn for loss_mode={name}: verl's own `{verl_name}` (loss and gradient "
                        f"unchanged) plus ctpo/* metrics of method {method}.")
     return loss_fn
-
-
-_LOSS_MODES: dict[str, methods.Method] = {}  # verl loss_mode -> our method, filled by register()
 
 
 def register() -> None:

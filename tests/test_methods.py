@@ -17,7 +17,7 @@ import torch
 
 from ctpo import methods, tracking
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, load_experiment, load_run_config, method_loss, resolve_run
-from ctpo.diagnostics.run import bands_for_run
+from ctpo.diagnostics.run import REFERENCE, bands_for_run
 from ctpo.losses import compute_policy_loss, ctpo_loss, ctpo_token_losses
 
 NAME = "half_ctpo"
@@ -67,6 +67,8 @@ def test_registered_methods_knobs_are_their_loss_functions_keyword_arguments():
         assert all(p.default is p.empty for p in params), f"{m.name}: a knob with a default"
         assert set(m.knobs) <= {f for f in LossConfig.__dataclass_fields__}, m.name
         method_loss(m.name)  # every method has a method file that passes its own checks
+    for band, name in REFERENCE.items():  # Figure 1's reference files clip with the band they stand for
+        assert methods.get(name).band == band
 
 
 def test_a_new_method_flows_through_config_losses_wandb_and_diagnostics(throwaway):
@@ -147,7 +149,8 @@ def test_the_verl_plugin_registers_a_new_method(throwaway):
         fn = core_algos.get_policy_loss_fn(NAME)
         with initialize_config_dir(config_dir=str(Path(core_algos.__file__).parent.parent / "config"),
                                    version_base=None):
-            composed = compose("ppo_trainer", overrides=[*over, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
+            composed = compose("ppo_trainer",
+                               overrides=[*over, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
         actor = omega_conf_to_dataclass(composed.actor_rollout_ref.actor)  # verl's ActorConfig, as its workers build it
         assert (actor.policy_loss.eps_low, actor.policy_loss.power) == (0.1, 0.4)
         olp, lp, adv, mask = batch(1)

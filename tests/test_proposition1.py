@@ -95,5 +95,6 @@ def test_token_ratio_and_gspo_estimators_are_biased(problem):
 def test_all_estimators_agree_on_policy(problem):
     theta, _, reward, grad_j = problem
     for fn, kw in ((ctpo_token_losses, dict(eps_low=NO_CLIP, eps_high=NO_CLIP, power=0.5, dual_clip_c=None)),
-                   (token_ratio_token_losses, dict(clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP, clip_ratio_c=None))):
+                   (token_ratio_token_losses,
+                    dict(clip_ratio_low=NO_CLIP, clip_ratio_high=NO_CLIP, clip_ratio_c=None))):
         assert rel_err(estimator(fn, theta, theta, reward, **kw), grad_j) < 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from ctpo import methods
 from ctpo.config import CONFIG_DIR, LossConfig, RunConfig, method_loss
 from ctpo.diagnostics.dump import dump_step, iter_row_chunks
@@ -21,17 +22,19 @@ def band_loss(loss: LossConfig, band: str, config_dir=CONFIG_DIR) -> LossConfig:
     return loss if methods.get(loss.method).band == band else method_loss(REFERENCE[band], config_dir)
 
 
-def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
-    """Figure 1's two bands, each from the loss that applies it (`band_loss`)."""
-    fixed, adaptive = band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir)
+def _bands(fixed: LossConfig, adaptive: LossConfig) -> ClipBands:
     lo, hi = fixed.fixed_bounds
     return ClipBands(lo, hi, adaptive.eps_low, adaptive.eps_high, adaptive.power)
 
 
+def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
+    """Figure 1's two bands, each from the loss that applies it (`band_loss`)."""
+    return _bands(band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir))
+
+
 def reference_bands(config_dir=CONFIG_DIR) -> ClipBands:
     """Both bands from the reference methods' files (what a run of neither band is shown against)."""
-    fixed, adaptive = method_loss(FIXED_METHOD, config_dir), method_loss(ADAPTIVE_METHOD, config_dir)
-    return ClipBands(*fixed.fixed_bounds, adaptive.eps_low, adaptive.eps_high, adaptive.power)
+    return _bands(method_loss(FIXED_METHOD, config_dir), method_loss(ADAPTIVE_METHOD, config_dir))
 
 
 def diagnose(dump: str | Path, bands: ClipBands, bin_width: int, min_bin_tokens: int = 1,
