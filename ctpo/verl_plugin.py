@@ -13,7 +13,7 @@ dataclasses are frozen and have no such fields), selected by overriding the node
 
     actor_rollout_ref.actor.policy_loss._target_=ctpo.verl_plugin.CTPOPolicyLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=ctpo
-    +actor_rollout_ref.actor.policy_loss.eps_low=0.025   (each knob of the method alike)
+    +actor_rollout_ref.actor.policy_loss.eps_low=<configs/methods/ctpo.yaml: eps_low>   (each knob alike)
 
 `verl_overrides(loss_cfg)` produces these strings from our `LossConfig`; `_loss_config` reads them back.
 
