@@ -89,7 +89,7 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Method:
     """The registered method; ValueError naming loss.method otherwise."""
     if name not in _REGISTRY:
-        raise ValueError(f"loss.method: expected one of {', '.join(_REGISTRY)}, got '{name}'")
+        raise ValueError(f"loss.method: expected one of {', '.join(names())}, got '{name}'")
     return _REGISTRY[name]
 
 
@@ -108,7 +108,8 @@ def with_band(band: str) -> tuple[str, ...]:
 
 
 def loss_keys(name: str) -> tuple[str, ...]:
-    """The loss.* keys that apply to method `name` (what the W&B config logs); () for an unknown method."""
+    """The loss.* keys that apply to method `name` (what the W&B config logs); method and aggregation only for a
+    method this checkout does not know."""
     return (*COMMON_KEYS, *_REGISTRY[name].knobs) if name in _REGISTRY else COMMON_KEYS
 
 
