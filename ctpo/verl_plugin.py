@@ -42,8 +42,8 @@ from verl.workers.config import PolicyLossConfig
 
 from ctpo import methods, schema
 from ctpo.config import LossConfig
-from ctpo.losses import policy_token_losses
 from ctpo.diagnostics import verl_dumps
+from ctpo.losses import policy_token_losses
 from ctpo.metric_sums import NOT_AVERAGEABLE, loss_metric_sums
 
 ACTOR_KNOBS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")  # knobs verl's ActorConfig holds itself
