@@ -1,7 +1,7 @@
 """The CPU toy backend end to end: SFT warm start, RL for every method through the real agent loop and
 sandbox, checkpoints / dumps / done marker, kill-and-resume equality, epoch-boundary resume, SIGTERM.
 
-One SFT warm start is built per module (the slow part, ~1 min on 2 cores) and shared by every test.
+One SFT warm start is built per session (tests/conftest.py) and shared by every test.
 """
 import json
 import math
@@ -19,7 +19,6 @@ import torch
 
 from ctpo import schema
 from ctpo.config import load_experiment, load_run_config, resolve_run
-from ctpo.data.toy_task import write_toy_data
 from ctpo.io import read_json, read_jsonl
 from ctpo.train import local
 from hang import HANG_S
@@ -41,20 +40,10 @@ def _cfg_dict(data_dir: Path, run: str = "toy_grpo", **train) -> dict:
     return d
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """(data dir, SFT policy dir, SFT done record), built once."""
-    from ctpo.train import sft
-
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_data(root / "data", n_train=200, n_test=32, seed=1234)
-    d = _cfg_dict(root / "data")
-    d["eval"]["max_problems"] = None  # warm-start accuracy on all 32 held-out problems
-    cfg_path = root / "sft.json"
-    cfg_path.write_text(json.dumps(d))
-    os.environ["WANDB_MODE"] = "offline"
-    assert sft.main(["--config", str(cfg_path), "--out", str(root / "sft")]) == 0
-    return root / "data", root / "sft" / "policy", read_json(root / "sft" / "done.json")
+@pytest.fixture
+def toy(toy_warmstart):
+    """(data dir, SFT policy dir, SFT done record): the session's toy warm start (tests/conftest.py)."""
+    return toy_warmstart
 
 
 def test_sft_warm_start_is_partially_correct_and_idempotent(toy, tmp_path):

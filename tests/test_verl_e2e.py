@@ -55,20 +55,15 @@ def _run_config(root: Path, run: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """(root, SFT warm-start policy dir): the toy data and the warm start every toy run starts from."""
-    from ctpo.train import sft
-
+def toy(tmp_path_factory, toy_warmstart):
+    """(root, SFT warm-start policy dir): small toy data for verl, and the session's toy warm start
+    (tests/conftest.py; toy_verl.yaml's sft block is toy.yaml's)."""
+    sft_block = lambda name: load_experiment(REPO / f"configs/experiments/{name}.yaml")["defaults"]["sft"]  # noqa: E731
+    assert sft_block("toy_verl") == sft_block("toy"), "the shared warm start is toy.yaml's recipe"
     root = tmp_path_factory.mktemp("verl_e2e")
     write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
     reuse = os.environ.get("CTPO_E2E_WARMSTART")  # a toy warm-start policy dir built earlier (saves minutes)
-    if reuse:
-        return root, Path(reuse)
-    cfg = _run_config(root, "toy_ctpo")
-    (root / "sft.json").write_text(json.dumps(cfg))
-    os.environ["WANDB_MODE"] = "offline"
-    assert sft.main(["--config", str(root / "sft.json"), "--out", str(root / "sft")]) == 0
-    return root, root / "sft" / "policy"
+    return root, Path(reuse) if reuse else toy_warmstart[1]
 
 
 def _launch(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path,

@@ -1,0 +1,41 @@
+"""Suite-wide settings and the toy warm start shared by the training tests.
+
+One torch/OpenMP thread per process. The suite runs several processes at once (Snakemake jobs, sandboxes,
+reward workers, verl's Ray actors) on a 2-core machine, often beside other jobs; with torch's default of
+one thread per core, every op's thread barrier waits for a descheduled thread, and a tiny-model step ran
+5-20x slower under load than with one thread (measured: 5 SFT steps, 1.8-9.8 s with 1 thread vs 30-64 s
+with 2, at load average 8). Set before torch is imported, so every child process inherits it; an
+explicit OMP_NUM_THREADS in the caller's environment wins.
+"""
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def toy_warmstart(tmp_path_factory):
+    """(data dir, SFT policy dir, SFT done record): toy data (200 train / 32 held-out problems) and the toy
+    SFT warm start on it, built once per session (the slowest fixture) and read-only for every test."""
+    from ctpo.config import load_experiment, resolve_run
+    from ctpo.data.toy_task import write_toy_data
+    from ctpo.io import read_json
+    from ctpo.train import sft
+
+    root = tmp_path_factory.mktemp("toy_warmstart")
+    write_toy_data(root / "data", n_train=200, n_test=32, seed=1234)
+    d = resolve_run(load_experiment(REPO / "configs/experiments/toy.yaml"), "toy_grpo", 0)
+    d["data"]["train"] = str(root / "data" / "train.parquet")
+    d["data"]["val"] = [str(root / "data" / "toy_arith.parquet")]
+    d["eval"].update(max_problems=None)  # warm-start accuracy on all 32 held-out problems
+    d["wandb"]["mode"] = "offline"
+    (root / "sft.json").write_text(json.dumps(d))
+    os.environ["WANDB_MODE"] = "offline"
+    assert sft.main(["--config", str(root / "sft.json"), "--out", str(root / "sft")]) == 0
+    return root / "data", root / "sft" / "policy", read_json(root / "sft" / "done.json")
