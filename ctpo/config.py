@@ -64,6 +64,9 @@ class ModelConfig:
     name: str = MISSING
     kind: str = "toy"  # toy | hf
     path: str = ""  # hf: hub id or local dir (e.g. Qwen/Qwen3-4B); toy: unused
+    # hf hub id: the commit to fetch (`prepare_model`) and to require on offline nodes (ctpo.hub.require_model);
+    # None = unpinned (whatever the cache holds). A local-directory path takes no revision.
+    revision: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16
     # toy architecture (transformers Qwen3Config fields)
     hidden_size: int = 64
@@ -113,28 +116,55 @@ class SFTConfig:
 
 
 @dataclass
+class VerlConfig:
+    """Every setting the verl launcher (ctpo.train.verl_backend) passes to verl that is not derived from
+    another key. No defaults here: an experiment using train.backend verl states them all (the release's
+    values are in configs/experiments/paper.yaml), so each is hashed into the run identity, printed by
+    --print-command, and a change reruns the job. Device-specific keys are not here: the `cpu` device
+    profile (ctpo.train.verl_cpu) replaces those on a CPU machine."""
+
+    ppo_epochs: int = MISSING  # actor.ppo_epochs: passes over each rollout batch
+    lr_scheduler: str = MISSING  # actor.optim.lr_scheduler_type: constant | cosine
+    lr_warmup_steps_ratio: float = MISSING  # actor.optim.lr_warmup_steps_ratio (of total steps)
+    kl_loss_coef: float = MISSING  # actor.kl_loss_coef; > 0 turns on actor.use_kl_loss (and a reference model)
+    entropy_coeff: float = MISSING  # actor.entropy_coeff
+    param_offload: bool = MISSING  # actor.fsdp_config.param_offload
+    optimizer_offload: bool = MISSING  # actor.fsdp_config.optimizer_offload
+    use_remove_padding: bool = MISSING  # model.use_remove_padding (flash-attn varlen kernels)
+    gradient_checkpointing: bool = MISSING  # model.enable_gradient_checkpointing
+    rollout_tp: int = MISSING  # rollout.tensor_model_parallel_size (vLLM tensor parallel per replica)
+    gpu_memory_utilization: float = MISSING  # rollout.gpu_memory_utilization (vLLM weights + KV-cache share)
+    weight_sync_bucket_mb: int = MISSING  # rollout.checkpoint_engine.update_weights_bucket_megabytes
+    filter_overlong_prompts: bool = MISSING  # data.filter_overlong_prompts (drop prompts > max_prompt_tokens)
+    truncation: str = MISSING  # data.truncation: error | left | right | middle
+    val_before_train: bool = MISSING  # trainer.val_before_train
+
+
+@dataclass
 class TrainConfig:
-    """RL schedule. Batch sizes count prompts, as verl's `data.train_batch_size` and `ppo_mini_batch_size`."""
+    """RL schedule. Batch sizes count prompts, as verl's `data.train_batch_size` and `ppo_mini_batch_size`.
+    Keys that change results have no default here: each experiment file states them (paper.yaml: the paper's)."""
 
     backend: str = "local"  # local (CPU toy) | verl (GPU)
-    prompts_per_step: int = 512
-    mini_batch_prompts: int = 32  # optimizer steps per rollout batch = prompts_per_step / mini_batch_prompts
-    micro_batch_size_per_gpu: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    total_steps: int = 305
-    save_freq: int = 20
-    test_freq: int = 20
-    dump_steps: List[int] = field(default_factory=lambda: [50, 100, 150])
-    norm_adv_by_std: bool = True  # GRPO: (R - mean) / std; False: mean-centred only
-    rollout_is: Optional[str] = "sequence"  # rollout-vs-trainer IS correction (verl rollout_correction); None = off
-    rollout_is_threshold: float = 5.0
-    n_gpus: int = 8
+    prompts_per_step: int = MISSING
+    mini_batch_prompts: int = MISSING  # optimizer steps per rollout batch = prompts_per_step / mini_batch_prompts
+    micro_batch_size_per_gpu: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    total_steps: int = MISSING
+    save_freq: int = MISSING
+    test_freq: int = MISSING
+    dump_steps: List[int] = MISSING
+    norm_adv_by_std: bool = MISSING  # GRPO: (R - mean) / std; False: mean-centred only
+    rollout_is: Optional[str] = MISSING  # rollout-vs-trainer IS correction (verl rollout_correction); null = off
+    rollout_is_threshold: float = MISSING
+    n_gpus: int = 1
     n_nodes: int = 1
     # verl backend only: gpu (the paper run) | cpu (ctpo.train.verl_cpu: verl's own trainer on a CPU-only
     # machine, n_gpus logical devices; the toy DAG's `toy_verl` experiment and config debugging)
     verl_device: str = "gpu"
+    verl: Optional[VerlConfig] = None  # required for backend verl (see VerlConfig)
 
 
 @dataclass
@@ -265,9 +295,23 @@ def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> Loss
     return out
 
 
+def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the keys left at MISSING ('???') in a resolved config dict."""
+    if isinstance(cfg, dict):
+        return [k for key, v in cfg.items() for k in missing_keys(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if cfg == "???" else []
+
+
 def validate_run_config(cfg: dict, source: str = "run config") -> None:
     """Checks that span keys; raises ConfigError naming the key."""
     loss, train, rollout, model = cfg["loss"], cfg["train"], cfg["rollout"], cfg["model"]
+    if train["backend"] == "verl" and train.get("verl") is None:
+        raise ConfigError(f"{source}: train.verl (the verl launcher's settings, ctpo.config.VerlConfig) is required "
+                          f"for train.backend verl; configs/experiments/paper.yaml has the release's values")
+    missing = [k for k in missing_keys(cfg) if not k.startswith("loss.")]  # loss: ctpo.methods.check_loss
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(missing)}: required, no default (set in the experiment file's "
+                          f"defaults; configs/experiments/paper.yaml has the paper's values)")
     try:
         methods.check_loss(loss, allow_none=True)
     except ValueError as e:

@@ -3,8 +3,9 @@
 Compute nodes often have no internet. Jobs that run there (training, merge, evaluation) set the hubs
 offline (`OFFLINE_ENV`) and call `require_model` first: a model that is not in the local HF cache (or a
 local directory) stops the job with one line that says what to run, instead of a download that hangs
-or a traceback deep inside verl. `python -m ctpo.hub fetch` is the login-node side (network): it puts a
-model, at a pinned revision, into the cache (`HF_HOME`, or `--cache-dir`).
+or a traceback deep inside verl; a snapshot of another commit than `model.revision` stops it the same way.
+`python -m ctpo.hub fetch` is the login-node side (network): it puts a model, at a pinned revision, into
+the cache (`HF_HOME`, or `--cache-dir`).
 
     python -m ctpo.hub fetch --model Qwen/Qwen3-4B [--revision <commit>] [--out marker.json]   (network)
     python -m ctpo.hub check --model Qwen/Qwen3-4B [--revision <commit>]   (anywhere, never the network)
@@ -30,25 +31,53 @@ def set_offline(env: dict | None = None) -> dict:
     return env
 
 
-def require_model(path: str, revision: str | None = None) -> Path:
-    """The local directory of model `path` (a directory, or a hub id in the local cache); never downloads.
+def is_local_path(path: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, ./-relative, deeper than org/name, or
+    existing."""
+    return Path(path).is_absolute() or path.startswith(".") or path.count("/") > 1 or Path(path).exists()
 
-    Raises MissingLocalFiles naming the model, the cache and the command that fetches it."""
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise MissingLocalFiles(f"model directory {path} has no config.json")
-        return Path(path)
+
+def cached_revisions(path: str) -> list[str]:
+    """Commits of hub model `path` that have a snapshot in the local HF cache (sorted)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snaps = Path(HF_HUB_CACHE) / f"models--{path.replace('/', '--')}" / "snapshots"
+    return sorted(p.name for p in snaps.iterdir()) if snaps.is_dir() else []
+
+
+def require_model(path: str, revision: str | None = None) -> Path:
+    """The local directory of model `path` (a directory, or a hub id in the local cache) at `revision` (a
+    commit; None = whatever is there); never downloads.
+
+    Raises MissingLocalFiles, one line naming the model, the revision on disk and the command that fetches it."""
+    if is_local_path(path):
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise MissingLocalFiles(f"model directory {path} " + ("has no config.json" if p.is_dir() else "does not exist"))
+        snap = p.resolve()
+        if revision is not None and (snap.parent.name != "snapshots" or snap.name != revision):
+            raise MissingLocalFiles(
+                f"model directory {path} is not the hub snapshot of model.revision {revision} "
+                + (f"(it is {snap.name})" if snap.parent.name == "snapshots" else "(no hub revision to check)")
+                + "; point model.path at that snapshot, or set model.revision: null to use this directory as is")
+        return p
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
     try:
         return Path(snapshot_download(path, revision=revision, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, or a revision that was never fetched
+        fetch = f"python -m ctpo.hub fetch --model {path}" + (f" --revision {revision}" if revision else "")
+        have = cached_revisions(path)
+        if revision and have:
+            raise MissingLocalFiles(
+                f"model {path} is in the local HF cache ({HF_HUB_CACHE}) at revision {', '.join(have)}, not "
+                f"model.revision {revision}, and this job runs offline; fetch the pinned one where the network "
+                f"is: {fetch}") from None
         rev = f" at revision {revision}" if revision else ""
         raise MissingLocalFiles(
             f"model {path}{rev} is not in the local HF cache ({HF_HUB_CACHE}) and this job runs offline "
-            f"({type(e).__name__}); fetch it where the network is: python -m ctpo.hub fetch --model {path}"
-            + (f" --revision {revision}" if revision else "")
+            f"({type(e).__name__}); fetch it where the network is: {fetch}"
         ) from None
 
 
@@ -69,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         local = fetch_model(args.model, args.revision, args.cache_dir)
         print(f"hub: {args.model} -> {local}")
+        if not (args.revision and args.revision == local.name):  # a branch or nothing: the result can move
+            print(f"hub: warning: {args.model} is not pinned (revision {args.revision or 'main'} -> commit "
+                  f"{local.name}); set model.revision: {local.name} in its configs/models/ file", file=sys.stderr)
         if args.out:
             from ctpo.io import write_json
 

@@ -198,6 +198,122 @@ def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     assert vb.run_env(cfg, tmp_path / "a", attempt=3, base={})["CTPO_DUMP_START_STEP"] == "41"
 
 
+# train.verl key -> (a changed value, where it lands in the composed verl config)
+VERL_KEYS = {
+    "ppo_epochs": (2, "actor_rollout_ref.actor.ppo_epochs"),
+    "lr_scheduler": ("cosine", "actor_rollout_ref.actor.optim.lr_scheduler_type"),
+    "lr_warmup_steps_ratio": (0.1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio"),
+    "kl_loss_coef": (0.001, "actor_rollout_ref.actor.kl_loss_coef"),
+    "entropy_coeff": (0.01, "actor_rollout_ref.actor.entropy_coeff"),
+    "param_offload": (False, "actor_rollout_ref.actor.fsdp_config.param_offload"),
+    "optimizer_offload": (False, "actor_rollout_ref.actor.fsdp_config.optimizer_offload"),
+    "use_remove_padding": (False, "actor_rollout_ref.model.use_remove_padding"),
+    "gradient_checkpointing": (False, "actor_rollout_ref.model.enable_gradient_checkpointing"),
+    "rollout_tp": (2, "actor_rollout_ref.rollout.tensor_model_parallel_size"),
+    "gpu_memory_utilization": (0.5, "actor_rollout_ref.rollout.gpu_memory_utilization"),
+    "weight_sync_bucket_mb": (2048, "actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes"),
+    "filter_overlong_prompts": (False, "data.filter_overlong_prompts"),
+    "truncation": ("left", "data.truncation"),
+    "val_before_train": (True, "trainer.val_before_train"),
+}
+
+
+def test_every_verl_setting_is_a_config_key_in_the_run_identity_and_the_command(tmp_path):
+    """Each train.verl key reaches verl's composed config, is printed by --print-command and changes the run
+    identity; the release's values are the ones paper.yaml states (written out here independently)."""
+    from omegaconf import OmegaConf
+
+    from ctpo.config import VerlConfig
+    from ctpo.workdir import run_identity
+
+    assert set(VERL_KEYS) == {f.name for f in dataclasses.fields(VerlConfig)}
+    base = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
+    assert base["train"]["verl"] == {
+        "ppo_epochs": 1, "lr_scheduler": "constant", "lr_warmup_steps_ratio": 0.0, "kl_loss_coef": 0.0,
+        "entropy_coeff": 0.0, "param_offload": True, "optimizer_offload": True, "use_remove_padding": True,
+        "gradient_checkpointing": True, "rollout_tp": 1, "gpu_memory_utilization": 0.6, "weight_sync_bucket_mb": 4096,
+        "filter_overlong_prompts": True, "truncation": "error", "val_before_train": False}
+    base_argv = vb.build_command(load_run_config(base), "/tmp/r", "/tmp/w")
+    changed = {}
+    for key, (value, _) in VERL_KEYS.items():
+        d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
+        d["train"]["verl"][key] = value
+        cfg = load_run_config(d)
+        assert run_identity(d)[0] != run_identity(base)[0], key
+        argv = vb.build_command(cfg, "/tmp/r", "/tmp/w")
+        assert len(argv) == len(base_argv) and argv != base_argv, key
+        changed.update(a.split("=", 1) for a in set(argv) - set(base_argv))
+    c = _compose([f"{k}={v}" if k not in changed else f"{k}={changed[k]}" for k, v in
+                  (a.split("=", 1) for a in base_argv[3:])])
+    for key, (value, path) in VERL_KEYS.items():
+        assert OmegaConf.select(c, path) == value, key
+    assert c.actor_rollout_ref.actor.use_kl_loss is True  # kl_loss_coef > 0 turns the KL loss on
+    d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
+    d["train"]["verl"].update(ppo_epochs=2)
+    assert vb.loss_calls_per_step(load_run_config(d)) == 2 * vb.loss_calls_per_step(load_run_config(base))
+
+
+def test_verl_settings_have_no_defaults_and_fail_in_one_line(tmp_path, capsys):
+    from ctpo.config import ConfigError
+
+    d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
+    del d["train"]["verl"]["gpu_memory_utilization"]
+    with pytest.raises(ConfigError, match=r"train\.verl\.gpu_memory_utilization: required, no default"):
+        load_run_config(d)
+    d["train"]["verl"] = None
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert vb.cli(["command", "--config", str(tmp_path / "c.json"), "--results", "r", "--workdir", "w"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.verl (the verl launcher's settings" in err[0] and "required" in err[0]
+
+
+def test_a_changed_verl_setting_sets_old_checkpoints_aside(tmp_path, capsys):
+    """The launcher claims its workdir with the run identity: a run whose gpu_memory_utilization changed
+    starts from scratch and its old checkpoints move to superseded/ (verl would otherwise resume them)."""
+    from ctpo.workdir import claim
+
+    d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
+    wd = tmp_path / "w"
+    assert claim(wd, d) is None
+    _fake_checkpoints(wd, [20], latest=20)
+    assert claim(wd, d) is None and vb.latest_step(wd) == 20  # same identity: resume
+    d["train"]["verl"]["gpu_memory_utilization"] = 0.5
+    moved = Path(claim(wd, d))
+    assert moved.parent == wd / "superseded" and vb.latest_step(wd) == 0
+    assert (moved / "checkpoints" / "global_step_20" / "actor").is_dir()
+    assert "run config changed" in capsys.readouterr().out
+
+
+def test_hydra_writes_into_the_workdir_not_the_cwd(tmp_path):
+    """verl's main_ppo is a @hydra.main app (version_base=None): with the launcher's hydra.* overrides a Hydra
+    app of the same kind writes its .hydra/ config and log under <workdir>/hydra and nothing into the cwd."""
+    wd = tmp_path / "runs" / "x y" / "seed0"
+    argv = vb.build_command(_cfg("ctpo"), tmp_path / "r", wd)
+    hydra_args = [a for a in argv if a.startswith("hydra.")]
+    assert hydra_args == [f'hydra.run.dir="{wd.resolve() / "hydra"}"']
+    app = tmp_path / "main_ppo.py"
+    app.write_text("import hydra\n\n@hydra.main(config_path=None, config_name=None, version_base=None)\n"
+                   "def main(cfg):\n    print('ran')\n\nmain()\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    res = subprocess.run([sys.executable, str(app), *hydra_args], cwd=cwd, capture_output=True, text=True,
+                         timeout=HANG_S)
+    assert res.returncode == 0 and "ran" in res.stdout, res.stderr
+    assert list(cwd.iterdir()) == []
+    assert (wd / "hydra" / ".hydra" / "config.yaml").is_file() and (wd / "hydra" / "main_ppo.log").is_file()
+    c = _compose_hydra(argv[3:])
+    assert c.hydra.run.dir == str(wd.resolve() / "hydra")
+
+
+def _compose_hydra(overrides: list[str]):
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("ppo_trainer", overrides=overrides, return_hydra_config=True)
+
+
 def _log(path: Path, records: list[tuple[int, dict]], cut_last: bool = False) -> None:
     text = "".join(json.dumps({"step": s, "data": d}) + "\n" for s, d in records)
     if cut_last:

@@ -85,11 +85,17 @@ def eval_provenance(cfg, cfg_dict: dict, args, backend: str, benchmark_sha: str)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ctpo.hub import set_offline
+    from ctpo.hub import MissingLocalFiles, require_model, set_offline
 
     set_offline()  # compute nodes are offline: the checkpoint and its tokenizer are local files
     args = parse_args(argv)
     cfg = load_run_config(args.config)
+    try:  # a missing checkpoint (or the base model not fetched at model.revision) stops here, in one line
+        model_dir = str(require_model(args.checkpoint,
+                                      cfg.model.revision if args.checkpoint == cfg.model.path else None))
+    except MissingLocalFiles as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg_dict = asdict(cfg)
     out = Path(args.out)
     bench = Path(args.benchmark).stem
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctpo.reward import score
     from ctpo.sandbox import SandboxPool
 
-    generator, tokenizer = B.build_generator(backend, args.checkpoint, cfg)
+    generator, tokenizer = B.build_generator(backend, model_dir, cfg)
     plan = runner.EvalPlan(problems, cfg.eval.k, cfg.eval.chunk_size, seed_parts, fp)
     partial = runner.partial_path(out)
     # fails closed here (SandboxUnavailable), before any generation, when isolation is not available
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.rollout.protocol == "release":  # the training loop's own class (ctpo.agent.release_episodes)
             from ctpo.agent.release_episodes import release_rollout
 
-            run = release_rollout(generator, tokenizer, cfg.rollout, pool, args.checkpoint)
+            run = release_rollout(generator, tokenizer, cfg.rollout, pool, model_dir)
         else:
             def run(questions, params):
                 return run_episodes(generator, tokenizer, questions, cfg.rollout, params, sandbox=pool)

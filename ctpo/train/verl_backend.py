@@ -53,9 +53,7 @@ AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # templa
 REWARD_MODULE = "pkg://ctpo.reward"
 REWARD_FN = "compute_score"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-ROLLOUT_TP = 1  # paper: vLLM tensor parallel 1 per rollout replica
-GPU_MEMORY_UTILIZATION = 0.6  # paper: vLLM KV-cache share of GPU memory
-WEIGHT_SYNC_BUCKET_MB = 4096  # authors' launcher: trainer -> vLLM weight update bucket (verl default 2048)
+HYDRA_DIR = "hydra"  # <workdir>/hydra: Hydra's run dir for verl's main_ppo (its .hydra/ config and log)
 _RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
 
 
@@ -113,9 +111,14 @@ def experiment_name(cfg: RunConfig) -> str:
 
 
 def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None = None) -> list[str]:
-    """Hydra overrides for everything but the loss (the paper's setup, values from `cfg`). init: the policy
-    dir to start from (the toy's SFT warm start), else `model.path`."""
-    t, r, m = cfg.train, cfg.rollout, cfg.model
+    """Hydra overrides for everything but the loss (the paper's setup): every value comes from `cfg`
+    (`train.verl` holds the verl-only settings); the literals left are contracts this launcher and our plugin
+    rely on (GRPO advantages, no reward KL, decoupled rollout IS, fixed micro-batches, behaviour log-probs,
+    resumable checkpoints, multi-turn TIR, our reward and save hook). init: the policy dir to start from
+    (the toy's SFT warm start, or the verified local snapshot of `model.revision`), else `model.path`."""
+    t, r, m, v = cfg.train, cfg.rollout, cfg.model, cfg.train.verl
+    if v is None:
+        raise ValueError("run config: train.verl (the verl launcher's settings) is required for the verl backend")
     model_path = str(Path(init).resolve()) if init else m.path
     if not model_path:
         raise ValueError("run config: model.path must name the policy (or pass --init POLICY_DIR) for the verl backend")
@@ -139,41 +142,41 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"data.train_batch_size={t.prompts_per_step}",
         f"data.max_prompt_length={r.max_prompt_tokens}",
         f"data.max_response_length={r.max_response_tokens}",
-        "data.filter_overlong_prompts=true",
-        "data.truncation=error",
+        f"data.filter_overlong_prompts={_b(v.filter_overlong_prompts)}",
+        f"data.truncation={v.truncation}",
         "data.return_raw_chat=true",
         f"data.seed={cfg.seed}",
         f"+data.apply_chat_template_kwargs.enable_thinking={_b(r.enable_thinking)}",
         # model + our plugin (registers the ctpo losses in every worker at import)
         f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
-        "actor_rollout_ref.model.use_remove_padding=true",
-        "actor_rollout_ref.model.enable_gradient_checkpointing=true",
-        # actor: PPO batch sizes in prompts (verl multiplies by rollout.n), lr constant, no KL / entropy
+        f"actor_rollout_ref.model.use_remove_padding={_b(v.use_remove_padding)}",
+        f"actor_rollout_ref.model.enable_gradient_checkpointing={_b(v.gradient_checkpointing)}",
+        # actor: PPO batch sizes in prompts (verl multiplies by rollout.n), schedule, KL / entropy
         f"{a}.ppo_mini_batch_size={t.mini_batch_prompts}",
         f"{a}.ppo_micro_batch_size_per_gpu={t.micro_batch_size_per_gpu}",
-        f"{a}.ppo_epochs=1",
+        f"{a}.ppo_epochs={v.ppo_epochs}",
         f"{a}.use_dynamic_bsz=false",  # fixed micro-batches: the rollout-dump step counter relies on it
         f"{a}.optim.lr={float(t.lr)}",
-        f"{a}.optim.lr_scheduler_type=constant",
-        f"{a}.optim.lr_warmup_steps_ratio=0.0",
+        f"{a}.optim.lr_scheduler_type={v.lr_scheduler}",
+        f"{a}.optim.lr_warmup_steps_ratio={float(v.lr_warmup_steps_ratio)}",
         f"{a}.optim.weight_decay={float(t.weight_decay)}",
         f"{a}.optim.clip_grad={float(t.grad_clip)}",
         f"{a}.grad_clip={float(t.grad_clip)}",
-        f"{a}.use_kl_loss=false",
-        f"{a}.kl_loss_coef=0.0",
-        f"{a}.entropy_coeff=0.0",
-        f"{a}.fsdp_config.param_offload=true",
-        f"{a}.fsdp_config.optimizer_offload=true",
+        f"{a}.use_kl_loss={_b(v.kl_loss_coef > 0)}",
+        f"{a}.kl_loss_coef={float(v.kl_loss_coef)}",
+        f"{a}.entropy_coeff={float(v.entropy_coeff)}",
+        f"{a}.fsdp_config.param_offload={_b(v.param_offload)}",
+        f"{a}.fsdp_config.optimizer_offload={_b(v.optimizer_offload)}",
         f"{a}.checkpoint.save_contents=[model,optimizer,extra]",
         # rollout: vLLM async server, TP 1, behaviour log-probs for rollout IS
         f"{ro}.name=vllm",
         f"{ro}.mode=async",
-        f"{ro}.tensor_model_parallel_size={ROLLOUT_TP}",
-        f"{ro}.gpu_memory_utilization={GPU_MEMORY_UTILIZATION}",
+        f"{ro}.tensor_model_parallel_size={v.rollout_tp}",
+        f"{ro}.gpu_memory_utilization={float(v.gpu_memory_utilization)}",
         f"{ro}.max_num_seqs={r.max_num_seqs}",  # the release's 1024 (verl 0.9.1 defaults to 256)
         f"{ro}.calculate_log_probs=true",
-        f"{ro}.checkpoint_engine.update_weights_bucket_megabytes={WEIGHT_SYNC_BUCKET_MB}",
+        f"{ro}.checkpoint_engine.update_weights_bucket_megabytes={v.weight_sync_bucket_mb}",
         f"{ro}.n={r.n}",
         f"{ro}.temperature={float(r.temperature)}",
         f"{ro}.top_p={float(r.top_p)}",
@@ -199,7 +202,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"trainer.total_training_steps={t.total_steps}",
         f"trainer.save_freq={t.save_freq}",
         f"trainer.test_freq={t.test_freq}",
-        "trainer.val_before_train=false",
+        f"trainer.val_before_train={_b(v.val_before_train)}",
         "trainer.resume_mode=auto",
         f"trainer.checkpoint_callback_class={verl_preempt.HOOK_CLASS}",  # save on signal / before the end time
         f"trainer.default_local_dir={_q(ckpt)}",
@@ -209,6 +212,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash)
         f"+ray_kwargs.ray_init._temp_dir={_q(ray_temp_dir(workdir))}",
         "+ray_kwargs.ray_init.include_dashboard=false",
+        # Hydra: its run dir (.hydra/ composed config, main_ppo.log) in the workdir, not ./outputs/<date> in the cwd
+        f"hydra.run.dir={_q(Path(workdir) / HYDRA_DIR)}",
     ]
 
 
@@ -276,7 +281,8 @@ def format_command(argv: list[str]) -> str:
 
 
 def loss_calls_per_step(cfg: RunConfig) -> int:
-    """Policy-loss calls per rank per training step (one PPO epoch, fixed micro-batches, no dynamic bsz)."""
+    """Policy-loss calls per rank per training step (fixed micro-batches, no dynamic bsz): one per micro-batch
+    and PPO epoch (a dump step's shard holds every epoch's calls)."""
     t = cfg.train
     world = t.n_gpus * t.n_nodes
     responses = t.prompts_per_step * cfg.rollout.n
@@ -285,7 +291,7 @@ def loss_calls_per_step(cfg: RunConfig) -> int:
             f"run config: train.prompts_per_step * rollout.n ({responses}) and train.mini_batch_prompts * rollout.n "
             f"must split evenly over {world} GPUs x train.micro_batch_size_per_gpu ({t.micro_batch_size_per_gpu})"
         )
-    return responses // world // t.micro_batch_size_per_gpu
+    return responses // world // t.micro_batch_size_per_gpu * t.verl.ppo_epochs
 
 
 def next_attempt(workdir: str | Path) -> int:
@@ -406,8 +412,8 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
 
     workdir = Path(workdir)
     if not print_command and command is None and cfg.model.kind == "hf" and init is None:
-        try:  # compute nodes are offline: the model must be on disk (`python -m ctpo.hub fetch`)
-            require_model(cfg.model.path)
+        try:  # compute nodes are offline: the model must be on disk (`python -m ctpo.hub fetch`) at model.revision
+            init = require_model(cfg.model.path, cfg.model.revision)  # verl loads that snapshot, not the hub id
         except MissingLocalFiles as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -471,7 +477,10 @@ def merge_checkpoint(workdir: str | Path, step: int) -> Path:
         return target
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(merge_command(workdir, step, tmp), check=True)
+    from ctpo.hub import set_offline
+
+    # offline like training and evaluation: the checkpoint carries its config and tokenizer
+    subprocess.run(merge_command(workdir, step, tmp), check=True, env=set_offline(dict(os.environ)))
     if not (tmp / "config.json").is_file():
         raise VerlRunError(f"{tmp}: verl's model merger wrote no config.json")
     shutil.rmtree(target, ignore_errors=True)

@@ -22,7 +22,7 @@ EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
 WANDB_ONLINE = resolve_mode(config["wandb"]["mode"]) == "online"  # from the environment only, no network
 # hub models (kind: hf) by model name: fetched by `prepare_model` on the login node, offline elsewhere
 HUB_MODELS = {
-    c["model"]["name"].lower().replace("-", "_"): c["model"]["path"]
+    c["model"]["name"].lower().replace("-", "_"): c["model"]
     for c in RESOLVED.values()
     if c["model"]["kind"] == "hf"
 }

@@ -125,7 +125,8 @@ rule prepare_model:
     output:
         f"{R}/data/model_{{model}}.json",
     params:
-        path=lambda wc: HUB_MODELS[wc.model],
+        path=lambda wc: HUB_MODELS[wc.model]["path"],
+        revision=lambda wc: f"--revision {HUB_MODELS[wc.model]['revision']}" if HUB_MODELS[wc.model]["revision"] else "",
     log:
         f"{L}/prepare_model/{{model}}.log",
     benchmark:
@@ -133,7 +134,7 @@ rule prepare_model:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.hub fetch --model {params.path:q} --out {output} > {log} 2>&1"
+        "python -m ctpo.hub fetch --model {params.path:q} {params.revision} --out {output} > {log} 2>&1"
 
 
 rule prepare:
