@@ -1,6 +1,6 @@
 """Weights & Biases tracking that is never required.
 
-- project = `wandb.project`, group = "<experiment>/<method>", name = "<run>-seed<seed>";
+- project = `wandb.project`, group = "<experiment>/<model>/<method>" (local and verl runs), name = "<run>-seed<seed>";
 - run id = a hash of (experiment, run, seed, run identity), stored at `<workdir>/wandb_run_id` beside the
   checkpoints and reused with resume="allow" (`wandb_run_id`, for both trainers), so a restarted or
   requeued run continues the same W&B run;

@@ -287,7 +287,27 @@ def _run_config(path: Path) -> Path:
     return path
 
 
+def _no_network() -> list[str]:
+    """`unshare -n` (a network namespace with no interfaces; the sandbox then nests its own namespaces) when
+    this user may create one, as tests/test_hub.py."""
+    import shutil
+
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
+def _offline_env(tmp_path: Path) -> dict:
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("HF_HUB_CACHE", None)  # an empty HF cache: nothing but the checkpoint directory to load
+    return env
+
+
 def test_cli_writes_records_and_provenance_sidecar(tmp_path, monkeypatch):
+    """The evaluation job as on an offline compute node: network cut (`unshare -n` where permitted), empty HF
+    cache; it evaluates the local checkpoint."""
     from ctpo.agent import template_hash
     from ctpo.eval.__main__ import main
 
@@ -297,8 +317,8 @@ def test_cli_writes_records_and_provenance_sidecar(tmp_path, monkeypatch):
     out = tmp_path / "results" / "step10" / "toy_arith.parquet"
     argv = ["--config", str(config), "--checkpoint", str(policy), "--benchmark", str(bench), "--step", "10",
             "--out", str(out), "--backend", "hf"]
-    proc = subprocess.run([sys.executable, "-m", "ctpo.eval", *argv], capture_output=True, text=True,
-                          env={**__import__("os").environ, "WANDB_MODE": "offline"}, cwd=REPO_ROOT)
+    proc = subprocess.run([*_no_network(), sys.executable, "-m", "ctpo.eval", *argv], capture_output=True, text=True,
+                          env=_offline_env(tmp_path), cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     recs = pd.read_parquet(out)
@@ -353,6 +373,36 @@ def test_cli_writes_records_and_provenance_sidecar(tmp_path, monkeypatch):
     assert main([*argv[:-4], "--out", str(again), "--backend", "hf"]) == 0
     assert drawn[1] == [(1, 1)]  # only the unfinished chunk was drawn again
     pd.testing.assert_frame_equal(pd.read_parquet(again), recs)
+
+
+def test_eval_job_with_a_missing_model_fails_at_once_in_one_line_offline(tmp_path):
+    """A checkpoint that is not on disk, or the base model not fetched at model.revision, stops the evaluation
+    job at once (network cut, hubs offline) with one `error:` line and exit code 2."""
+    import time
+
+    from ctpo.config import load_experiment, resolve_run
+
+    paper = resolve_run(load_experiment(REPO_ROOT / "configs" / "experiments" / "paper.yaml"), "qwen3_4b_ctpo", 0)
+    (tmp_path / "paper.json").write_text(json.dumps(paper))
+    bench = _write_verl(tmp_path / "aime25.parquet", [_verl_row("Add 2 and 3.", "5", 0)])
+    missing = tmp_path / "runs" / "missing" / "hf" / "step20"
+    want = {
+        str(missing): f"error: model directory {missing} does not exist",
+        "Qwen/Qwen3-4B": f"error: model Qwen/Qwen3-4B at revision {paper['model']['revision']} is not in the local HF "
+                         f"cache ({tmp_path / 'hf' / 'hub'}) and this job runs offline",
+    }
+    for checkpoint, line in want.items():
+        out = tmp_path / "out" / "aime25.parquet"
+        t0 = time.monotonic()
+        proc = subprocess.run([*_no_network(), sys.executable, "-m", "ctpo.eval", "--config", str(tmp_path / "paper.json"),
+                               "--checkpoint", checkpoint, "--benchmark", str(bench), "--step", "20", "--out", str(out)],
+                              capture_output=True, text=True, env=_offline_env(tmp_path), cwd=REPO_ROOT, timeout=600)
+        secs = time.monotonic() - t0
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(errors) == 1 and errors[0].startswith(line), errors
+        assert not (tmp_path / "out").exists()
+        print(f"{checkpoint}: one-line error after {secs:.1f} s")
 
 
 def test_backend_choice_on_cpu():
