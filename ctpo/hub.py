@@ -53,7 +53,8 @@ def require_model(path: str, revision: str | None = None) -> Path:
     if is_local_path(path):
         p = Path(path)
         if not (p / "config.json").is_file():
-            raise MissingLocalFiles(f"model directory {path} " + ("has no config.json" if p.is_dir() else "does not exist"))
+            what = "has no config.json" if p.is_dir() else "does not exist"
+            raise MissingLocalFiles(f"model directory {path} {what}")
         snap = p.resolve()
         if revision is not None and (snap.parent.name != "snapshots" or snap.name != revision):
             raise MissingLocalFiles(

@@ -394,8 +394,9 @@ def test_eval_job_with_a_missing_model_fails_at_once_in_one_line_offline(tmp_pat
     for checkpoint, line in want.items():
         out = tmp_path / "out" / "aime25.parquet"
         t0 = time.monotonic()
-        proc = subprocess.run([*_no_network(), sys.executable, "-m", "ctpo.eval", "--config", str(tmp_path / "paper.json"),
-                               "--checkpoint", checkpoint, "--benchmark", str(bench), "--step", "20", "--out", str(out)],
+        argv = ["--config", str(tmp_path / "paper.json"), "--checkpoint", checkpoint, "--benchmark", str(bench),
+                "--step", "20", "--out", str(out)]
+        proc = subprocess.run([*_no_network(), sys.executable, "-m", "ctpo.eval", *argv],
                               capture_output=True, text=True, env=_offline_env(tmp_path), cwd=REPO_ROOT, timeout=600)
         secs = time.monotonic() - t0
         errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]

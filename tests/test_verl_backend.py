@@ -439,6 +439,24 @@ def test_merge_command_and_missing_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and "no verl checkpoint for step 40" in err[0] and not marker.exists()
 
 
+def test_merge_runs_with_the_hubs_offline(tmp_path, monkeypatch):
+    """The merge job runs on a compute node like training and evaluation: verl's merger gets OFFLINE_ENV."""
+    from ctpo.hub import OFFLINE_ENV
+
+    _fake_checkpoints(tmp_path, [20], latest=20)
+    seen = []
+
+    def merger(cmd, check, env):
+        seen.append(env)
+        target = Path(cmd[cmd.index("--target_dir") + 1])
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(vb.subprocess, "run", merger)
+    assert vb.merge_checkpoint(tmp_path, 20) == tmp_path / "hf" / "step20"
+    assert len(seen) == 1 and {k: seen[0].get(k) for k in OFFLINE_ENV} == OFFLINE_ENV
+
+
 def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):
     deep = tmp_path / ("x" * 80) / "runs" / "paper" / "qwen3_14b_ctpo_fixed" / "seed0"
     p = vb.ray_temp_dir(deep)
@@ -476,8 +494,10 @@ def test_merge_cli_turns_a_verl_checkpoint_into_a_loadable_hf_dir(tmp_path):
     wd = tmp_path / "runs" / "paper" / "qwen3_4b_ctpo" / "seed0"
     state = _tiny_fsdp_checkpoint(wd / "checkpoints" / "global_step_20" / "actor")
     marker = tmp_path / "results" / "merged_step20.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "ctpo.train.verl_backend", "merge", "--workdir", str(wd), "--step", "20",
+    from test_hub import _unshare_net
+
+    res = subprocess.run(  # with the network cut where permitted, as on a compute node
+        [*_unshare_net(), sys.executable, "-m", "ctpo.train.verl_backend", "merge", "--workdir", str(wd), "--step", "20",
          "--done", str(marker)], capture_output=True, text=True, cwd=ROOT, timeout=HANG_S,
     )
     assert res.returncode == 0, res.stderr[-2000:]
