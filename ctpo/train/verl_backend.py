@@ -1,5 +1,6 @@
 """The GPU training backend: our RunConfig -> `python -m verl.trainer.main_ppo` (verl 0.9.1) with the
 paper's setup (arXiv 2605.07331, Sec. 4.1; the authors' released launcher), run as a child process.
+Every value comes from the run config (verl-only settings: `train.verl`), so it is in the run identity.
 
     python -m ctpo.train.verl_backend command --config C.json --results R --workdir W   # print the command
     python -m ctpo.train.verl_backend run     --config C.json --results R --workdir W   # train
@@ -9,6 +10,7 @@ Layout (W = runs/{exp}/{run}/seed{seed}, R = results/{exp}/train/{run}/seed{seed
   W/checkpoints/global_step_N/actor   verl's FSDP checkpoints (`trainer.default_local_dir`), resume_mode=auto
   W/checkpoints/latest_checkpointed_iteration.txt   the step count that decides "done" (not the exit code)
   W/verl_logs/attempt{K}.jsonl        verl's file logger, one file per launch (verl truncates its file)
+  W/hydra/                            Hydra's run dir (`hydra.run.dir`; not ./outputs/ in the cwd)
   W/rollout_dumps/step{N}/*.npz       per-rank shards written by ctpo.verl_plugin (env CTPO_DUMP_DIR/_STEPS)
   W/rollouts/step{N}.npz              merged dumps (ctpo.schema.ROLLOUT_ARRAYS) for the diagnostics
   W/wandb_run_id, W/wandb/            W&B run id (reused on requeue: WANDB_RUN_ID + WANDB_RESUME=allow)
