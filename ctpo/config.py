@@ -1,6 +1,8 @@
-"""Typed run configuration. Every key and its default exist here once; YAML in `configs/` overrides.
-The loss knobs are the exception: their values exist only in the method files, `configs/methods/<method>.yaml`
-(the methods themselves: `ctpo.methods`).
+"""Typed run configuration. Every key exists here once; YAML in `configs/` sets it. A default exists once
+too: keys that change a result and that the paper fixes (`train.*` batch sizes, optimiser, schedule, rollout
+IS; every verl setting, `train.verl`) have none here, so each experiment file states them (paper.yaml: the
+paper's values) and a missing one fails naming the key; the others default here. The loss knobs' values
+exist only in the method files, `configs/methods/<method>.yaml` (the methods themselves: `ctpo.methods`).
 
 An experiment file (`configs/experiments/<name>.yaml`, also the Snakemake config) names runs as
 (model, method) pairs. `resolve_run(experiment, run, seed)` merges, in order,

@@ -120,3 +120,23 @@ def test_figure1_fixed_band_and_the_ablation_cannot_disagree(paper):
                                                                   "fixed_dual_clip": 1.25}}
     with pytest.raises(ConfigError, match="configs/methods/ctpo_fixed.yaml .* where Figure 1's fixed band comes from"):
         check_experiment(exp, resolve_runs(exp))
+
+
+def test_the_papers_training_values_exist_once(paper, toy):
+    """paper.yaml states the paper's train / verl values and ctpo/config.py does not repeat them: each key
+    paper.yaml sets under train (and train.verl) has no default or a different one there; a toy experiment
+    that leaves one out fails naming it."""
+    import dataclasses
+
+    from ctpo.config import TrainConfig, VerlConfig
+
+    for cls, values in ((TrainConfig, paper["defaults"]["train"]), (VerlConfig, paper["defaults"]["train"]["verl"])):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert default == "???" or default != value, f"{cls.__name__}.{key} repeats paper.yaml's {value!r}"
+    bad = json.loads(json.dumps(toy))
+    del bad["defaults"]["train"]["weight_decay"]
+    with pytest.raises(ConfigError, match=r"train\.weight_decay: required, no default"):
+        resolve_run(bad, "toy_ctpo", 0)
