@@ -248,6 +248,11 @@ def test_every_verl_setting_is_a_config_key_in_the_run_identity_and_the_command(
     for key, (value, path) in VERL_KEYS.items():
         assert OmegaConf.select(c, path) == value, key
     assert c.actor_rollout_ref.actor.use_kl_loss is True  # kl_loss_coef > 0 turns the KL loss on
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    assert need_reference_policy(c)  # ... with a reference model, configured well enough for verl's checks
+    validate_config(c, use_reference_policy=True, use_critic=need_critic(c))
     d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
     d["train"]["verl"].update(ppo_epochs=2)
     assert vb.loss_calls_per_step(load_run_config(d)) == 2 * vb.loss_calls_per_step(load_run_config(base))

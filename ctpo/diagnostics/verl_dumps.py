@@ -20,8 +20,8 @@ Writing side: `record(old_log_prob, log_prob, response_mask, advantages)` is wha
 calls once per micro-batch (a no-op unless CTPO_DUMP_DIR is set). verl 0.9.1 passes no training step to
 a policy loss, so the step is counted: the launcher sets CTPO_DUMP_START_STEP (first step of this
 launch = last checkpointed step + 1) and CTPO_DUMP_CALLS_PER_STEP (loss calls per rank per step =
-prompts_per_step * n / world_size / micro_batch_size_per_gpu, exact with use_dynamic_bsz=false and one
-PPO epoch, as in the paper setup). A step's calls are buffered and written as one shard per rank when
+prompts_per_step * n / world_size / micro_batch_size_per_gpu * train.verl.ppo_epochs, exact with
+use_dynamic_bsz=false; the paper runs one epoch). A step's calls are buffered and written as one shard per rank when
 the step's last call arrives, so a step cut by preemption leaves no shard.
 """
 from __future__ import annotations

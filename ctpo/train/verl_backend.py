@@ -168,6 +168,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"{a}.use_kl_loss={_b(v.kl_loss_coef > 0)}",
         f"{a}.kl_loss_coef={float(v.kl_loss_coef)}",
         f"{a}.entropy_coeff={float(v.entropy_coeff)}",
+        # the reference model's log-probs (used only with kl_loss_coef > 0): same micro-batches as the actor
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={t.micro_batch_size_per_gpu}",
         f"{a}.fsdp_config.param_offload={_b(v.param_offload)}",
         f"{a}.fsdp_config.optimizer_offload={_b(v.optimizer_offload)}",
         f"{a}.checkpoint.save_contents=[model,optimizer,extra]",
