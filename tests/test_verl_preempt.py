@@ -159,3 +159,21 @@ def test_composed_verl_config_loads_the_hook_through_verls_builder():
     composed = _compose(vb.build_command(small_cfg(), "/tmp/r", "/tmp/w")[3:])
     assert composed.trainer.checkpoint_callback_class == vp.HOOK_CLASS
     assert isinstance(build_checkpoint_callback(composed), SaveOnRequest)
+
+
+def test_a_signal_that_lands_while_verl_starts_is_forwarded_once_it_runs(tmp_path):
+    """The scheduler's signal can arrive after verl's process exists but before the launcher knows its pid:
+    it is held and forwarded as soon as the pid is known, not dropped (verl would then run to its time limit)."""
+    marker = tmp_path / "got"
+    child = (f"import signal, sys, time\n"
+             f"def h(signum, frame):\n    open({str(marker)!r}, 'w').write(str(signum)); sys.exit(0)\n"
+             f"signal.signal(signal.SIGUSR1, h)\nprint('ready', flush=True)\ntime.sleep(30)\nsys.exit(3)\n")
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, start_new_session=True)
+        assert proc.stdout.readline() == b"ready\n"  # its handler is in place
+        os.kill(os.getpid(), signal.SIGUSR1)  # the signal lands now, inside start(): no pid known yet
+        return proc
+
+    assert vp.run_with_saves(start, None) == 0
+    assert marker.read_text() == str(int(signal.SIGUSR1))

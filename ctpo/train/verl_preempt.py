@@ -197,11 +197,14 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
     forwarded at once. The handlers are in place before verl starts and removed after it ended."""
     poll_s = POLL_S if poll_s is None else poll_s
     procs: list[subprocess.Popen] = []
+    early: list[int] = []  # signals that came while verl was starting (before its pid was known)
 
     def forward(signum: int) -> None:
+        if not procs:
+            early.append(signum)
+            return
         try:
-            if procs:
-                os.killpg(procs[0].pid, signum)
+            os.killpg(procs[0].pid, signum)
         except ProcessLookupError:
             pass
 
@@ -212,6 +215,8 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
     previous = {s: signal.signal(s, handler) for s in (*SAVE_SIGNALS, signal.SIGINT)}
     try:
         procs.append(start())
+        while early:
+            forward(early.pop(0))
         while True:
             try:
                 rc = procs[0].wait(timeout=poll_s if ctl is not None else None)
