@@ -106,6 +106,15 @@ def _loss_config(loss_mode: str, loss_agg_mode: str, config: Any) -> LossConfig:
     return cfg
 
 
+def _logged_metrics(metrics: dict, response_mask: torch.Tensor) -> dict:
+    """The `ctpo/*` metrics of one micro-batch as verl may average them over micro-batches: the means, the
+    max as a lower bound, and the token sums from which ctpo.train.verl_metrics recovers exact step values."""
+    out = {k: v for k, v in metrics.items() if k not in NOT_AVERAGEABLE}
+    out[schema.LOG_RATIO_ABS_MAX_LB] = metrics[schema.LOG_RATIO_ABS_MAX]  # verl averages it: a lower bound
+    out.update(loss_metric_sums(metrics, response_mask))  # exact step statistics (verl_metrics)
+    return out
+
+
 def _verl_loss(loss_mode: str):
     """Our method's loss (ctpo.losses) under verl's `loss_mode`."""
 
@@ -130,10 +139,7 @@ def _verl_loss(loss_mode: str):
             "actor/pg_clipfrac_lower": metrics[schema.DUAL_CLIP_FRAC],
             "actor/ppo_kl": -metrics[schema.LOG_RATIO_MEAN],
         }
-        out.update({k: v for k, v in metrics.items() if k not in NOT_AVERAGEABLE})
-        out[schema.LOG_RATIO_ABS_MAX_LB] = metrics[schema.LOG_RATIO_ABS_MAX]  # verl averages it: a lower bound
-        out.update(loss_metric_sums(metrics, response_mask))  # exact step statistics (verl_metrics)
-        return loss, out
+        return loss, {**out, **_logged_metrics(metrics, response_mask)}
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{loss_mode}"
     loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={loss_mode} (ctpo.losses.policy_token_losses + verl agg_loss)."
@@ -161,7 +167,8 @@ def _verl_wrapped(name: str):
                             rollout_is_weights=rollout_is_weights)
         with torch.no_grad():
             _, metrics = policy_token_losses(old_log_prob.detach(), log_prob.detach(), advantages, response_mask, cfg)
-        return loss, {**out, **metrics}
+            logged = _logged_metrics(metrics, response_mask)  # as for our own losses: exact step statistics
+        return loss, {**out, **logged}
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{name}"
     loss_fn.__doc__ = (f"verl PolicyLossFn for loss_mode={name}: verl's own `{verl_name}` (loss and gradient "

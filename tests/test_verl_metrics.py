@@ -66,7 +66,8 @@ def verl_ppo_loss(actor, lp, olp, mask, adv):
     return metrics
 
 
-@pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed"])
+# grpo / gspo: verl's own vanilla / gspo through our verl_vanilla / verl_gspo wrappers (the same metrics path)
+@pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed", "grpo", "gspo"])
 def test_converted_metrics_are_the_steps_token_statistics(tmp_path, method):
     actor = actor_config(method)
     g = np.random.default_rng(7)
