@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo demo-seeds test venv slurm-profile bench clean-demo pins resolve-gpu
+.PHONY: demo demo-seeds test test-verl venv slurm-profile bench clean-demo pins resolve-gpu
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ demo-seeds: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider tests
+
+# GRPO and GSPO through verl's own trainer on CPU, one short run each (verl's vanilla / gspo losses): not in
+# `make test` (pyproject's addopts deselects the marker); CI runs it after `make test`.
+test-verl: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -m verl_e2e_methods tests/test_verl_e2e_methods.py
 
 # envs/cpu.yaml, envs/gpu.yaml, envs/gpu.post-deploy.sh from pyproject.toml (the one pin set).
 pins:
