@@ -72,6 +72,29 @@ def run(loop, question="What is 6*7?"):
     return asyncio.run(loop.run({"temperature": 1.0, "top_p": 1.0}, raw_prompt=raw_prompt))
 
 
+def test_importing_the_loop_keeps_the_runs_configured_entry():
+    """verl loads the run's agent_loop.yaml into its registry, then the first trajectory imports the module:
+    the configured `rollout` must survive the import (it was replaced by a bare entry: later trajectories
+    ran with the default qwen3_tir template instead of the run's)."""
+    import importlib
+
+    import ctpo.agent.verl_loop as verl_loop
+
+    saved = _agent_loop_registry.get("ctpo_tir")
+    configured = OmegaConf.create({"name": "ctpo_tir", "_target_": "ctpo.agent.verl_loop.CtpoTirAgentLoop",
+                                   "rollout": {"template": "toy_tir"}})
+    try:
+        _agent_loop_registry["ctpo_tir"] = configured  # what AgentLoopWorker.__init__ does
+        importlib.reload(verl_loop)  # what the first hydra.utils.instantiate does in a fresh worker
+        assert _agent_loop_registry["ctpo_tir"] is configured
+        _agent_loop_registry.pop("ctpo_tir")
+        importlib.reload(verl_loop)  # without a config file, importing still registers the loop
+        assert _agent_loop_registry["ctpo_tir"] == {"_target_": "ctpo.agent.verl_loop.CtpoTirAgentLoop"}
+    finally:
+        if saved is not None:
+            _agent_loop_registry["ctpo_tir"] = saved
+
+
 def test_registered_and_yaml_target_is_importable():
     assert _agent_loop_registry["ctpo_tir"]["_target_"] == "ctpo.agent.verl_loop.CtpoTirAgentLoop"
     entries = OmegaConf.load(CONFIG_DIR / "verl" / "agent_loop.yaml")

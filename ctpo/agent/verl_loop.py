@@ -24,7 +24,7 @@ from typing import Any
 from uuid import uuid4
 
 from omegaconf import OmegaConf
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, _agent_loop_registry, register
 
 from ctpo.agent.loop import sandbox_runner
 from ctpo.agent.template import load_template, render_prompt
@@ -70,7 +70,21 @@ def question_from_messages(messages) -> str:
     raise ValueError("raw_prompt: no user message with text content")
 
 
-@register("ctpo_tir")
+def register_unless_configured(name: str):
+    """verl's `register(name)`, except when the run's agent_loop.yaml already registered `name`.
+
+    verl's AgentLoopWorker loads agent_loop_config_path into its registry (the entry with our `rollout`)
+    before anything imports this module; the first trajectory's instantiation imports it, and a plain
+    `register` would then replace that entry with a bare `{_target_}`: every later trajectory ran with
+    RolloutConfig defaults (the qwen3_tir template, not the run's) while the first ran as configured."""
+
+    def decorator(cls):
+        return cls if name in _agent_loop_registry else register(name)(cls)
+
+    return decorator
+
+
+@register_unless_configured("ctpo_tir")
 class CtpoTirAgentLoop(AgentLoopBase):
     def __init__(self, *args, tools=None, rollout=None, sandbox=None, **kwargs):
         """args/kwargs: verl's AgentLoopBase arguments (trainer_config, server_manager, tokenizer, ...).
