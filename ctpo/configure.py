@@ -61,6 +61,8 @@ def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict], co
         for run in ev[key]:
             if run not in runs:
                 raise ConfigError(f"experiment evaluation.{key}: unknown run '{run}' (have: {sorted(runs)})")
+    if len(ev["table3_runs"]) != 2:  # Table 3 is the ablation pair; the tables job would fail after all training
+        raise ConfigError(f"experiment evaluation.table3_runs: expected [adaptive_run, fixed_run], got {ev['table3_runs']}")
     for bench in list(ev["table2_benchmarks"]) + [ev["figure2_benchmark"]]:
         if bench not in benchmarks:
             raise ConfigError(

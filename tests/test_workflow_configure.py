@@ -55,6 +55,10 @@ def test_check_experiment_names_the_bad_key(toy):
     bad["diagnostics"]["steps"] = [10, 15]
     with pytest.raises(ConfigError, match=r"diagnostics.steps: steps \[15\]"):
         check_experiment(bad, resolved)
+    bad = copy.deepcopy(toy)
+    bad["evaluation"]["table3_runs"] = ["toy_ctpo"]  # failed the tables job only, after every training
+    with pytest.raises(ConfigError, match=r"evaluation.table3_runs: expected \[adaptive_run, fixed_run\]"):
+        check_experiment(bad, resolved)
 
 
 def test_warmstart_config_ignores_methods_and_run_overrides(toy, tmp_path):
