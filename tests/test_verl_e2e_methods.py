@@ -151,9 +151,6 @@ def test_verl_own_loss_one_step_on_cpu(toy, tmp_path, method):
     assert raw["actor/pg_clipfrac"] == pytest.approx(raw["actor/ctpo/clip_frac_active"], abs=1e-6)
     if method == "gspo":  # verl's gspo has no dual clip: it reports 0 for the lower clip fraction
         assert raw["actor/pg_clipfrac_lower"] == 0.0
-        # clip 3e-4 / 4e-4 on the sequence ratio: the off-policy mini-batch is clipped (a token-level
-        # vanilla would give a different pg_clipfrac than our sequence-level clip_frac_active above)
-        assert raw["actor/pg_clipfrac"] > 0.0
 
     # converted metrics.jsonl: one row with the method's metrics
     rows = [json.loads(line) for line in (res / "metrics.jsonl").read_text().splitlines()]
