@@ -61,19 +61,13 @@ def _run_config(root: Path, method: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """(root, SFT warm-start policy dir)."""
-    from ctpo.train import sft
-
+def toy(tmp_path_factory, toy_warmstart):
+    """(root, SFT warm-start policy dir): small toy data for verl and the session's toy warm start
+    (tests/conftest.py; toy_verl.yaml's sft block is toy.yaml's, asserted in test_verl_e2e.py)."""
     root = tmp_path_factory.mktemp("verl_methods")
     write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
     reuse = os.environ.get("CTPO_E2E_WARMSTART")
-    if reuse:
-        return root, Path(reuse)
-    (root / "sft.json").write_text(json.dumps(_run_config(root, "grpo")))
-    os.environ["WANDB_MODE"] = "offline"
-    assert sft.main(["--config", str(root / "sft.json"), "--out", str(root / "sft")]) == 0
-    return root, root / "sft" / "policy"
+    return root, Path(reuse) if reuse else toy_warmstart[1]
 
 
 def _train(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path) -> tuple[int, list[tuple[float, str]]]:
