@@ -5,6 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from ctpo import layout
 from ctpo.config import canonical_json
 from ctpo.tracking import resolve_mode
 from ctpo.configure import check_experiment, eval_targets, resolve_runs, warmstart_config
@@ -21,8 +22,12 @@ check_experiment(config, RESOLVED, CONFIG_DIR)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
 WANDB_ONLINE = resolve_mode(config["wandb"]["mode"]) == "online"  # from the environment only, no network
 # hub models (kind: hf) by model name: fetched by `prepare_model` on the login node, offline elsewhere
+def hub_key(name):
+    return name.lower().replace("-", "_")
+
+
 HUB_MODELS = {
-    c["model"]["name"].lower().replace("-", "_"): c["model"]
+    hub_key(c["model"]["name"]): c["model"]
     for c in RESOLVED.values()
     if c["model"]["kind"] == "hf"
 }
@@ -32,33 +37,18 @@ ENV_GPU = "../../envs/gpu.yaml"
 # GPU stages get the GPU env only when some run of this experiment trains with verl.
 ENV_ACCEL = ENV_GPU if len(LOCAL_RUNS) < len(RUNS) else ENV_CPU
 
-# Paths (ctpo.schema documents the layout). Checkpoints and rollout dumps live under runs/ and are
-# never outputs: Snakemake deletes a rule's outputs before rerunning it, and training must resume.
-R = f"results/{EXP}"
-L = f"logs/{EXP}"
-B = f"results/{EXP}/benchmarks"
-W = f"runs/{EXP}"
-P = {
-    "experiment": f"{R}/experiment.json",
-    "run_config": f"{R}/configs/{{run}}/seed{{seed}}.json",
-    "sft_config": f"{R}/configs/sft/seed{{seed}}.json",
-    "data_config": f"{R}/configs/data.json",
-    "data_toy": f"{R}/data/toy.json",
-    "data_deepscaler": f"{R}/data/deepscaler.json",
-    "data_benchmarks": f"{R}/data/benchmarks.json",
-    "sft_done": f"{R}/sft/seed{{seed}}/done.json",
-    "train_done": f"{R}/train/{{run}}/seed{{seed}}/done.json",
-    "merged": f"{R}/merged/{{run}}/seed{{seed}}/step{{step}}.json",
-    "eval": f"{R}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.parquet",
-    "eval_json": f"{R}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.json",
-    "diag": f"{R}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.parquet",
-    "diag_json": f"{R}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.json",
-    "table1": f"{R}/table1.json",
-    "tables": f"{R}/tables",
-    "figures": f"figures/{EXP}",
-    "workdir": f"{W}/{{run}}/seed{{seed}}",
-    "sft_workdir": f"{W}/sft/seed{{seed}}",
-}
+# Paths: every template comes from ctpo.layout (the one layout; tests/test_layout.py checks the DAG against
+# it). Checkpoints and rollout dumps live under runs/ and are never outputs: Snakemake deletes a rule's
+# outputs before rerunning it, and training must resume.
+P = layout.templates(EXP)
+
+
+def LOG(rule, key=None):
+    return layout.rule_log(EXP, rule, key)
+
+
+def BENCH(rule, key=None):
+    return layout.rule_benchmark(EXP, rule, key)
 
 
 wildcard_constraints:
@@ -106,7 +96,7 @@ def get_benchmark_marker(wildcards=None):
 
 
 def benchmark_file(bench):
-    return f"data/toy/{bench}.parquet" if config["data"]["kind"] == "toy" else f"data/benchmarks/{bench}.parquet"
+    return str(layout.benchmark_file(config["data"]["kind"], bench))
 
 
 def get_train_inputs(wildcards):
@@ -119,20 +109,17 @@ def get_train_inputs(wildcards):
         inputs["sft"] = P["sft_done"].format(seed=wildcards.seed)
     model = run_cfg(wildcards)["model"]
     if model["kind"] == "hf":
-        inputs["model"] = f"{R}/data/model_{model['name'].lower().replace('-', '_')}.json"
+        inputs["model"] = P["data_model"].format(model=hub_key(model["name"]))
     return inputs
 
 
 def get_init_arg(wildcards):
-    return f"--init {P['sft_workdir'].format(seed=wildcards.seed)}/policy" if needs_warmstart(wildcards) else ""
+    return f"--init {P['sft_policy'].format(seed=wildcards.seed)}" if needs_warmstart(wildcards) else ""
 
 
 def get_checkpoint_dir(wildcards):
     """Local: the trainer's policy dir; verl: the HF dir written by the merge rule."""
-    wdir = P["workdir"].format(run=wildcards.run, seed=wildcards.seed)
-    if is_local(wildcards):
-        return f"{wdir}/checkpoints/step{wildcards.step}/policy"
-    return f"{wdir}/hf/step{wildcards.step}"
+    return P["policy" if is_local(wildcards) else "hf"].format(run=wildcards.run, seed=wildcards.seed, step=wildcards.step)
 
 
 def get_eval_inputs(wildcards):
@@ -211,5 +198,5 @@ def get_final_outputs():
     names = ("table1", "table2", "table3")
     tables = [f"{P['tables']}/{n}.{ext}" for n in names for ext in ("md", "tex")]
     figures = [f"{P['figures']}/{n}.{ext}" for n in ("figure1", "figure2") for ext in ("pdf", "png")]
-    wandb = [f"{R}/wandb.json"] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
+    wandb = [P["wandb"]] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
     return tables + figures + train_done_files(RUNS) + wandb

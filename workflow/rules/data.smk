@@ -9,9 +9,9 @@ rule experiment_config:
     params:
         cfg=canonical_json(config),
     log:
-        f"{L}/experiment_config.log",
+        LOG("experiment_config"),
     benchmark:
-        f"{B}/experiment_config.tsv"
+        BENCH("experiment_config")
     conda:
         ENV_CPU
     shell:
@@ -24,9 +24,9 @@ rule run_config:
     params:
         cfg=lambda wc: canonical_json(run_cfg(wc)),
     log:
-        f"{L}/run_config/{{run}}/seed{{seed}}.log",
+        LOG("run_config", "run"),
     benchmark:
-        f"{B}/run_config/{{run}}/seed{{seed}}.tsv"
+        BENCH("run_config", "run")
     conda:
         ENV_CPU
     shell:
@@ -39,9 +39,9 @@ rule sft_config:
     params:
         cfg=lambda wc: canonical_json(warmstart_config(config, int(wc.seed), CONFIG_DIR)),
     log:
-        f"{L}/sft_config/seed{{seed}}.log",
+        LOG("sft_config", "seed"),
     benchmark:
-        f"{B}/sft_config/seed{{seed}}.tsv"
+        BENCH("sft_config", "seed")
     conda:
         ENV_CPU
     shell:
@@ -53,17 +53,18 @@ rule prepare_toy_data:
         P["data_toy"],
     params:
         toy=config["data"].get("toy"),
-        files=" ".join(["data/toy/train.parquet"] + [benchmark_file(b) for b in config["data"]["benchmarks"]]),
+        out_dir=P["toy_dir"],
+        files=" ".join([P["toy_train"]] + [benchmark_file(b) for b in config["data"]["benchmarks"]]),
     log:
-        f"{L}/prepare_toy_data.log",
+        LOG("prepare_toy_data"),
     benchmark:
-        f"{B}/prepare_toy_data.tsv"
+        BENCH("prepare_toy_data")
     conda:
         ENV_CPU
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.data toy --out-dir data/toy --n-train {params.toy[n_train]} --n-test {params.toy[n_test]} "
+        "python -m ctpo.data toy --out-dir {params.out_dir} --n-train {params.toy[n_train]} --n-test {params.toy[n_test]} "
         "--seed {params.toy[seed]} > {log} 2>&1 && "
         "python -m ctpo.configure --checksums {params.files} --out {output} >> {log} 2>&1"
 
@@ -73,12 +74,12 @@ rule prepare_deepscaler:
         P["data_deepscaler"],
     params:
         ds=config["data"].get("deepscaler"),
-        out="data/deepscaler/train.parquet",
+        out=P["deepscaler_train"],
         pins=lambda wc: deepscaler_pins(),
     log:
-        f"{L}/prepare_deepscaler.log",
+        LOG("prepare_deepscaler"),
     benchmark:
-        f"{B}/prepare_deepscaler.tsv"
+        BENCH("prepare_deepscaler")
     conda:
         ENV_CPU
     resources:
@@ -94,9 +95,9 @@ rule data_config:
     params:
         cfg=canonical_json({k: config[k] for k in ("experiment", "label", "data")}),
     log:
-        f"{L}/data_config.log",
+        LOG("data_config"),
     benchmark:
-        f"{B}/data_config.tsv"
+        BENCH("data_config")
     conda:
         ENV_CPU
     shell:
@@ -109,9 +110,9 @@ rule prepare_benchmarks:
     output:
         P["data_benchmarks"],
     log:
-        f"{L}/prepare_benchmarks.log",
+        LOG("prepare_benchmarks"),
     benchmark:
-        f"{B}/prepare_benchmarks.tsv"
+        BENCH("prepare_benchmarks")
     conda:
         ENV_CPU
     resources:
@@ -123,14 +124,14 @@ rule prepare_benchmarks:
 rule prepare_model:
     """Hub model weights + tokenizer into the HF cache, on the login node (compute nodes run offline)."""
     output:
-        f"{R}/data/model_{{model}}.json",
+        P["data_model"],
     params:
         path=lambda wc: HUB_MODELS[wc.model]["path"],
         revision=lambda wc: f"--revision {HUB_MODELS[wc.model]['revision']}" if HUB_MODELS[wc.model]["revision"] else "",
     log:
-        f"{L}/prepare_model/{{model}}.log",
+        LOG("prepare_model", "model"),
     benchmark:
-        f"{B}/prepare_model/{{model}}.tsv"
+        BENCH("prepare_model", "model")
     conda:
         ENV_CPU
     shell:
@@ -142,4 +143,4 @@ rule prepare:
     input:
         get_data_marker(),
         get_benchmark_marker(),
-        [f"{R}/data/model_{m}.json" for m in HUB_MODELS],
+        [P["data_model"].format(model=m) for m in HUB_MODELS],

@@ -8,13 +8,13 @@ rule diagnostics:
         bins=P["diag"],
         summary=P["diag_json"],
     params:
-        dump=lambda wc: f"{P['workdir'].format(run=wc.run, seed=wc.seed)}/rollouts/step{wc.step}.npz",
+        dump=P["rollout"],
         bin_width=config["diagnostics"]["bin_width"],
         min_tokens=config["diagnostics"]["min_bin_tokens"],
     log:
-        f"{L}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.log",
+        LOG("diagnostics", "step"),
     benchmark:
-        f"{B}/diagnostics/{{run}}/seed{{seed}}/step{{step}}.tsv"
+        BENCH("diagnostics", "step")
     conda:
         ENV_CPU
     resources:

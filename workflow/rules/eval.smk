@@ -12,9 +12,9 @@ rule eval:
         checkpoint=get_checkpoint_dir,
         benchmark=lambda wc: benchmark_file(wc.bench),
     log:
-        f"{L}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.log",
+        LOG("eval", "bench"),
     benchmark:
-        f"{B}/eval/{{run}}/seed{{seed}}/step{{step}}/{{bench}}.tsv"
+        BENCH("eval", "bench")
     conda:
         ENV_ACCEL
     resources:

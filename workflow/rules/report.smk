@@ -10,9 +10,9 @@ rule table1:
     output:
         P["table1"],
     log:
-        f"{L}/table1.log",
+        LOG("table1"),
     benchmark:
-        f"{B}/table1.tsv"
+        BENCH("table1")
     conda:
         ENV_CPU
     resources:
@@ -31,12 +31,12 @@ rule tables:
             for ext in ("md", "tex")
         ],
     params:
-        out=lambda wc, output: os.path.dirname(output[0]),
-        results=lambda wc, input: os.path.dirname(input.experiment),
+        out=P["tables"],
+        results=P["results"],
     log:
-        f"{L}/tables.log",
+        LOG("tables"),
     benchmark:
-        f"{B}/tables.tsv"
+        BENCH("tables")
     conda:
         ENV_CPU
     resources:
@@ -55,12 +55,12 @@ rule figures:
             for ext in ("pdf", "png")
         ],
     params:
-        out=lambda wc, output: os.path.dirname(output[0]),
-        results=lambda wc, input: os.path.dirname(input.experiment),
+        out=P["figures"],
+        results=P["results"],
     log:
-        f"{L}/figures.log",
+        LOG("figures"),
     benchmark:
-        f"{B}/figures.tsv"
+        BENCH("figures")
     conda:
         ENV_CPU
     resources:
@@ -77,15 +77,15 @@ rule wandb_reports:
         tables=rules.tables.output,
         figures=rules.figures.output,
     output:
-        f"{R}/wandb.json",
+        P["wandb"],
     params:
-        results=R,
+        results=P["results"],
         tables=P["tables"],
         figures=P["figures"],
     log:
-        f"{L}/wandb_reports.log",
+        LOG("wandb_reports"),
     benchmark:
-        f"{B}/wandb_reports.tsv"
+        BENCH("wandb_reports")
     conda:
         ENV_CPU
     shell:

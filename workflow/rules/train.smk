@@ -12,9 +12,9 @@ rule warmstart:
     params:
         workdir=P["sft_workdir"],
     log:
-        f"{L}/warmstart/seed{{seed}}.log",
+        LOG("warmstart", "seed"),
     benchmark:
-        f"{B}/warmstart/seed{{seed}}.tsv"
+        BENCH("warmstart", "seed")
     conda:
         ENV_CPU
     resources:
@@ -30,13 +30,13 @@ rule train:
     output:
         P["train_done"],
     params:
-        results=lambda wc, output: os.path.dirname(output[0]),
+        results=P["train_dir"],
         workdir=P["workdir"],
         init=get_init_arg,
     log:
-        f"{L}/train/{{run}}/seed{{seed}}.log",
+        LOG("train", "run"),
     benchmark:
-        f"{B}/train/{{run}}/seed{{seed}}.tsv"
+        BENCH("train", "run")
     conda:
         ENV_ACCEL
     resources:
@@ -54,9 +54,9 @@ rule merge:
     params:
         workdir=P["workdir"],
     log:
-        f"{L}/merge/{{run}}/seed{{seed}}/step{{step}}.log",
+        LOG("merge", "step"),
     benchmark:
-        f"{B}/merge/{{run}}/seed{{seed}}/step{{step}}.tsv"
+        BENCH("merge", "step")
     conda:
         ENV_ACCEL
     resources:
