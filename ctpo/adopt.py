@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.config import ConfigError, canonical_json, load_experiment
 from ctpo.configure import resolve_runs, warmstart_config
 from ctpo.io import write_json
@@ -36,16 +37,16 @@ from ctpo.io import write_json
 def expected_configs(experiment: dict, config_dir: Path) -> dict[str, dict]:
     """{path relative to the checkout: the JSON the workflow's config rules write} for this checkout.
     Mirrors workflow/rules/data.smk (experiment_config, run_config, sft_config, data_config)."""
-    r = f"results/{experiment['experiment']}"
-    out = {f"{r}/experiment.json": experiment,
-           f"{r}/configs/data.json": {k: experiment[k] for k in ("experiment", "label", "data")}}
+    exp = experiment["experiment"]
+    out = {layout.path("experiment", exp=exp): experiment,
+           layout.path("data_config", exp=exp): {k: experiment[k] for k in ("experiment", "label", "data")}}
     resolved = resolve_runs(experiment, config_dir)
     for (run, seed), cfg in resolved.items():
-        out[f"{r}/configs/{run}/seed{seed}.json"] = cfg
+        out[layout.path("run_config", exp=exp, run=run, seed=seed)] = cfg
     if any(cfg["train"]["backend"] == "local" for cfg in resolved.values()):
         for seed in experiment["seeds"]:
-            out[f"{r}/configs/sft/seed{int(seed)}.json"] = warmstart_config(experiment, int(seed), config_dir)
-    return {path: json.loads(canonical_json(obj)) for path, obj in out.items()}
+            out[layout.path("sft_config", exp=exp, seed=int(seed))] = warmstart_config(experiment, int(seed), config_dir)
+    return {str(p): json.loads(canonical_json(obj)) for p, obj in out.items()}
 
 
 def first_difference(old, new, path: str = "") -> str:

@@ -5,14 +5,13 @@ Snakemake, so the plan is testable on its own:
 
 - `resolve_runs(experiment)`        every (run, seed) -> resolved RunConfig dict (`ctpo.config.resolve_run`)
 - `check_experiment(experiment)`    cross-key checks the JSON schema cannot express (names, steps)
-- `saved_steps(run_cfg)`            checkpoint steps: every `train.save_freq` up to `total_steps`, plus `total_steps`
 - `eval_targets(experiment, runs)`  the (run, seed, step, benchmark) evaluations the tables and figures need
 - `warmstart_config(experiment, seed)`  the toy SFT's config, independent of any method's loss
 
 CLI (atomic writes through `ctpo.io`):
 
-    python -m ctpo.configure --json '<canonical json>' --out results/{exp}/configs/{run}/seed{seed}.json
-    python -m ctpo.configure --checksums data/toy/*.parquet --out results/{exp}/data/toy.json
+    python -m ctpo.configure --json '<canonical json>' --out <a config file of ctpo.layout, e.g. run_config>
+    python -m ctpo.configure --checksums data/toy/*.parquet --out <ctpo.layout data_toy>
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from pathlib import Path
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, method_loss, resolve_run
 from ctpo.diagnostics.run import FIXED_METHOD  # Figure 1: the fixed band is the ablation's
 from ctpo.io import sha256_file, write_json
+from ctpo.layout import saved_steps
 
 # The warm start trains no policy loss: its config's loss is all null (method null), so that no method file
 # (configs/methods/*.yaml) can change it.
@@ -39,12 +39,6 @@ def resolve_runs(experiment: dict, config_dir: Path = CONFIG_DIR) -> dict[tuple[
         for run in experiment["runs"]
         for seed in experiment["seeds"]
     }
-
-
-def saved_steps(run_cfg: dict) -> list[int]:
-    """Steps with a checkpoint: save_freq, 2 * save_freq, ... <= total_steps, and total_steps itself."""
-    total, freq = run_cfg["train"]["total_steps"], run_cfg["train"]["save_freq"]
-    return sorted(set(range(freq, total + 1, freq)) | {total})
 
 
 def final_step(run_cfg: dict) -> int:
@@ -92,7 +86,7 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
     """Sorted, de-duplicated (run, seed, step, benchmark) evaluations:
 
     Tables 2-3: the final checkpoint of every table run on every `table2_benchmarks` entry.
-    Figure 2:   `figure2_benchmark` at every saved step of every `figure2_runs` entry.
+    Figure 2:   `figure2_benchmark` at every saved step (`ctpo.layout.saved_steps`) of every `figure2_runs` entry.
     """
     ev = experiment["evaluation"]
     out: set[tuple[str, int, int, str]] = set()
@@ -101,7 +95,8 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
             for bench in ev["table2_benchmarks"]:
                 out.add((run, seed, final_step(resolved[(run, seed)]), bench))
         for run in ev["figure2_runs"]:
-            for step in saved_steps(resolved[(run, seed)]):
+            train = resolved[(run, seed)]["train"]
+            for step in saved_steps(train["total_steps"], train["save_freq"]):
                 out.add((run, seed, step, ev["figure2_benchmark"]))
     return sorted(out)
 

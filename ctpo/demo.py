@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.config import REPO_ROOT, ConfigError, load_experiment
 
 DEFAULT_EXPERIMENT = "configs/experiments/toy.yaml"
@@ -40,15 +41,15 @@ def run(cmd: list[str]) -> int:
 def wandb_offline_dirs(exp: str) -> list[Path]:
     """W&B offline run directories the toy runs wrote (under runs/{exp}/ or ./wandb)."""
     found = []
-    for base in (REPO_ROOT / "runs" / exp, REPO_ROOT / "wandb"):
+    for base in (REPO_ROOT / layout.path("runs", exp=exp), REPO_ROOT / "wandb"):
         if base.is_dir():
             found += sorted(p for p in base.rglob("offline-run-*") if p.is_dir())
     return found
 
 
 def summary(exp: str, report: Path | None, elapsed_s: float) -> str:
-    tables = REPO_ROOT / "results" / exp / "tables"
-    figures = REPO_ROOT / "figures" / exp
+    tables = REPO_ROOT / layout.path("tables", exp=exp)
+    figures = REPO_ROOT / layout.path("figures", exp=exp)
     lines = [
         "",
         f"== ctpo demo: experiment '{exp}' finished in {elapsed_s / 60:.1f} min (toy scale: labelled toy) ==",
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     report = None
     if not args.no_report:
-        report = REPO_ROOT / "results" / exp / "report.html"
+        report = REPO_ROOT / layout.path("report", exp=exp)
         rc = run(snakemake_cmd(args.experiment, args.jobs, "--report", str(report.relative_to(REPO_ROOT)),
                                seeds=args.seeds))
         if rc != 0:

@@ -3,7 +3,8 @@
 `P` from `templates(exp)` (workflow/rules/common.smk), and tests/test_layout.py checks that they agree.
 
 Templates are relative to the repository root (names below are the keys of `TEMPLATES`, and of `P`);
-wildcards: {exp} experiment, {run}, {seed}, {step}, {bench} benchmark, {model} hub model key.
+wildcards: {exp} experiment, {run}, {seed}, {step}, {bench} benchmark, {model} hub model key, {attempt}
+(a verl launch, 1-based).
 
 results/{exp}/  (Snakemake outputs; copied between machines, enough for every table and figure)
   experiment.json                              experiment        the experiment config (canonical JSON)
@@ -40,6 +41,7 @@ from pathlib import Path
 
 RESULTS = "results/{exp}"
 RUNS = "runs/{exp}"
+POLICY = "policy"  # an HF policy dir (save_pretrained + tokenizer) inside a checkpoint or the warm start
 
 # relative to results/{exp}/
 RESULTS_FILES = {
@@ -63,6 +65,7 @@ RESULTS_FILES = {
     "table1": "table1.json",
     "tables": "tables",
     "wandb": "wandb.json",
+    "report": "report.html",  # `snakemake --report` (make demo)
     "rule_benchmarks": "benchmarks",
 }
 # relative to a run's train_dir, results/{exp}/train/{run}/seed{seed}/ (the trainers' --results)
@@ -75,14 +78,14 @@ TRAIN_FILES = {
 RUNS_FILES = {
     "workdir": "{run}/seed{seed}",
     "sft_workdir": "sft/seed{seed}",
-    "sft_policy": "sft/seed{seed}/policy",
+    "sft_policy": f"sft/seed{{seed}}/{POLICY}",
     "reports_wandb": "reports",
 }
 # relative to a run's workdir, runs/{exp}/{run}/seed{seed}/ (the trainers' --workdir)
 WORKDIR_FILES = {
     "checkpoints": "checkpoints",
     "checkpoint": "checkpoints/step{step}",  # local backend: policy/ + trainer_state.pt (ctpo.train.checkpoint)
-    "policy": "checkpoints/step{step}/policy",  # local backend: what evaluation loads
+    "policy": f"checkpoints/step{{step}}/{POLICY}",  # local backend: what evaluation loads
     "verl_actor": "checkpoints/global_step_{step}/actor",  # verl's FSDP checkpoint
     "verl_latest": "checkpoints/latest_checkpointed_iteration.txt",  # verl: the last saved step
     "hf": "hf/step{step}",  # verl: the merged HF model evaluation loads
@@ -91,8 +94,11 @@ WORKDIR_FILES = {
     "rollout_shards": "rollout_dumps",  # verl: per-rank shards, rollout_dumps/step{N}/rank{R}.npz
     "wandb_run_id": "wandb_run_id",
     "wandb_dir": "wandb",
-    "verl_logs": "verl_logs",  # verl: attempt{K}.jsonl (file logger) + attempt{K}.cmd per launch
-    "verl_dir": "verl",  # verl: agent_loop.yaml, save_request
+    "verl_logs": "verl_logs",  # verl: one file-logger output and one command per launch
+    "verl_log": "verl_logs/attempt{attempt}.jsonl",
+    "verl_cmd": "verl_logs/attempt{attempt}.cmd",
+    "agent_loop": "verl/agent_loop.yaml",  # verl: the run's agent-loop config
+    "save_request": "verl/save_request",  # verl: the launcher asks verl's driver to save (ctpo.train.verl_preempt)
     "run_identity": "run_identity",  # ctpo.train.workdir
     "superseded": "superseded",  # ctpo.train.workdir: state of an earlier config
 }
@@ -202,12 +208,20 @@ def step_of(name: str, prefix: str = "step", suffix: str = "") -> int | None:
     return int(mid) if mid.isdigit() else None
 
 
+def dumped_steps(root: str | Path) -> list[int]:
+    """Steps with a rollout dump (`rollouts/step{N}.npz`) in the run workdir `root`, ascending."""
+    d = workdir(root).path("rollouts")
+    names = [p.name for p in d.iterdir()] if d.is_dir() else []
+    return sorted(n for name in names if (n := step_of(name, suffix=".npz")) is not None)
+
+
 # ----------------------------------------------------------------------------- saved steps
 
 
 def is_saved_step(step: int, total_steps: int, save_freq: int) -> bool:
-    """The one checkpoint rule of both backends (verl's `fit`: `is_last_step or global_steps % save_freq == 0`)."""
-    return step == total_steps or (save_freq > 0 and step % save_freq == 0)
+    """The one checkpoint rule of both backends, verl's (`fit`): `save_freq > 0 and (is_last_step or
+    global_steps % save_freq == 0)`."""
+    return save_freq > 0 and (step == total_steps or step % save_freq == 0)
 
 
 def saved_steps(total_steps: int, save_freq: int) -> list[int]:

@@ -1,27 +1,14 @@
-"""One place for metric names and the results/ layout. Both training backends, evaluation,
-diagnostics and reports use these names, so figures never care which backend ran.
+"""One place for the data contracts: metric names (metrics.jsonl), rollout-dump arrays, evaluation columns and
+diagnostics columns. Both training backends, evaluation, diagnostics and reports use these names, so figures
+never care which backend ran.
 
-results/ layout (paths relative to the repository root; {exp} is the experiment name):
-
-  results/{exp}/configs/{run}/seed{seed}.json           resolved RunConfig (canonical JSON)        rule run_config
-  results/{exp}/train/{run}/seed{seed}/metrics.jsonl    one row per RL step (TRAIN_KEYS)            rule train
-  results/{exp}/train/{run}/seed{seed}/provenance.json  git commit, dirty, config hash, versions     rule train
-  results/{exp}/train/{run}/seed{seed}/done.json        done marker: final step, saved steps, ids   rule train
-  results/{exp}/eval/{run}/seed{seed}/step{step}/{bench}.parquet    per-sample records (EVAL_COLUMNS)  rule eval
-  results/{exp}/eval/{run}/seed{seed}/step{step}/{bench}.json       summary + provenance (EVAL_META)   rule eval
-  results/{exp}/diagnostics/{run}/seed{seed}/step{step}.parquet     per-position bins (DIAG_COLUMNS)    rule diagnostics
-  results/{exp}/diagnostics/{run}/seed{seed}/step{step}.json        sigma_hat, R^2, totals              rule diagnostics
-  results/{exp}/table1.json                             Monte-Carlo bias/variance study             rule table1
-  results/{exp}/tables/table{1,2,3}.{md,tex}            tables                                      rule tables
-  figures/{exp}/figure{1,2}.{pdf,png}                   figures                                     rule figures
-
-Outside results/ (never Snakemake outputs, never committed):
-
-  runs/{exp}/{run}/seed{seed}/checkpoints/step{step}/   checkpoints (local: ours; verl: global_step_N)
-  runs/{exp}/{run}/seed{seed}/rollouts/step{step}.npz   rollout dumps for diagnostics (ROLLOUT_ARRAYS)
-  runs/{exp}/{run}/seed{seed}/wandb_run_id              W&B run id, reused on resume
+Where each file lives is `ctpo.layout` (path templates of results/, runs/, data/, logs/, figures/, the
+done.json record, the saved-steps rule); its main names are re-exported here. Kept apart so that each module
+holds one kind of fact: what a file contains (here) and where it is (there).
 """
 from __future__ import annotations
+
+from ctpo.layout import TEMPLATES, TrainDone, read_done, saved_steps, templates, write_done  # noqa: F401
 
 # ---------------------------------------------------------------- per-step training metrics (metrics.jsonl)
 STEP = "step"
@@ -57,7 +44,7 @@ TRAIN_KEYS = (
     LOG_RHO_CUM_MEAN, LOG_RHO_CUM_STD, STEP_TIME_S,
 )
 
-# ---------------------------------------------------------------- rollout dumps (runs/.../rollouts/step{N}.npz)
+# ---------------------------------------------------------------- rollout dumps (layout: rollout)
 # old_log_prob, log_prob: float32 (N, T), log-probs of each response token under the behaviour policy and
 #   under the policy the loss saw at that response's mini-batch update; response_mask: int8 (N, T),
 #   1 = model token, 0 = observation / padding; advantages: float32 (N,).

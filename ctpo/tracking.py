@@ -30,8 +30,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ctpo import methods
+from ctpo.layout import WORKDIR_FILES
 
-RUN_ID_FILE = "wandb_run_id"
+RUN_ID_FILE = WORKDIR_FILES["wandb_run_id"]  # in the run's workdir (ctpo.layout)
 MODES = ("auto", "online", "offline", "disabled")
 PROBE_TIMEOUT_S = 5.0  # how long a job may wait to learn that W&B is unreachable
 DEFAULT_BASE_URL = "https://api.wandb.ai"

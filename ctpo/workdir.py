@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ctpo.config import config_hash
 from ctpo.io import write_text
+from ctpo.layout import WORKDIR_FILES
 
 SCHEDULE_KEYS = ("total_steps", "save_freq", "test_freq", "dump_steps")  # train.* keys a resume may change
-IDENTITY_FILE = "run_identity"
-SUPERSEDED_DIR = "superseded"
+IDENTITY_FILE = WORKDIR_FILES["run_identity"]
+SUPERSEDED_DIR = WORKDIR_FILES["superseded"]
 
 
 def run_identity(cfg_dict: dict) -> tuple[str, dict]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ctpo.config import ConfigError, load_experiment, load_run_config
-from ctpo.configure import check_experiment, eval_targets, resolve_runs, saved_steps, warmstart_config
+from ctpo.configure import check_experiment, eval_targets, resolve_runs, warmstart_config
+from ctpo.layout import saved_steps
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,7 @@ def toy():
 @pytest.mark.parametrize("total,freq,expected", [(305, 20, list(range(20, 301, 20)) + [305]), (30, 10, [10, 20, 30]),
                                                  (5, 10, [5]), (2, 1, [1, 2])])
 def test_saved_steps_every_save_freq_plus_the_final_step(total, freq, expected):
-    assert saved_steps({"train": {"total_steps": total, "save_freq": freq}}) == expected
+    assert saved_steps(total, freq) == expected
 
 
 def test_eval_targets_match_a_hand_enumeration(toy):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.io import write_json
 
 
@@ -53,7 +54,7 @@ def _synthetic(args) -> None:
     from ctpo.reports.synthetic import write_synthetic
 
     out = write_synthetic(load_experiment(args.experiment), args.out, n_problems=args.problems)
-    print(f"wrote SYNTHETIC results tree {out} (experiment file: {out / 'experiment.json'})")
+    print(f"wrote SYNTHETIC results tree {out} (experiment file: {layout.results(out).path('experiment')})")
 
 
 def _wandb(args) -> None:
@@ -71,7 +72,7 @@ def _wandb(args) -> None:
         print(f"wandb: mode resolves to '{mode}'; reports are logged only online (nothing sent)")
         ids, report_id = [], None
     else:
-        wandb_dir = Path(args.wandb_dir or f"runs/{exp['experiment']}/reports")
+        wandb_dir = Path(args.wandb_dir or layout.path("reports_wandb", exp=exp["experiment"]))
         wandb_dir.mkdir(parents=True, exist_ok=True)
         if reason:
             print(fallback_message(reason, _time.monotonic() - t0, wandb_dir / "wandb"), file=sys.stderr)
@@ -79,7 +80,7 @@ def _wandb(args) -> None:
         run_configs = {}
         for run in exp["runs"]:
             for seed in exp["seeds"]:
-                f = Path(args.results) / "configs" / run / f"seed{seed}.json"
+                f = layout.results(args.results).path("run_config", run=run, seed=seed)
                 if f.is_file():
                     run_configs[(run, seed)] = json.loads(f.read_text())
         ids = log_eval_curves(exp, results, mode, wandb_dir, run_configs)

@@ -1,18 +1,17 @@
-"""Read an experiment and its results/ tree (layout in ctpo.schema) for the tables and figures.
+"""Read an experiment and its results/ tree (paths from ctpo.layout) for the tables and figures.
 
 Every input a table or figure needs is required: a missing file raises ReportInputError naming it
 (no silently empty cells or panels). Nothing here imports torch.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ctpo import methods
+from ctpo import layout, methods
 from ctpo.config import ConfigError, load_experiment
 from ctpo.eval.metrics import EvalDataError, check_k_samples, correct_counts
 from ctpo.io import read_json, read_jsonl
@@ -79,6 +78,7 @@ class Results:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.tree = layout.results(root)
         if not self.root.is_dir():
             raise ReportInputError(f"{self.root}: results directory not found")
 
@@ -88,11 +88,11 @@ class Results:
         return path
 
     def eval_dir(self, run: str, seed: int) -> Path:
-        return self.root / "eval" / run / f"seed{seed}"
+        return self.tree.path("eval_dir", run=run, seed=seed)
 
     def eval_steps(self, run: str, seed: int) -> list[int]:
         d = self._need(self.eval_dir(run, seed))
-        steps = sorted(int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"step(\d+)", p.name)))
+        steps = sorted(n for p in d.iterdir() if (n := layout.step_of(p.name)) is not None)
         if not steps:
             raise ReportInputError(f"{d}: no step<N>/ evaluation directories")
         return steps
@@ -102,8 +102,8 @@ class Results:
         return min(self.eval_steps(r, s)[-1] for r in runs for s in seeds)
 
     def eval_result(self, run: str, seed: int, step: int, bench: str) -> EvalResult:
-        base = self.eval_dir(run, seed) / f"step{step}"
-        pq, meta_path = self._need(base / f"{bench}.parquet"), self._need(base / f"{bench}.json")
+        where = dict(run=run, seed=seed, step=step, bench=bench)
+        pq, meta_path = self._need(self.tree.path("eval", **where)), self._need(self.tree.path("eval_json", **where))
         meta = read_json(meta_path)
         if "k" not in meta:
             raise ReportInputError(f"{meta_path}: missing key 'k'")
@@ -124,7 +124,7 @@ class Results:
         return np.stack([r.scores for r in res])
 
     def metrics(self, run: str, seed: int) -> pd.DataFrame:
-        path = self._need(self.root / "train" / run / f"seed{seed}" / "metrics.jsonl")
+        path = self._need(self.tree.path("metrics", run=run, seed=seed))
         rows = read_jsonl(path)
         if not rows:
             raise ReportInputError(f"{path}: no rows")
@@ -135,9 +135,9 @@ class Results:
         return df.sort_values("step")
 
     def diagnostics(self, run: str, seed: int, step: int) -> tuple[pd.DataFrame, dict]:
-        base = self.root / "diagnostics" / run / f"seed{seed}" / f"step{step}"
-        pq, js = self._need(base.with_suffix(".parquet")), self._need(base.with_suffix(".json"))
+        where = dict(run=run, seed=seed, step=step)
+        pq, js = self._need(self.tree.path("diag", **where)), self._need(self.tree.path("diag_json", **where))
         return pd.read_parquet(pq), read_json(js)
 
     def table1(self) -> dict:
-        return read_json(self._need(self.root / "table1.json"))
+        return read_json(self._need(self.tree.path("table1")))

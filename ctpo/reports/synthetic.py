@@ -1,14 +1,15 @@
 """A SYNTHETIC paper-size results tree, for the reports benchmark and tests. Never real results.
 
 `python -m ctpo.reports synthetic --experiment configs/experiments/paper.yaml --out results/_synthetic`
-writes, under OUT (whose name must contain 'synthetic'; results/paper is refused):
+writes, under OUT (whose name must contain 'synthetic'; results/paper is refused) and at the paths of
+`ctpo.layout.results(OUT)`:
 
-  experiment.json                       the experiment with label 'synthetic' (every title then says so)
-  SYNTHETIC.txt                         what this is
-  eval/{run}/seed{s}/step{N}/{bench}.parquet + .json    every run x checkpoint x benchmark, k samples/problem
-  train/{run}/seed{s}/metrics.jsonl     one row per step (ctpo.schema.TRAIN_KEYS)
-  diagnostics/{run}/seed{s}/step{N}.parquet + .json     from the real PositionAccumulator on iid log ratios
-  table1.json                           the real (quick) Monte-Carlo study
+  experiment              the experiment with label 'synthetic' (every title then says so)
+  eval, eval_json         every run x saved step (`ctpo.layout.saved_steps`) x benchmark, k samples/problem
+  metrics                 one row per step (ctpo.schema.TRAIN_KEYS)
+  diag, diag_json         from the real PositionAccumulator on iid log ratios
+  table1                  the real (quick) Monte-Carlo study
+  SYNTHETIC.txt           what this is
 
 Every JSON object / JSONL row carries "synthetic": true and every parquet file has the schema metadata
 synthetic=true. Accuracies follow a made-up saturating curve per method; nothing here is a measurement.
@@ -25,6 +26,7 @@ from ctpo import schema
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
 from ctpo.diagnostics.run import reference_bands
 from ctpo.io import atomic_path, write_json, write_text
+from ctpo.layout import results, saved_steps
 from ctpo.reports.table1 import QUICK, run_study
 
 # made-up final accuracy gain and clip fraction level per method (synthetic shapes only)
@@ -41,12 +43,6 @@ def _write_parquet_synthetic(path: Path, df: pd.DataFrame) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"synthetic": b"true"})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-
-
-def checkpoint_steps(exp: dict) -> list[int]:
-    tr = exp["defaults"]["train"]
-    steps = list(range(tr["save_freq"], tr["total_steps"] + 1, tr["save_freq"]))
-    return steps if steps[-1] == tr["total_steps"] else steps + [tr["total_steps"]]
 
 
 def _eval_records(rng, difficulty: np.ndarray, acc: float, k: int, bench: str) -> pd.DataFrame:
@@ -112,8 +108,8 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
         raise ValueError(f"--out {out}: a synthetic tree's directory name must contain 'synthetic'")
     rng = np.random.default_rng(seed)
     k, seeds = exp["defaults"]["eval"]["k"], exp["seeds"]
-    benches, steps = exp["data"]["benchmarks"], checkpoint_steps(exp)
-    total = exp["defaults"]["train"]["total_steps"]
+    total, freq = exp["defaults"]["train"]["total_steps"], exp["defaults"]["train"]["save_freq"]
+    benches, steps, tree = exp["data"]["benchmarks"], saved_steps(total, freq), results(out)
     difficulty = {b: rng.normal(0, 1.5, n_problems) for b in benches}
     for run, spec in exp["runs"].items():
         base, gain = _BASE.get(spec["model"], 0.3), _GAIN.get(spec["method"], 0.05)
@@ -121,15 +117,14 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
             for step in steps:
                 acc = base + gain * (1 - np.exp(-step / 100))
                 for b in benches:
-                    d = out / "eval" / run / f"seed{s}" / f"step{step}"
+                    where = dict(run=run, seed=s, step=step, bench=b)
                     records = _eval_records(rng, difficulty[b], acc, k, b)
-                    _write_parquet_synthetic(d / f"{b}.parquet", records)
-                    write_json(d / f"{b}.json", {"synthetic": True, "experiment": exp["experiment"], "run": run,
+                    _write_parquet_synthetic(tree.path("eval", **where), records)
+                    write_json(tree.path("eval_json", **where), {"synthetic": True, "experiment": exp["experiment"], "run": run,
                                                  "seed": s, "step": step, "benchmark": b, "label": "synthetic",
                                                  "k": k, "n_problems": n_problems})
             rows = _metrics_rows(rng, spec["method"], total)
-            path = out / "train" / run / f"seed{s}" / "metrics.jsonl"
-            write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            write_text(tree.path("metrics", run=run, seed=s), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     diag = exp["diagnostics"]
     bands = reference_bands()
     max_len = exp["defaults"]["rollout"]["max_response_tokens"]
@@ -137,11 +132,11 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
         for step in diag["steps"]:
             df, meta = _diagnostics(rng, step, bands, diag["bin_width"], max_len, n_diag_sequences,
                                     diag["min_bin_tokens"])
-            base = out / "diagnostics" / diag["run"] / f"seed{s}" / f"step{step}"
-            _write_parquet_synthetic(base.with_suffix(".parquet"), df)
-            write_json(base.with_suffix(".json"), {**meta, "run": diag["run"], "seed": s})
-    write_json(out / "table1.json", {**run_study(QUICK), "synthetic_tree": True})
-    write_json(out / "experiment.json", {**exp, "label": "synthetic", "synthetic": True})
+            where = dict(run=diag["run"], seed=s, step=step)
+            _write_parquet_synthetic(tree.path("diag", **where), df)
+            write_json(tree.path("diag_json", **where), {**meta, "run": diag["run"], "seed": s})
+    write_json(tree.path("table1"), {**run_study(QUICK), "synthetic_tree": True})
+    write_json(tree.path("experiment"), {**exp, "label": "synthetic", "synthetic": True})
     write_text(out / "SYNTHETIC.txt", "SYNTHETIC results tree written by `python -m ctpo.reports synthetic` "
                f"from experiment '{exp['experiment']}'. Made-up numbers for benchmarks and tests; not results.\n")
     return out

@@ -76,7 +76,7 @@ def eval_curve_rows(exp: dict, results: Results, run: str, seed: int) -> list[di
     for step in results.eval_steps(run, seed):
         row: dict = {"train_step": step}
         for bench in exp["data"]["benchmarks"]:
-            f = results.eval_dir(run, seed) / f"step{step}" / f"{bench}.json"
+            f = results.tree.path("eval_json", run=run, seed=seed, step=step, bench=bench)
             if not f.is_file():
                 continue
             s = read_json(f)

@@ -6,21 +6,20 @@
 
 A checkpoint directory is built under a temporary name and renamed into place, so `step{N}/`
 exists only when complete; a SIGKILL mid-save leaves a `.step{N}.*` temp dir that is ignored
-(and cleaned up on the next save). Checkpoints live outside Snakemake outputs (see ctpo.schema).
+(and cleaned up on the next save). Checkpoints live outside Snakemake outputs (paths: ctpo.layout).
 """
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.io import atomic_dir
 
 STATE_FILE = "trainer_state.pt"
-POLICY_DIR = "policy"
-_STEP_RE = re.compile(r"^step(\d+)$")
+POLICY_DIR = layout.POLICY
 
 
 @dataclass
@@ -53,19 +52,19 @@ def restore_rng(states: dict) -> None:
 
 
 def checkpoint_dir(workdir: str | Path, step: int) -> Path:
-    return Path(workdir) / "checkpoints" / f"step{step}"
+    return layout.workdir(workdir).path("checkpoint", step=step)
 
 
 def list_checkpoints(workdir: str | Path) -> list[int]:
     """Steps of the complete checkpoints under `<workdir>/checkpoints/`, ascending."""
-    root = Path(workdir) / "checkpoints"
+    root = layout.workdir(workdir).path("checkpoints")
     if not root.is_dir():
         return []
     steps = []
     for d in root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if m and (d / STATE_FILE).is_file() and (d / POLICY_DIR / "config.json").is_file():
-            steps.append(int(m.group(1)))
+        step = layout.step_of(d.name)
+        if step is not None and (d / STATE_FILE).is_file() and (d / POLICY_DIR / "config.json").is_file():
+            steps.append(step)
     return sorted(steps)
 
 

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctpo import schema
+from ctpo import layout, schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
-from ctpo.io import read_json, write_text
+from ctpo.io import write_text
 from ctpo.progress import Progress
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
@@ -260,7 +260,7 @@ def write_dump(workdir: Path, step: int, res: StepResult) -> Path:
     """`<workdir>/rollouts/step{N}.npz` with ctpo.schema.ROLLOUT_ARRAYS."""
     from ctpo.diagnostics import dump
 
-    return dump.save(workdir / "rollouts" / f"step{step}.npz", {
+    return dump.save(layout.workdir(workdir).path("rollout", step=step), {
         "old_log_prob": res.old_log_prob.numpy().astype(np.float32),
         "log_prob": res.log_prob.numpy().astype(np.float32),
         "response_mask": res.response_mask.numpy().astype(np.int8),
@@ -320,8 +320,8 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
     from ctpo.train.trainer_setup import Run
 
     results_dir, workdir = Path(results_dir), Path(workdir)
-    done_path = results_dir / "done.json"
-    if done_path.is_file() and read_json(done_path).get("final_step") == cfg.train.total_steps:
+    done_path = layout.train_dir(results_dir).path("train_done")
+    if done_path.is_file() and layout.read_done(done_path).final_step == cfg.train.total_steps:
         print(f"train: {done_path} says the run is done ({cfg.train.total_steps} steps); nothing to do")
         return 0
     check_local_config(cfg)
@@ -335,7 +335,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
         for step in range(run.step + 1, cfg.train.total_steps + 1):
             row = train_step(run, step)
             print(f"train: {clock.line(step)} " + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()), flush=True)
-            if step % cfg.train.save_freq == 0 or step == cfg.train.total_steps or stop.signum is not None:
+            if layout.is_saved_step(step, cfg.train.total_steps, cfg.train.save_freq) or stop.signum is not None:
                 run.save(step)
             pause_after_step(step, stop, workdir)
             if stop.signum is not None and step < cfg.train.total_steps:

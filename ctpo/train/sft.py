@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctpo import layout
 from ctpo.config import RunConfig, load_run_config
 from ctpo.data.problems import read_questions
 from ctpo.data.toy_task import Problem, demo_turns, sample_problems
@@ -149,9 +150,9 @@ def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
         questions, truths = questions[: cfg.eval.max_problems], truths[: cfg.eval.max_problems]
     seed_everything(cfg.seed)
     accuracy = measure_accuracy(model, tokenizer, cfg, questions, truths)
-    save_policy(model, tokenizer, out / "policy")
+    save_policy(model, tokenizer, out / layout.POLICY)
     record = {
-        "policy": str(out / "policy"),
+        "policy": str(out / layout.POLICY),
         "seed": cfg.seed,
         "sft": {"steps": cfg.sft.steps, "batch_size": cfg.sft.batch_size, "lr": cfg.sft.lr, "n_demos": cfg.sft.n_demos,
                 "answer_digit_noise": cfg.sft.answer_digit_noise},

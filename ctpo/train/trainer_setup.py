@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
+from ctpo import layout
+from ctpo.config import ConfigError, RunConfig, config_hash, effective_batch_sizes
 from ctpo.io import append_jsonl, write_json, write_text
 from ctpo.train import checkpoint as ckpt
 from ctpo.seeding import seed_everything
@@ -56,7 +57,7 @@ class Run:
     def __init__(self, cfg: RunConfig, cfg_dict: dict, results_dir: Path, workdir: Path) -> None:
         self.cfg, self.cfg_dict = cfg, cfg_dict
         self.results_dir, self.workdir = results_dir, workdir
-        self.metrics_path = results_dir / "metrics.jsonl"
+        self.metrics_path = layout.train_dir(results_dir).path("metrics")
         self.rows: list[dict] = []
         self.step = 0
         self.consumed = 0
@@ -83,7 +84,7 @@ class Run:
         run._reset_results()
         if not steps:
             run.save(0)  # step 0 = the init policy
-        write_json(results_dir / "provenance.json", run._provenance(init, resumed=bool(steps)))
+        write_json(layout.train_dir(results_dir).path("provenance"), run._provenance(init, resumed=bool(steps)))
         run.tracker = start_tracking(run.cfg_dict, workdir)
         run.sandbox = SandboxPool.for_rollout(cfg.rollout)
         return run
@@ -112,7 +113,7 @@ class Run:
 
         if init is None:
             raise ConfigError("train.backend=local: --init <policy dir> (the SFT warm start) is required "
-                              f"to start a run (no checkpoint under {self.workdir}/checkpoints)")
+                              f"to start a run (no checkpoint under {layout.workdir(self.workdir).path('checkpoints')})")
         self.model, self.tokenizer = load_policy(str(init), dtype=self.cfg.model.dtype)
         self.optimizer = self._new_optimizer()
 
@@ -122,7 +123,7 @@ class Run:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.metrics_path, "")
         append_jsonl(self.metrics_path, self.rows)
-        (self.results_dir / "done.json").unlink(missing_ok=True)
+        layout.train_dir(self.results_dir).path("train_done").unlink(missing_ok=True)
 
     def _provenance(self, init: str | Path | None, resumed: bool) -> dict:
         """provenance.json: `ctpo.provenance` plus batch sizes, seeding rules, init policy, resume step."""
@@ -166,18 +167,17 @@ class Run:
 
     def finish(self, done_path: Path) -> None:
         """Write done.json (last) and close the W&B run."""
-        dumps = sorted(int(p.stem.removeprefix("step")) for p in (self.workdir / "rollouts").glob("step*.npz"))
-        record = {
-            "final_step": self.step,
-            "saved_steps": ckpt.list_checkpoints(self.workdir),
-            "dump_steps": dumps,
-            "wandb_run_id": self.tracker.run_id,
-            "wandb_mode": self.tracker.mode,
-            "checkpoints": str(self.workdir / "checkpoints"),
-            "final": {k: v for k, v in self.rows[-1].items()} if self.rows else {},
-        }
+        wd, c = layout.workdir(self.workdir), self.cfg
+        record = layout.TrainDone(
+            experiment=c.experiment, run=c.run, seed=c.seed, backend="local", final_step=self.step,
+            total_steps=c.train.total_steps, saved_steps=ckpt.list_checkpoints(self.workdir),
+            dump_steps=layout.dumped_steps(self.workdir), metrics_rows=len(self.rows),
+            wandb_run_id=self.tracker.run_id, config_hash=config_hash(self.cfg_dict),
+            checkpoints=str(wd.path("checkpoints")), wandb_mode=self.tracker.mode,
+            final=dict(self.rows[-1]) if self.rows else {},
+        )
         self.close()
-        write_json(done_path, record)
+        layout.write_done(done_path, record)
 
     def close(self, exit_code: int = 0) -> None:
         if self.tracker is not None:

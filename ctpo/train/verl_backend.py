@@ -6,7 +6,7 @@ Every value comes from the run config (verl-only settings: `train.verl`), so it 
     python -m ctpo.train.verl_backend run     --config C.json --results R --workdir W   # train
     python -m ctpo.train.verl_backend merge   --workdir W --step N --done M.json        # FSDP -> HF
 
-Layout (W = runs/{exp}/{run}/seed{seed}, R = results/{exp}/train/{run}/seed{seed}):
+Layout (W = runs/{exp}/{run}/seed{seed}, R = results/{exp}/train/{run}/seed{seed}; names and paths: ctpo.layout):
   W/checkpoints/global_step_N/actor   verl's FSDP checkpoints (`trainer.default_local_dir`), resume_mode=auto
   W/checkpoints/latest_checkpointed_iteration.txt   the step count that decides "done" (not the exit code)
   W/verl_logs/attempt{K}.jsonl        verl's file logger, one file per launch (verl truncates its file)
@@ -40,11 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, load_run_config
 from ctpo.train import verl_preempt
 from ctpo.workdir import claim
-from ctpo.io import write_json, write_text
+from ctpo.io import read_jsonl, write_json, write_text
 
 VERL_MAIN = "verl.trainer.main_ppo"
 PLUGIN_MODULE = "ctpo.verl_plugin"
@@ -54,7 +55,6 @@ AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # templa
 # the @dataclass in ctpo/reward.py fails at import and every reward worker dies
 REWARD_MODULE = "pkg://ctpo.reward"
 REWARD_FN = "compute_score"
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 HYDRA_DIR = "hydra"  # <workdir>/hydra: Hydra's run dir for verl's main_ppo (its .hydra/ config and log)
 _RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
 
@@ -73,7 +73,7 @@ def _b(x: bool) -> str:
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir) / "checkpoints"
+    return layout.workdir(workdir).path("checkpoints")
 
 
 def ray_temp_dir(workdir: str | Path) -> Path:
@@ -85,7 +85,7 @@ def ray_temp_dir(workdir: str | Path) -> Path:
 
 
 def agent_loop_path(workdir: str | Path) -> Path:
-    return Path(workdir).resolve() / "verl" / "agent_loop.yaml"
+    return layout.workdir(Path(workdir).resolve()).path("agent_loop")
 
 
 def write_agent_loop_config(cfg: RunConfig, workdir: str | Path) -> Path:
@@ -299,7 +299,7 @@ def loss_calls_per_step(cfg: RunConfig) -> int:
 
 
 def next_attempt(workdir: str | Path) -> int:
-    logs = Path(workdir) / "verl_logs"
+    logs = layout.workdir(workdir).path("verl_logs")
     return 1 + len(list(logs.glob("attempt*.jsonl"))) if logs.is_dir() else 1
 
 
@@ -319,13 +319,14 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
     t0 = time.monotonic()
     mode, reason = usable_mode(cfg.wandb.mode)  # online only when the server answers: never a 90 s stall
     if reason:
-        print(fallback_message(reason, time.monotonic() - t0, workdir / "wandb"), file=sys.stderr, flush=True)
+        print(fallback_message(reason, time.monotonic() - t0, layout.workdir(workdir).path("wandb_dir")),
+              file=sys.stderr, flush=True)
     if mode != "disabled":
         env["WANDB_MODE"] = mode
     if cfg.wandb.entity:
         env["WANDB_ENTITY"] = cfg.wandb.entity
-    env["VERL_FILE_LOGGER_PATH"] = str(workdir / "verl_logs" / f"attempt{attempt}.jsonl")
-    env["CTPO_DUMP_DIR"] = str(workdir / "rollout_dumps")
+    env["VERL_FILE_LOGGER_PATH"] = str(layout.workdir(workdir).path("verl_log", attempt=attempt))
+    env["CTPO_DUMP_DIR"] = str(layout.workdir(workdir).path("rollout_shards"))
     env["CTPO_DUMP_STEPS"] = ",".join(str(s) for s in cfg.train.dump_steps)
     env["CTPO_DUMP_START_STEP"] = str(latest_step(workdir) + 1)
     env["CTPO_DUMP_CALLS_PER_STEP"] = str(loss_calls_per_step(cfg))
@@ -340,7 +341,7 @@ def run_env(cfg: RunConfig, workdir: str | Path, attempt: int, base: dict | None
 
 def latest_step(workdir: str | Path) -> int:
     """verl's last saved step (0 when none): the only evidence of progress we trust."""
-    f = checkpoint_dir(workdir) / LATEST_FILE
+    f = layout.workdir(workdir).path("verl_latest")
     if not f.is_file():
         return 0
     text = f.read_text().strip()
@@ -349,14 +350,10 @@ def latest_step(workdir: str | Path) -> int:
     return int(text)
 
 
-def saved_steps(workdir: str | Path) -> list[int]:
-    d = checkpoint_dir(workdir)
-    steps = []
-    for p in d.glob("global_step_*") if d.is_dir() else []:
-        tail = p.name.removeprefix("global_step_")
-        if tail.isdigit() and (p / "actor").is_dir():
-            steps.append(int(tail))
-    return sorted(steps)
+def list_checkpoints(workdir: str | Path) -> list[int]:
+    """Steps of verl's checkpoints on disk (`global_step_N/actor`), ascending."""
+    wd = layout.workdir(workdir)
+    return [s for s in wd.steps("verl_actor") if wd.path("verl_actor", step=s).is_dir()]
 
 
 def run_verl(argv: list[str], env: dict, log_path: Path | None = None,
@@ -389,23 +386,25 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
     final = latest_step(workdir)
     if final < cfg.train.total_steps:
         raise VerlRunError(
-            f"{checkpoint_dir(workdir) / LATEST_FILE}: last saved step {final} < train.total_steps "
+            f"{layout.workdir(workdir).path('verl_latest')}: last saved step {final} < train.total_steps "
             f"{cfg.train.total_steps}; the run is not done (rerun to resume)"
         )
-    n_rows = convert_logs(sorted((workdir / "verl_logs").glob("attempt*.jsonl")), results_dir / "metrics.jsonl")
-    dumped = convert_dumps(workdir / "rollout_dumps", workdir / "rollouts", cfg.train.dump_steps)
+    wd, rd = layout.workdir(workdir), layout.train_dir(results_dir)
+    n_rows = convert_logs(sorted(wd.path("verl_logs").glob("attempt*.jsonl")), rd.path("metrics"))
+    convert_dumps(wd.path("rollout_shards"), wd.path("rollouts"), cfg.train.dump_steps)
     cfg_dict = asdict(cfg)
     prov = provenance(cfg_dict)
     prov.update({"backend": "verl", "command": command, "workdir": str(workdir)})
-    write_json(results_dir / "provenance.json", prov)
-    done = {
-        "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "backend": "verl",
-        "final_step": final, "total_steps": cfg.train.total_steps, "saved_steps": saved_steps(workdir),
-        "metrics_rows": n_rows, "rollout_dumps": dumped, "wandb_run_id": wandb_run_id(cfg_dict, workdir),
-        "config_hash": prov["config_hash"], "attempts": next_attempt(workdir) - 1,
-    }
-    write_json(results_dir / "done.json", done)
-    return done
+    write_json(rd.path("provenance"), prov)
+    rows = read_jsonl(rd.path("metrics"))
+    done = layout.TrainDone(
+        experiment=cfg.experiment, run=cfg.run, seed=cfg.seed, backend="verl", final_step=final,
+        total_steps=cfg.train.total_steps, saved_steps=list_checkpoints(workdir),
+        dump_steps=layout.dumped_steps(workdir), metrics_rows=n_rows, wandb_run_id=wandb_run_id(cfg_dict, workdir),
+        config_hash=prov["config_hash"], checkpoints=str(checkpoint_dir(workdir)),
+        attempts=next_attempt(workdir) - 1, final=rows[-1] if rows else {},
+    )
+    return layout.write_done(rd.path("train_done"), done)
 
 
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
@@ -431,14 +430,13 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
         env = set_offline(run_env(cfg, workdir, attempt))
-        (workdir / "verl_logs").mkdir(parents=True, exist_ok=True)
-        write_text(workdir / "verl_logs" / f"attempt{attempt}.cmd", format_command(argv))
+        write_text(layout.workdir(workdir).path("verl_cmd", attempt=attempt), format_command(argv))
         print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)
         end, source = verl_preempt.job_end_time()
         print(f"[ctpo] job end time: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))} ({source}); "
               f"a checkpoint is saved before it" if end else f"[ctpo] job end time unknown ({source})", flush=True)
         saves = verl_preempt.SaveController(
-            verl_preempt.request_path(workdir), end_time=end, logs_dir=workdir / "verl_logs",
+            verl_preempt.request_path(workdir), end_time=end, logs_dir=layout.workdir(workdir).path("verl_logs"),
             current_log=Path(env["VERL_FILE_LOGGER_PATH"]))
         rc = run_verl(argv, env, saves=saves)
         if saves.reason is not None and latest_step(workdir) < cfg.train.total_steps:
@@ -459,22 +457,22 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
 
 def merge_command(workdir: str | Path, step: int, target_dir: str | Path) -> list[str]:
     """verl's model merger on `global_step_{step}/actor` -> an HF dir (weights, config, tokenizer)."""
-    actor = checkpoint_dir(workdir) / f"global_step_{step}" / "actor"
+    actor = layout.workdir(workdir).path("verl_actor", step=step)
     return [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
             "--local_dir", str(actor), "--target_dir", str(target_dir)]
 
 
 def hf_dir(workdir: str | Path, step: int) -> Path:
-    return Path(workdir) / "hf" / f"step{step}"
+    return layout.workdir(workdir).path("hf", step=step)
 
 
 def merge_checkpoint(workdir: str | Path, step: int) -> Path:
     """Merge step `step` to `<workdir>/hf/step{step}` (written to a temp dir, renamed when complete)."""
     import shutil
 
-    actor = checkpoint_dir(workdir) / f"global_step_{step}" / "actor"
+    actor = layout.workdir(workdir).path("verl_actor", step=step)
     if not actor.is_dir():
-        have = saved_steps(workdir)
+        have = list_checkpoints(workdir)
         raise FileNotFoundError(f"{actor}: no verl checkpoint for step {step} (saved steps: {have})")
     target = hf_dir(workdir, step)
     if (target / "config.json").is_file():

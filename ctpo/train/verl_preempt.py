@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from ctpo import layout
 from ctpo.io import write_text
 
 ENV_REQUEST = "CTPO_SAVE_REQUEST"  # the same name as ctpo.train.verl_save_hook.ENV_REQUEST (no verl import here)
@@ -38,7 +39,7 @@ SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def request_path(workdir: str | Path) -> Path:
-    return Path(workdir).resolve() / "verl" / "save_request"
+    return layout.workdir(Path(workdir).resolve()).path("save_request")
 
 
 def done_path(request: str | Path) -> Path:
