@@ -36,11 +36,14 @@ data/  (inputs, never outputs)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 RESULTS = "results/{exp}"
 RUNS = "runs/{exp}"
+TABLE_NAMES, TABLE_FORMATS = ("table1", "table2", "table3"), ("md", "tex")
+FIGURE_NAMES, FIGURE_FORMATS = ("figure1", "figure2"), ("pdf", "png")
 POLICY = "policy"  # an HF policy dir (save_pretrained + tokenizer) inside a checkpoint or the warm start
 
 # relative to results/{exp}/
@@ -64,6 +67,7 @@ RESULTS_FILES = {
     "diag_json": "diagnostics/{run}/seed{seed}/step{step}.json",
     "table1": "table1.json",
     "tables": "tables",
+    "table": "tables/{name}.{ext}",  # name in TABLE_NAMES, ext in TABLE_FORMATS (ctpo.reports.tables)
     "wandb": "wandb.json",
     "report": "report.html",  # `snakemake --report` (make demo)
     "rule_benchmarks": "benchmarks",
@@ -113,18 +117,26 @@ DATA_FILES = {
 
 
 def _build() -> dict[str, str]:
-    t = {"results": RESULTS, "runs": RUNS, "logs": "logs/{exp}", "figures": "figures/{exp}"}
+    t = {"results": RESULTS, "runs": RUNS, "logs": "logs/{exp}", "figures": "figures/{exp}",
+         "figure": "figures/{exp}/{name}.{ext}"}  # name in FIGURE_NAMES, ext in FIGURE_FORMATS
     t.update({k: f"{RESULTS}/{v}" for k, v in RESULTS_FILES.items()})
     t.update({k: f"{t['train_dir']}/{v}" for k, v in TRAIN_FILES.items()})
     t.update({k: f"{RUNS}/{v}" for k, v in RUNS_FILES.items()})
     t.update({k: f"{t['workdir']}/{v}" for k, v in WORKDIR_FILES.items()})
     t.update(DATA_FILES)
-    n_names = 4 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES)))
+    n_names = 5 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES)))
     assert len(t) == n_names, "ctpo.layout: two tables use the same name"
     return t
 
 
 TEMPLATES = _build()
+
+
+def report_files(exp: str) -> tuple[list[str], list[str]]:
+    """(tables, figures): every table and figure file of experiment `exp`."""
+    t = templates(exp)
+    return ([t["table"].format(name=n, ext=e) for n in TABLE_NAMES for e in TABLE_FORMATS],
+            [t["figure"].format(name=n, ext=e) for n in FIGURE_NAMES for e in FIGURE_FORMATS])
 
 
 def templates(exp: str) -> dict[str, str]:
@@ -154,6 +166,14 @@ class Dir:
 
     def path(self, name: str, **wildcards) -> Path:
         return self.root / _format(self._table, name, wildcards)
+
+    def steps(self, name: str, **wildcards) -> list[int]:
+        """The steps N for which path `name` exists (its other wildcards given), ascending."""
+        template = _format(self._table, name, {**wildcards, "step": "{step}"})
+        rx = re.compile(re.escape(template).replace(re.escape("{step}"), r"(\d+)"))
+        paths = self.root.glob(template.replace("{step}", "*"))
+        found = (rx.fullmatch(p.relative_to(self.root).as_posix()) for p in paths)
+        return sorted({int(m.group(1)) for m in found if m})
 
 
 def results(root: str | Path) -> Dir:
@@ -200,19 +220,9 @@ def benchmark_file(data_kind: str, bench: str) -> Path:
     return path("toy_bench" if data_kind == "toy" else "benchmark_file", bench=bench)
 
 
-def step_of(name: str, prefix: str = "step", suffix: str = "") -> int | None:
-    """N from a `step{N}` (or `global_step_{N}`, `step{N}.npz`) file name; None when it is not one."""
-    if not (name.startswith(prefix) and name.endswith(suffix)):
-        return None
-    mid = name[len(prefix): len(name) - len(suffix)]
-    return int(mid) if mid.isdigit() else None
-
-
 def dumped_steps(root: str | Path) -> list[int]:
     """Steps with a rollout dump (`rollouts/step{N}.npz`) in the run workdir `root`, ascending."""
-    d = workdir(root).path("rollouts")
-    names = [p.name for p in d.iterdir()] if d.is_dir() else []
-    return sorted(n for name in names if (n := step_of(name, suffix=".npz")) is not None)
+    return workdir(root).steps("rollout")
 
 
 # ----------------------------------------------------------------------------- saved steps

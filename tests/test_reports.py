@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from ctpo import layout
 from ctpo.config import load_experiment
 from ctpo.io import write_json
 from ctpo.reports import figures, tables
@@ -129,6 +130,7 @@ def test_markdown_and_latex_files_are_written_for_all_three_tables(toy_tree, tmp
     exp, root = _exp(toy_tree), toy_tree[1]
     paths = tables.write_tables(exp, Results(root), tmp_path)
     assert {p.name for p in paths} >= {f"table{i}.{e}" for i in (1, 2, 3) for e in ("md", "tex")}
+    assert {p.name for p in paths} >= {Path(f).name for f in layout.report_files("x")[0]}  # what the rules expect
     tex = (tmp_path / "table2.tex").read_text()
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert "toy\\_arith" in tex and "TOY" in tex
@@ -176,6 +178,7 @@ def test_figures_are_labelled_and_written_as_pdf_and_png_at_paper_width(toy_tree
     plt.close("all")
     paths = figures.write_figures(exp, Results(root), tmp_path)
     assert sorted(p.name for p in paths) == ["figure1.pdf", "figure1.png", "figure2.pdf", "figure2.png"]
+    assert sorted(p.name for p in paths) == sorted(Path(f).name for f in layout.report_files("x")[1])
     width, _ = _png_size(tmp_path / "figure1.png")
     assert 1200 < width < 1600  # ~7 in at 200 dpi
     assert (tmp_path / "figure1.pdf").read_bytes()[:4] == b"%PDF"

@@ -92,7 +92,7 @@ class Results:
 
     def eval_steps(self, run: str, seed: int) -> list[int]:
         d = self._need(self.eval_dir(run, seed))
-        steps = sorted(n for p in d.iterdir() if (n := layout.step_of(p.name)) is not None)
+        steps = self.tree.steps("eval_step_dir", run=run, seed=seed)
         if not steps:
             raise ReportInputError(f"{d}: no step<N>/ evaluation directories")
         return steps

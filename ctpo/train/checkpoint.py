@@ -57,15 +57,9 @@ def checkpoint_dir(workdir: str | Path, step: int) -> Path:
 
 def list_checkpoints(workdir: str | Path) -> list[int]:
     """Steps of the complete checkpoints under `<workdir>/checkpoints/`, ascending."""
-    root = layout.workdir(workdir).path("checkpoints")
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.iterdir():
-        step = layout.step_of(d.name)
-        if step is not None and (d / STATE_FILE).is_file() and (d / POLICY_DIR / "config.json").is_file():
-            steps.append(step)
-    return sorted(steps)
+    wd = layout.workdir(workdir)
+    return [s for s in wd.steps("checkpoint")
+            if (wd.path("checkpoint", step=s) / STATE_FILE).is_file() and (wd.path("policy", step=s) / "config.json").is_file()]
 
 
 def save_checkpoint(workdir: str | Path, model, tokenizer, state: TrainerState) -> Path:

@@ -195,8 +195,6 @@ def get_figures_inputs(wildcards):
 
 
 def get_final_outputs():
-    names = ("table1", "table2", "table3")
-    tables = [f"{P['tables']}/{n}.{ext}" for n in names for ext in ("md", "tex")]
-    figures = [f"{P['figures']}/{n}.{ext}" for n in ("figure1", "figure2") for ext in ("pdf", "png")]
+    tables, figures = layout.report_files(EXP)
     wandb = [P["wandb"]] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
     return tables + figures + train_done_files(RUNS) + wandb

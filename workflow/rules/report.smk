@@ -1,7 +1,5 @@
 # Table 1 (Monte-Carlo study), Tables 1-3 and Figures 1-2. Outputs carry report() so
 # `snakemake --report report.html` embeds every table and figure.
-TABLE_NAMES = ("table1", "table2", "table3")
-FIGURE_NAMES = ("figure1", "figure2")
 
 
 rule table1:
@@ -26,9 +24,9 @@ rule tables:
         unpack(get_tables_inputs),
     output:
         [
-            report(f"{P['tables']}/{n}.{ext}", caption=f"../report/{n}.rst", category="Tables", subcategory=ext)
-            for n in TABLE_NAMES
-            for ext in ("md", "tex")
+            report(P["table"].format(name=n, ext=ext), caption=f"../report/{n}.rst", category="Tables", subcategory=ext)
+            for n in layout.TABLE_NAMES
+            for ext in layout.TABLE_FORMATS
         ],
     params:
         out=P["tables"],
@@ -50,9 +48,9 @@ rule figures:
         unpack(get_figures_inputs),
     output:
         [
-            report(f"{P['figures']}/{n}.{ext}", caption=f"../report/{n}.rst", category="Figures", subcategory=ext)
-            for n in FIGURE_NAMES
-            for ext in ("pdf", "png")
+            report(P["figure"].format(name=n, ext=ext), caption=f"../report/{n}.rst", category="Figures", subcategory=ext)
+            for n in layout.FIGURE_NAMES
+            for ext in layout.FIGURE_FORMATS
         ],
     params:
         out=P["figures"],
