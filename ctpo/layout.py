@@ -40,6 +40,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ctpo.io import read_json, write_json
+
 RESULTS = "results/{exp}"
 RUNS = "runs/{exp}"
 TABLE_NAMES, TABLE_FORMATS = ("table1", "table2", "table3"), ("md", "tex")
@@ -159,7 +161,7 @@ def _format(table: dict[str, str], name: str, wildcards: dict) -> str:
 
 
 class Dir:
-    """A directory of the layout given by its path on disk: `Dir(root, TABLE)[name, wildcards] -> Path`."""
+    """A directory of the layout given by its path on disk: `Dir(root, TABLE).path(name, **wildcards) -> Path`."""
 
     def __init__(self, root: str | Path, table: dict[str, str]) -> None:
         self.root, self._table = Path(root), table
@@ -270,21 +272,18 @@ class TrainDone:
 _OLD_KEYS = {"rollout_dumps": "dump_steps"}
 
 
-def write_done(path: str | Path, done: TrainDone) -> dict:
-    from ctpo.io import write_json
-
+def write_done(file: str | Path, done: TrainDone) -> dict:
+    """Write `done` atomically; returns the record written."""
     record = asdict(done)
-    write_json(path, record)
+    write_json(file, record)
     return record
 
 
-def read_done(path: str | Path) -> TrainDone:
+def read_done(file: str | Path) -> TrainDone:
     """A done.json of either backend, old shapes included (missing fields read as null / empty)."""
-    from ctpo.io import read_json
-
-    raw = read_json(path)
+    raw = read_json(file)
     if not isinstance(raw, dict) or "final_step" not in raw:
-        raise ValueError(f"{path}: expected a done marker with 'final_step', got {type(raw).__name__}")
+        raise ValueError(f"{file}: expected a done marker with 'final_step', got {type(raw).__name__}")
     raw = {_OLD_KEYS.get(k, k): v for k, v in raw.items()}
     names = {f.name for f in fields(TrainDone)}
     known = {k: v for k, v in raw.items() if k in names}

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary.update(experiment=cfg.experiment, run=cfg.run, seed=cfg.seed, label=cfg.label, method=cfg.loss.method)
     write_parquet(out, pd.DataFrame(cols))
-    write_json(out.with_suffix(".json"), summary)
+    write_json(out.with_suffix(".json"), summary)  # ctpo.layout's 'diag_json' for its 'diag' (tests/test_layout.py)
     print(
         f"diagnostics {cfg.run} seed{cfg.seed} step{summary['step']}: sigma_hat={summary['sigma_hat']:.4g} "
         f"R^2={summary['r2']:.3f} over {summary['n_bins_kept']}/{summary['n_bins']} bins with >= "

@@ -35,12 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="policy directory (HF save_pretrained) or hub id")
     p.add_argument("--benchmark", required=True, help="benchmark parquet in verl's schema")
     p.add_argument("--step", required=True, type=int, help="training step of the checkpoint")
-    p.add_argument("--out", required=True, help="results/{exp}/eval/{run}/seed{seed}/step{N}/{bench}.parquet")
+    p.add_argument("--out", required=True, help="records .parquet (ctpo.layout 'eval'); the summary goes beside it")
     p.add_argument("--backend", default="auto", choices=B.BACKENDS)
     return p.parse_args(argv)
 
 
 def sidecar_path(out: Path) -> Path:
+    """The summary beside the records: ctpo.layout's 'eval_json' for its 'eval' (tests/test_layout.py)."""
     return out.with_suffix(".json")
 
 
