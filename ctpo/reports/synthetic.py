@@ -120,9 +120,9 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
                     where = dict(run=run, seed=s, step=step, bench=b)
                     records = _eval_records(rng, difficulty[b], acc, k, b)
                     _write_parquet_synthetic(tree.path("eval", **where), records)
-                    write_json(tree.path("eval_json", **where), {"synthetic": True, "experiment": exp["experiment"], "run": run,
-                                                 "seed": s, "step": step, "benchmark": b, "label": "synthetic",
-                                                 "k": k, "n_problems": n_problems})
+                    meta = {"synthetic": True, "experiment": exp["experiment"], "run": run, "seed": s, "step": step,
+                            "benchmark": b, "label": "synthetic", "k": k, "n_problems": n_problems}
+                    write_json(tree.path("eval_json", **where), meta)
             rows = _metrics_rows(rng, spec["method"], total)
             write_text(tree.path("metrics", run=run, seed=s), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     diag = exp["diagnostics"]

@@ -59,7 +59,8 @@ def list_checkpoints(workdir: str | Path) -> list[int]:
     """Steps of the complete checkpoints under `<workdir>/checkpoints/`, ascending."""
     wd = layout.workdir(workdir)
     return [s for s in wd.steps("checkpoint")
-            if (wd.path("checkpoint", step=s) / STATE_FILE).is_file() and (wd.path("policy", step=s) / "config.json").is_file()]
+            if (wd.path("checkpoint", step=s) / STATE_FILE).is_file()
+            and (wd.path("policy", step=s) / "config.json").is_file()]
 
 
 def save_checkpoint(workdir: str | Path, model, tokenizer, state: TrainerState) -> Path:
