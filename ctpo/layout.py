@@ -105,8 +105,8 @@ WORKDIR_FILES = {
     "verl_cmd": "verl_logs/attempt{attempt}.cmd",
     "agent_loop": "verl/agent_loop.yaml",  # verl: the run's agent-loop config
     "save_request": "verl/save_request",  # verl: the launcher asks verl's driver to save (ctpo.train.verl_preempt)
-    "run_identity": "run_identity",  # ctpo.train.workdir
-    "superseded": "superseded",  # ctpo.train.workdir: state of an earlier config
+    "run_identity": "run_identity",  # ctpo.workdir
+    "superseded": "superseded",  # ctpo.workdir: state of an earlier config
 }
 # relative to the repository root
 DATA_FILES = {
