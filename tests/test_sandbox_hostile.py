@@ -106,8 +106,8 @@ def test_infinite_loop_times_out(contained):
 
 
 def test_sleep_past_timeout_is_killed(contained):
-    r = run_code("import time\ntime.sleep(120)", limits=SandboxLimits(timeout_s=1.0))
-    assert r.status == "timeout" and r.wall_s < 5.0
+    r = run_code("import time\ntime.sleep(3600)", limits=SandboxLimits(timeout_s=1.0))
+    assert r.status == "timeout" and r.wall_s < 300.0  # killed at the timeout (loose bound: a loaded machine)
 
 
 _SUBREAPER_SCRIPT = """
@@ -182,9 +182,9 @@ def test_background_child_dies_with_the_program(contained, isolation):
 
 
 def test_background_child_holding_stdout_does_not_block(contained):
-    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('bye')\n"
-    r = run_code(code, limits=SandboxLimits(timeout_s=10.0))
-    assert (r.status, r.stdout) == ("ok", "bye\n") and r.wall_s < 5.0
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(3600)\nprint('bye')\n"
+    r = run_code(code, limits=SandboxLimits(timeout_s=120.0))
+    assert (r.status, r.stdout) == ("ok", "bye\n")  # 'ok', not 'timeout': it never waited for the child
 
 
 @ISOLATIONS
@@ -282,11 +282,11 @@ def test_killing_the_parent_is_contained(contained):
     r = run_code("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('still here')")
     assert r.status in ("ok", "error") and r.status != "infra"
     code = (
-        "import os, signal, time\nif os.fork() == 0:\n    time.sleep(30)\n"
+        "import os, signal, time\nif os.fork() == 0:\n    time.sleep(3600)\n"
         "os.kill(-1, signal.SIGKILL)\nprint('alive')"
     )
-    r2 = run_code(code, limits=SandboxLimits(timeout_s=5.0))  # kills every process it may signal: its own child only
-    assert (r2.status, r2.stdout) == ("ok", "alive\n") and r2.wall_s < 3.0
+    r2 = run_code(code, limits=SandboxLimits(timeout_s=120.0))  # kills every process it may signal: its own child only
+    assert (r2.status, r2.stdout) == ("ok", "alive\n")  # 'ok', not 'timeout': the child did not outlive it
 
 
 def test_binary_and_invalid_utf8_output(contained):

@@ -2,14 +2,13 @@
 the logged config is the run's own; evaluations are curves over train_step. Never the real internet."""
 from __future__ import annotations
 
-import dataclasses
 import http.server
 import json
 import socket
 import threading
-import time
 
 import pytest
+from hang import HANG_S
 
 from ctpo import tracking
 from ctpo.config import load_experiment, resolve_run, REPO_ROOT
@@ -84,19 +83,26 @@ def _cfg(run: str = "toy_ctpo") -> dict:
 
 def test_probe_accepts_a_server_that_knows_the_key(online_env):
     online_env("ok")
-    assert tracking.probe_online(2.0) is None
-    assert tracking.usable_mode("auto", 2.0) == ("online", None)
+    assert tracking.probe_online(HANG_S) is None  # the answer comes at once; the timeout only bounds a hang
+    assert tracking.usable_mode("auto", HANG_S) == ("online", None)
 
 
-@pytest.mark.parametrize("answer, reason", [(None, "unreachable"), ("bad_key", "rejected (HTTP 401)"),
-                                            ("hang", "did not answer within 1 s")])
-def test_unusable_online_falls_back_to_offline_in_seconds(online_env, answer, reason):
+@pytest.mark.parametrize("answer, reason", [(None, "unreachable"), ("bad_key", "rejected (HTTP 401)")])
+def test_an_unusable_server_is_named_and_online_is_given_up(online_env, answer, reason):
+    """A refused connection or a rejected key is an answer: the reason says which (a generous timeout, so a
+    loaded machine can never turn the answer into 'did not answer')."""
     online_env(answer)
-    t0 = time.monotonic()
-    mode, why = tracking.usable_mode("auto", timeout_s=1.0)
-    took = time.monotonic() - t0
+    mode, why = tracking.usable_mode("auto", timeout_s=HANG_S)
     assert mode == "offline" and reason in why
-    assert took < 1.0 + 4.0, took  # the probe's bound, whatever the network does
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(online_env):
+    """The 'hang' server accepts no connection, ever: that the probe returns at all shows its bound (the
+    request thread is abandoned after `timeout_s`); the seconds it takes are measured in the README, not here."""
+    online_env("hang")
+    mode, why = tracking.usable_mode("auto", timeout_s=1.0)
+    # the thread's join and the request's own socket timeout are both 1 s: either may end it first
+    assert mode == "offline" and ("did not answer within 1 s" in why or "unreachable (timed out)" in why), why
 
 
 def test_training_tracker_logs_offline_and_says_so_once(online_env, tmp_path, monkeypatch, capsys):
