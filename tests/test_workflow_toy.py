@@ -191,6 +191,12 @@ def test_keep_going_keeps_finished_evaluations(tiny, tmp_path):
     assert not bad.exists()
 
 
+def _default_sigint() -> None:
+    """Snakemake in a terminal gets Ctrl-C; a suite started in the background (`make test &`, CI runners) has
+    SIGINT ignored, which its children inherit. The job under test gets the terminal's default back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_killed_training_resumes_from_its_checkpoint(tiny, tmp_path):
     wf = clone(tiny, tmp_path / "kill")
     shutil.copytree(tiny / ".snakemake/metadata", wf / ".snakemake/metadata")
@@ -205,7 +211,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny, tmp_path):
     proc = subprocess.Popen(
         [str(VENV_BIN / "snakemake"), "run_toy_ctpo", "--cores", "1", "--configfile", CFG],
         cwd=wf, env={**env, PAUSE_ENV: "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + HANG_S
     while not (ckpts.parent / "paused_after_step2").exists():
