@@ -265,9 +265,9 @@ class _ForkServer:
         try:
             with self.lock:
                 socket.send_fds(self.ctl, [spec.encode()], [stdin, stdout, stderr, status, theirs.fileno()])
-        except OSError:
+        except OSError as e:  # the server already died (e.g. EPIPE): the same failure as no reply, one message
             mine.close()
-            raise
+            raise OSError(f"the sandbox fork server did not launch ({e})") from e
         finally:
             theirs.close()
         mine.settimeout(30.0)
