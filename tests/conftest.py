@@ -39,3 +39,21 @@ def toy_warmstart(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     assert sft.main(["--config", str(root / "sft.json"), "--out", str(root / "sft")]) == 0
     return root / "data", root / "sft" / "policy", read_json(root / "sft" / "done.json")
+
+
+@pytest.fixture(scope="module")
+def verl_toy(tmp_path_factory, toy_warmstart):
+    """(root, SFT warm-start policy dir) for the verl end-to-end tests: small toy data (64 train / 4 held-out)
+    under root/data, and the session's warm start (toy_verl.yaml's sft block must be toy.yaml's), or the policy
+    dir in $CTPO_E2E_WARMSTART (a warm start built earlier; saves minutes when iterating)."""
+    from ctpo.config import load_experiment
+    from ctpo.data.toy_task import write_toy_data
+
+    def sft_block(name: str) -> dict:
+        return load_experiment(REPO / f"configs/experiments/{name}.yaml")["defaults"]["sft"]
+
+    assert sft_block("toy_verl") == sft_block("toy"), "the shared warm start is toy.yaml's recipe"
+    root = tmp_path_factory.mktemp("verl_toy")
+    write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
+    reuse = os.environ.get("CTPO_E2E_WARMSTART")
+    return root, Path(reuse) if reuse else toy_warmstart[1]

@@ -30,7 +30,6 @@ from hang import HANG_S  # noqa: E402
 
 from ctpo import schema  # noqa: E402
 from ctpo.config import load_experiment, resolve_run  # noqa: E402
-from ctpo.data.toy_task import write_toy_data  # noqa: E402
 from ctpo.io import read_json  # noqa: E402
 from ctpo.train import verl_backend as vb  # noqa: E402
 
@@ -55,15 +54,9 @@ def _run_config(root: Path, run: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_warmstart):
-    """(root, SFT warm-start policy dir): small toy data for verl, and the session's toy warm start
-    (tests/conftest.py; toy_verl.yaml's sft block is toy.yaml's)."""
-    sft_block = lambda name: load_experiment(REPO / f"configs/experiments/{name}.yaml")["defaults"]["sft"]  # noqa: E731
-    assert sft_block("toy_verl") == sft_block("toy"), "the shared warm start is toy.yaml's recipe"
-    root = tmp_path_factory.mktemp("verl_e2e")
-    write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
-    reuse = os.environ.get("CTPO_E2E_WARMSTART")  # a toy warm-start policy dir built earlier (saves minutes)
-    return root, Path(reuse) if reuse else toy_warmstart[1]
+def toy(verl_toy):
+    """(root, SFT warm-start policy dir): tests/conftest.py's `verl_toy`."""
+    return verl_toy
 
 
 def _launch(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path,

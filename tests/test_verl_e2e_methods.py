@@ -34,7 +34,6 @@ from hang import HANG_S  # noqa: E402
 
 from ctpo import schema  # noqa: E402
 from ctpo.config import load_experiment, resolve_run  # noqa: E402
-from ctpo.data.toy_task import write_toy_data  # noqa: E402
 from ctpo.io import read_json  # noqa: E402
 from ctpo.train.verl_metrics import read_verl_log  # noqa: E402
 
@@ -61,13 +60,9 @@ def _run_config(root: Path, method: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_warmstart):
-    """(root, SFT warm-start policy dir): small toy data for verl and the session's toy warm start
-    (tests/conftest.py; toy_verl.yaml's sft block is toy.yaml's, asserted in test_verl_e2e.py)."""
-    root = tmp_path_factory.mktemp("verl_methods")
-    write_toy_data(root / "data", n_train=64, n_test=4, seed=1234)
-    reuse = os.environ.get("CTPO_E2E_WARMSTART")
-    return root, Path(reuse) if reuse else toy_warmstart[1]
+def toy(verl_toy):
+    """(root, SFT warm-start policy dir): tests/conftest.py's `verl_toy`."""
+    return verl_toy
 
 
 def _train(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path) -> tuple[int, list[tuple[float, str]]]:
