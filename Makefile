@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo demo-seeds test test-verl venv slurm-profile bench clean-demo pins resolve-gpu
+.PHONY: demo demo-seeds test test-variants venv slurm-profile bench clean-demo pins resolve-gpu
 
 venv: $(STAMP)
 
@@ -25,13 +25,17 @@ demo: $(STAMP)
 demo-seeds: $(STAMP)
 	$(PY) -m ctpo.demo --jobs $(JOBS) --seeds 0 1 2
 
+# Two pytest-xdist workers (TEST_WORKERS=1 runs one process); tests/conftest.py makes each test file one unit of
+# work (the files sharing the toy warm start one unit) and hands out the longest units first.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider tests
+	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
-# GRPO and GSPO through verl's own trainer on CPU, one short run each (verl's vanilla / gspo losses): not in
-# `make test` (pyproject's addopts deselects the marker); CI runs it after `make test`.
-test-verl: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -m verl_e2e_methods tests/test_verl_e2e_methods.py
+# The other methods and signals of the end-to-end paths `make test` runs once (marker `variant`): GRPO, GSPO and
+# CTPO-fixed through the local trainer and through verl's own trainer on CPU, SIGUSR1 preemption. CI runs it
+# after `make test`.
+test-variants: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m variant tests
 
 # envs/cpu.yaml, envs/gpu.yaml, envs/gpu.post-deploy.sh from pyproject.toml (the one pin set).
 pins:

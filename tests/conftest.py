@@ -6,6 +6,11 @@ one thread per core, every op's thread barrier waits for a descheduled thread, a
 5-20x slower under load than with one thread (measured: 5 SFT steps, 1.8-9.8 s with 1 thread vs 30-64 s
 with 2, at load average 8). Set before torch is imported, so every child process inherits it; an
 explicit OMP_NUM_THREADS in the caller's environment wins.
+
+Two workers. `make test` runs pytest-xdist with `--dist loadfile --no-loadscope-reorder`; the hooks below keep
+each test file one unit of work (its module fixtures are built once) but make the files that share the toy warm
+start one unit (it is built once), and order the units longest first, so the longest starts at once and short
+files fill the other worker. A plain `pytest` run (no -n) only sees the order.
 """
 import json
 import os
@@ -17,6 +22,43 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+# files whose tests use `toy_warmstart`: one xdist unit, so one worker builds it once
+WARMSTART_UNIT = ("toy_warmstart", {"test_train_local.py", "test_verl_e2e.py", "test_verl_e2e_methods.py"})
+# the longest units first, measured one after the other at idle (2 cores, 564 tests in 602 s): the warm-start
+# unit 294 s (CTPO through verl 142 s, the SFT warm start 55 s), tiny toy DAG 103 s, reward pool 34 s, verl
+# preempt 25 s, DAG dry runs 25 s, sandbox integrity 18 s, verl backend 16 s, reports 13 s; every other file
+# < 10 s. xdist gives a worker its next unit once 2 or fewer of its tests are pending, so a unit ends with
+# short tests: the verl test (one long test) runs first in the warm-start unit, not last.
+LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_local.py", "test_workflow_toy.py",
+                 "test_reward.py", "test_verl_preempt.py", "test_dag.py", "test_sandbox_integrity.py",
+                 "test_verl_backend.py", "test_reports.py")
+
+
+def unit_of(nodeid: str) -> str:
+    """The xdist unit of work of a test id: its file's name, or the warm-start unit."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return WARMSTART_UNIT[0] if name in WARMSTART_UNIT[1] else name
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file order otherwise kept
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the warm-start files as one unit (xdist's `loadgroup` cannot be used: pytest-xdist
+    3.8 renames node ids for it through an attribute pytest 9.2 no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByUnit(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ByUnit(config, log)
 
 
 @pytest.fixture(scope="session")

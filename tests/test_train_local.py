@@ -70,7 +70,9 @@ def _train(toy, tmp_path, run, **train):
     return cfg, res, wd
 
 
-@pytest.mark.parametrize("run", ["toy_grpo", "toy_ctpo", "toy_gspo", "toy_ctpo_fixed"])
+# `make test` trains CTPO; the other methods take the same path (make test-variants)
+@pytest.mark.parametrize("run", ["toy_ctpo", *(pytest.param(r, marks=pytest.mark.variant)
+                                              for r in ("toy_grpo", "toy_gspo", "toy_ctpo_fixed"))])
 def test_method_trains_and_writes_the_contract_outputs(toy, tmp_path, run):
     steps = 12
     cfg, res, wd = _train(toy, tmp_path, run, total_steps=steps, save_freq=6, test_freq=steps, dump_steps=[6])

@@ -9,8 +9,9 @@ verl resolved the expected loss mode and aggregation, that its own loss computed
 fraction (verl's `actor/pg_clipfrac` equals our `ctpo/clip_frac_active` of that method on the same tensors),
 that the converted metrics.jsonl has the method's metrics, and that the update changed the weights.
 
-Not part of `make test` (each run costs a Ray start-up, about 2-4 min on 2 cores): the marker
-`verl_e2e_methods` is deselected by pyproject's addopts; `make test-verl` runs this module.
+Not part of `make test` (each run costs a Ray start-up, about 2-4 min on 2 cores; `make test` runs the same path
+once, for CTPO, in test_verl_e2e.py): the module is marked `variant`, which pyproject's addopts deselects;
+`make test-variants` (CI) runs it.
 CTPO_E2E_WARMSTART=<policy dir> reuses a toy warm start built earlier (saves the SFT minutes).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ctpo.io import read_json  # noqa: E402
 from ctpo.train.verl_metrics import read_verl_log  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.verl_e2e_methods]
+pytestmark = [pytest.mark.verl_e2e_methods, pytest.mark.variant]
 # method -> (loss_mode verl must resolve, loss_agg_mode) from configs/methods/{grpo,gspo}.yaml via verl_overrides
 EXPECTED = {"grpo": ("verl_vanilla", "token-mean"), "gspo": ("verl_gspo", "seq-mean-token-mean")}
 

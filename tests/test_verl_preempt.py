@@ -68,7 +68,7 @@ def launches(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.variant)])
 def test_signal_saves_the_current_step_then_requeue_resumes_in_the_same_wandb_run(launch, signum, capsys):
     def signal_at_step3():
         wait_for(launch.out / "step3.started")

@@ -2,7 +2,8 @@
 rely on: nothing to do after success, one changed method reruns only its jobs, figures from a copied
 results tree never train or evaluate, --keep-going keeps finished evaluations, kill-and-resume.
 
-Tiny: 2 RL steps of 2 prompts x 2 responses, k = 2 on 2 problems per benchmark, a 4-step warm start.
+Tiny: 2 RL steps of 2 prompts x 2 responses, k = 2 on 2 problems of one benchmark (7 evaluations, not the
+11 two benchmarks take), a 4-step warm start.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def tiny_experiment() -> dict:
     exp["experiment"] = EXP
     exp["wandb"]["mode"] = "offline"
     exp["data"]["toy"].update(n_train=64, n_test=4)
+    exp["data"]["benchmarks"] = exp["evaluation"]["table2_benchmarks"] = ["toy_arith"]
     d = exp["defaults"]
     d["train"].update(prompts_per_step=2, mini_batch_prompts=2, total_steps=2, save_freq=1, test_freq=100,
                       dump_steps=[1, 2])
