@@ -25,7 +25,7 @@ demo: $(STAMP)
 demo-seeds: $(STAMP)
 	$(PY) -m ctpo.demo --jobs $(JOBS) --seeds 0 1 2
 
-# Two pytest-xdist workers (TEST_WORKERS=1 runs one process); tests/conftest.py makes each test file one unit of
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in one process); tests/conftest.py makes each test file one unit of
 # work (the files sharing the toy warm start one unit) and hands out the longest units first.
 TEST_WORKERS ?= 2
 test: $(STAMP)
