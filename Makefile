@@ -28,14 +28,15 @@ demo-seeds: $(STAMP)
 # Two pytest-xdist workers (TEST_WORKERS=0 runs in one process); tests/conftest.py makes each test file one unit of
 # work (the files sharing the toy warm start one unit) and hands out the longest units first.
 TEST_WORKERS ?= 2
+PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PYTEST) tests
 
 # The other methods and signals of the end-to-end paths `make test` runs once (marker `variant`): GRPO, GSPO and
 # CTPO-fixed through the local trainer and through verl's own trainer on CPU, SIGUSR1 preemption. CI runs it
 # after `make test`.
 test-variants: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m variant tests
+	$(PYTEST) -m variant tests
 
 # envs/cpu.yaml, envs/gpu.yaml, envs/gpu.post-deploy.sh from pyproject.toml (the one pin set).
 pins:
