@@ -37,11 +37,11 @@ import torch
 
 from ctpo import layout, schema
 from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
+from ctpo.exitcodes import EXIT_PREEMPTED  # 75: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun resumes
 from ctpo.io import write_text
 from ctpo.progress import Progress
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun to resume
 PAUSE_ENV = "CTPO_PAUSE_AFTER_STEP"
 ROLLOUT_IS_MODES = (None, "sequence", "token")
 
