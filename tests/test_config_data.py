@@ -204,3 +204,26 @@ def test_verl_overrides_keep_interpolations_as_text(monkeypatch, tmp_path):
     assert SECRET not in OmegaConf.to_yaml(c, resolve=True)
     ray_tmp = OmegaConf.to_container(c.ray_kwargs.ray_init)["_temp_dir"]  # read before the resolve
     assert re.fullmatch(r"/tmp/ctpo-ray-[0-9a-f]{10}", ray_tmp)
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda e: e.__setitem__("experiment", "toy\n"), "experiment"),  # Python's `$` matches before a final newline
+    (lambda e: e["data"]["benchmarks"].append("aime\n"), "data.benchmarks[2]"),
+    (lambda e: e["data"]["benchmarks"].append("-rf"), "data.benchmarks[2]"),  # never read as a flag
+    (lambda e: e["data"].__setitem__("checksums", {"../x": "0" * 64}), "data.checksums"),
+    (lambda e: e["evaluation"].__setitem__("figure2_benchmark", "a b"), "evaluation.figure2_benchmark"),
+    (lambda e: e["runs"][next(iter(e["runs"]))].__setitem__("method", "../../x"), "runs."),
+    (lambda e: _revision(e) or e["data"]["deepscaler"].__setitem__("revision", "a/../b"), "data.deepscaler.revision"),
+    (lambda e: _revision(e) or e["data"]["deepscaler"].__setitem__("split", "train[:10]"), "data.deepscaler.split"),
+])
+def test_schema_refuses_unsafe_values_in_one_line(mutate, key):
+    from ctpo.configure import check_schema
+
+    schema = REPO / "workflow/schemas/config.schema.yaml"
+    check_schema(copy.deepcopy(TOY), schema)  # the shipped configs pass
+    check_schema(yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text()), schema)
+    with pytest.raises(ConfigError) as e:
+        check_schema(_toy_with(mutate), schema)
+    assert str(e.value).startswith(f"experiment config {key}") and "\n" not in str(e.value), str(e.value)
+    ok = _toy_with(lambda e: _revision(e) or e["data"]["deepscaler"].update(revision="refs/pr/1", split="test"))
+    check_schema(ok, schema)
