@@ -137,10 +137,10 @@ def _is_relation(tok: str) -> bool:
 _MACRO_RELATIONS_SET = frozenset(_MACRO_RELATIONS)
 
 
-def scan(expr: str) -> tuple[list[tuple[int, int, str]], list[str]]:
-    """(top-level relations as (start, end, token), relations hidden in plain brace groups) of `expr`.
-    Relations in sub/superscripts and inside set braces `\\{ \\}` are neither."""
-    top, hidden, stack = [], [], []
+def scan(expr: str) -> tuple[list[tuple[int, int, str]], list[str], list[str]]:
+    """(top-level relations as (start, end, token), relations hidden in plain brace groups, relations inside
+    set braces `\\{ \\}`) of `expr`. Relations in sub/superscripts are none of these."""
+    top, hidden, in_set, stack = [], [], [], []
     for m in _TOKEN.finditer(expr):
         tok = m.group()
         if tok in _GROUP_OPEN or tok[0] in "_^":
@@ -151,16 +151,16 @@ def scan(expr: str) -> tuple[list[tuple[int, int, str]], list[str]]:
         elif _is_relation(tok):
             if not stack:
                 top.append((m.start(), m.end(), tok))
-            elif "script" not in stack and "set" not in stack:
-                hidden.append(tok)
-    return top, hidden
+            elif "script" not in stack:
+                (in_set if "set" in stack else hidden).append(tok)
+    return top, hidden, in_set
 
 
 def split_relations(expr: str) -> tuple[list[str], list[str]]:
     """(sides, relations) of `expr` split at top-level relations (outside braces and scripts); the naming
     relations (`=`, `:=`, `==`, `\\coloneqq`, `\\in`, ...) are reported as '='.
     `x = 2 = 3` -> (['x', '2', '3'], ['=', '='])."""
-    top, _ = scan(expr)
+    top = scan(expr)[0]
     sides, rels, last = [], [], 0
     for start, end, tok in top:
         sides.append(expr[last:start].strip())
@@ -173,6 +173,12 @@ def split_relations(expr: str) -> tuple[list[str], list[str]]:
 def hidden_relations(expr: str) -> list[str]:
     """Relations inside plain brace groups (`205 {=} 204`, `\\mathrel{=}`, `\\frac{a=1}{2}`)."""
     return scan(expr)[1]
+
+
+def is_relation(expr: str) -> bool:
+    """True when `expr` holds a relation anywhere but in a sub/superscript (a ground truth such as
+    `y = 2x + 1` or `\\{(x, y) \\mid x + y = 1\\}`, compared whole)."""
+    return any(scan(expr))
 
 
 def negated(expr: str) -> bool:

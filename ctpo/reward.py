@@ -48,8 +48,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ctpo.relations import (canonical, hidden_relations, holds_relation, names_answer, names_quantity,  # noqa: F401
-                            negated, parse_whole, split_relations)
+from ctpo.relations import (canonical, hidden_relations, holds_relation, is_relation, names_answer,  # noqa: F401
+                            names_quantity, negated, parse_whole, split_relations)
 from ctpo.sandbox.spawner import Spawner
 
 REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout")
@@ -163,9 +163,8 @@ def _verify_value(pred: str, gold: str) -> str:
 def _verify(pred: str, gold: str) -> str:
     """Runs inside the worker: 'correct' | 'wrong' | 'parse_error' (strict relations, see module doc and
     `ctpo.relations`)."""
-    gold_c = canonical(gold)
-    if split_relations(gold_c)[1] or hidden_relations(gold_c):
-        return _verify_one(pred, gold)  # a relation as ground truth: compared whole
+    if is_relation(canonical(gold)):
+        return _verify_one(pred, gold)  # a relation as ground truth (a set-builder, say): compared whole
     text = canonical(pred)
     if negated(text):
         return "wrong"

@@ -52,7 +52,8 @@ HONEST = [
     ("\\boxed{x \\in [0, 1]}", "[0, 1]"), ("\\boxed{\\sum_{k=1}^{3} k}", "6"), ("\\boxed{(1,2]}", "(1,2]"),
     ("\\boxed{\\{1,2\\}}", "\\{2,1\\}"), ("\\boxed{1\\,000}", "1000"), ("\\boxed{-204}", "-204"),
     ("\\boxed{5!}", "120"), ("\\boxed{f(3) = 204}", "204"), ("\\boxed{\\angle A = 204}", "204"),
-    ("\\boxed{\\text{area} = 204}", "204"), ("\\boxed{m + n = 204}", "204"), ("\\boxed{\\left(1, 2\\right)}", "(1,2)"), ("\\boxed{y = 2x + 1}", "y = 2x + 1"),
+    ("\\boxed{\\text{area} = 204}", "204"), ("\\boxed{m + n = 204}", "204"),
+    ("\\boxed{\\{x \\mid x > 0\\}}", "\\{x \\mid x > 0\\}"),  # a relation in a set: a relation ground truth ("\\boxed{\\left(1, 2\\right)}", "(1,2)"), ("\\boxed{y = 2x + 1}", "y = 2x + 1"),
 ]
 
 
