@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -29,6 +30,7 @@ from ctpo import methods
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"  # the experiment schema; $defs shared here
 
 PROTOCOLS = ("ctpo_tir", "release")  # rollout.protocol: see RolloutConfig and docs/TOOL_PROTOCOL.md
 
@@ -227,9 +229,38 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
+def literal(data: Any) -> Any:
+    """`data` (plain containers) with OmegaConf's interpolation escaped in every string, so that resolving
+    gives the text back: `${x}` -> `\\${x}`, and backslashes right before it doubled (OmegaConf's rule)."""
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=False)
+    if isinstance(data, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", data)
+    if isinstance(data, dict):
+        return {k: literal(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [literal(v) for v in data]
+    return data
+
+
+def hydra_quote(text: str, resolves: int = 1) -> str:
+    """`text` as one Hydra override value that the consumer reads back as exactly `text`: OmegaConf
+    interpolation escaped once per resolution on the way (`literal`), then single-quoted for Hydra's override
+    grammar, where only backslashes right before a quote (or the closing quote) are escape characters.
+    `resolves`: in-place `OmegaConf.resolve` calls before the value is read; verl's main_ppo makes one
+    (TaskRunner.run), after which each read resolves again, so `${x}` must survive two resolutions there.
+    Commas, '=', spaces, brackets, quotes and `${oc.env:HF_TOKEN}` stay text."""
+    body = str(text)
+    for _ in range(resolves + 1):
+        body = literal(body)
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", body)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return "'" + body + "'"
+
+
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, update)
+        return OmegaConf.merge(base, literal(update))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{source}: bad key '{key}': {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
@@ -237,7 +268,7 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
 
 def load_experiment(path: str | Path) -> dict:
     """The experiment file as a plain dict (also what Snakemake's `configfile` holds)."""
-    return OmegaConf.to_container(_load_yaml(Path(path)), resolve=True)
+    return OmegaConf.to_container(_load_yaml(Path(path)), resolve=False)  # values are data: no interpolation
 
 
 def resolve_run(experiment: dict, run: str, seed: int, config_dir: Path = CONFIG_DIR) -> dict:
@@ -278,7 +309,7 @@ def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
         if p.suffix == ".json":
             data = json.loads(p.read_text())
         else:
-            data = OmegaConf.to_container(_load_yaml(p), resolve=True)
+            data = OmegaConf.to_container(_load_yaml(p), resolve=False)
     cfg = _merge(OmegaConf.structured(RunConfig), data, source)
     validate_run_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), source)
     obj = OmegaConf.to_object(cfg)
@@ -332,12 +363,23 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
             f"{source}: rollout.protocol 'release' (chat messages through a Hugging Face chat template) needs "
             f"train.backend 'verl'; the local toy backend uses rollout.protocol 'ctpo_tir'"
         )
+    revision = model["revision"]
+    if revision is not None and not re.search(_revision_pattern(), str(revision)):
+        raise ConfigError(f"{source}: model.revision: {revision!r} is not a hub revision (commit hash, tag or "
+                          f"branch: letters, digits, '_', '-', '.' and '/', no '..'; {SCHEMA.name} $defs.revision)")
     total = rollout["max_prompt_tokens"] + rollout["max_response_tokens"]
     if total > model["context_length"]:
         raise ConfigError(
             f"{source}: rollout.max_prompt_tokens + rollout.max_response_tokens = {total} exceeds "
             f"model.context_length ({model['context_length']})"
         )
+
+
+def _revision_pattern() -> str:
+    """The schema's revision pattern (one definition for data.deepscaler.revision and model.revision)."""
+    import yaml
+
+    return yaml.safe_load(SCHEMA.read_text())["$defs"]["revision"]["pattern"]
 
 
 def effective_batch_sizes(cfg: RunConfig) -> dict:

@@ -3,6 +3,7 @@
 The Snakemake rules (`workflow/rules/*.smk`) call these functions at parse time; none of them imports
 Snakemake, so the plan is testable on its own:
 
+- `check_schema(experiment, schema)` the JSON schema (workflow/schemas), its first violation as one line
 - `resolve_runs(experiment)`        every (run, seed) -> resolved RunConfig dict (`ctpo.config.resolve_run`)
 - `check_experiment(experiment)`    cross-key checks the JSON schema cannot express (names, steps)
 - `eval_targets(experiment, runs)`  the (run, seed, step, benchmark) evaluations the tables and figures need
@@ -29,6 +30,30 @@ from ctpo.layout import saved_steps
 # The warm start trains no policy loss: its config's loss is all null (method null), so that no method file
 # (configs/methods/*.yaml) can change it.
 WARMSTART_RUN = "sft"
+
+
+def check_schema(experiment: dict, schema_path: str | Path) -> None:
+    """ConfigError (one line: the key, the value, what the schema expects) on the first schema violation.
+    The rules live in the schema only; this reports them before anything is planned or run."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(experiment))
+    if error is None:
+        return
+    key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in error.absolute_path).lstrip(".") or "(top)"
+    if error.validator == "propertyNames":  # a mapping key: name it and the rule it broke
+        error = jsonschema.exceptions.best_match(error.context) or error
+    if error.validator == "oneOf" and error.context:  # a value that is neither a revision nor null, say
+        error = jsonschema.exceptions.best_match(error.context)
+    expected = ""
+    if error.validator == "pattern":  # the pattern's own words: the description beside it in the schema
+        expected = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+    message = " ".join(error.message.split())[:300]
+    raise ConfigError(f"experiment config {key}: {message}" + (f"; expected {expected}" if expected else "")
+                      + f" ({Path(schema_path).name})")
 
 
 def resolve_runs(experiment: dict, config_dir: Path = CONFIG_DIR) -> dict[tuple[str, int], dict]:

@@ -14,7 +14,10 @@ Strict relations: when the ground truth is a value, an answer written as a relat
 an equation chain whose left side names the answer (a variable or expression, not a number) and whose
 every other side equals the ground truth: `x = 204`, `x = 2 \\cdot 102 = 204` are correct; `205 = 204`,
 `1 = 2 = 3 = 204`, `x = 205 = 204`, `205 \\implies 204`, `205 \\to 204`, `204 \\approx 205` are wrong.
-A ground truth that is itself a relation is compared whole by math-verify.
+The guard (`ctpo.relations`) reads unicode and macro relations (`205 ＝ 204`, `\\coloneqq`, the `\\neq` family),
+braces (`\\boxed{{205 = 204}}`), spacing macros (`205 \\quad = 204`), negation (`\\neg 204`), and checks
+math-verify's parse of each value for relations; an answer math-verify reads only a fragment of is a
+parse_error. A ground truth that is itself a relation is compared whole by math-verify.
 
 Ground truth: None, NaN or empty is an error of the data (`GroundTruthError`, raised; never a match);
 `ctpo.data.problems` rejects such rows at load time.
@@ -29,7 +32,10 @@ and replaced and scores 0 with reason "timeout". A worker that dies (a signal fr
 to the job) is replaced and the answer regraded; only an answer that kills `REGRADE_ATTEMPTS` fresh
 workers in a row is scored (parse_error). Workers run in their own session (terminal / process-group
 signals do not reach them) and die with the process that started them (PR_SET_PDEATHSIG, set from a
-long-lived spawner thread: the death signal follows the *thread* that forked), even on SIGKILL.
+long-lived spawner thread: the death signal follows the *thread* that forked), even on SIGKILL. They start
+with a scrubbed environment (`WORKER_ENV_KEYS` only: no HF_TOKEN, WANDB_API_KEY, ...) and run under rlimits
+(address space `WORKER_MEMORY_MB`, `WORKER_NOFILE` files, no processes or threads, no file writes, a CPU
+budget per check).
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ctpo.relations import (canonical, hidden_relations, holds_relation, is_relation, names_answer,  # noqa: F401
+                            names_quantity, negated, parse_whole, split_relations)
 from ctpo.sandbox.spawner import Spawner
 
 REASONS = ("correct", "wrong", "no_answer", "parse_error", "timeout")
@@ -50,6 +58,16 @@ MAX_ANSWER_CHARS = 1024  # a longer boxed answer is not a final answer: parse_er
 MAX_WORKERS = 32  # upper bound of the worker pool (it grows with the number of concurrent calls)
 REGRADE_ATTEMPTS = 3  # fresh workers tried for one answer when workers die under it
 _WORKER_START_TIMEOUT_S = 120.0
+# A worker's limits (it parses model output with sympy): address space, open files, no child processes or
+# threads, no files written, and CPU seconds per check (the check's wall deadline rounded up + 1 s, reset
+# before each check; SIGXCPU ends a worker that overruns it, and the pool replaces it). A worker holds
+# about 65 MB after importing math-verify and sympy.
+WORKER_MEMORY_MB = 1024
+WORKER_NOFILE = 64
+_DEFAULT_CPU_S = 6  # CPU budget of a request that names none ([pred, gold]): the default 5 s deadline + 1 s
+# The environment a worker starts with: these keys only (locale, library and module paths); no host secret
+# (HF_TOKEN, WANDB_API_KEY, cloud credentials, ...) reaches the process that parses model output.
+WORKER_ENV_KEYS = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 _BOX = re.compile(r"\\(?:boxed|fbox)\{")
 log = logging.getLogger(__name__)
 
@@ -111,49 +129,11 @@ def _gold_text(ground_truth) -> str:
     return gold
 
 
-# ----------------------------------------------------------------------------- relations
-
-_REL = re.compile(
-    r"[{}]|:=|==|<=|>=|!=|=|<|>|≤|≥|≠|≈|→|⇒|⟹|⇔|↔|∼|≅|≡"
-    r"|\\(?:implies|impliedby|iff|to|approx|le|leq|leqslant|ge|geq|geqslant|lt|gt|ne|neq|equiv|sim|simeq"
-    r"|cong|propto|mapsto|gets|rightarrow|Rightarrow|longrightarrow|Longrightarrow|leftarrow|Leftarrow"
-    r"|leftrightarrow|Leftrightarrow|longleftrightarrow|Longleftrightarrow)(?![A-Za-z])"
-)
-_NUMERIC_COMMANDS = re.compile(
-    r"\\(?:frac|dfrac|tfrac|sqrt|cdot|times|div|pi|left|right|circ|infty|pm|mp|mathrm|operatorname|text"
-    r"|mathbf|displaystyle|degree)(?![A-Za-z])|\\[,;:! ]|\\text\{[^{}]*\}"
-)
-
-
-def split_relations(expr: str) -> tuple[list[str], list[str]]:
-    """(sides, relations) of `expr` split at top-level relation symbols (outside braces); '=' ':=' '=='
-    are reported as '='. `x = 2 = 3` -> (['x', '2', '3'], ['=', '='])."""
-    sides, rels, depth, last = [], [], 0, 0
-    for m in _REL.finditer(expr):
-        tok = m.group()
-        if tok == "{":
-            depth += 1
-        elif tok == "}":
-            depth = max(0, depth - 1)
-        elif depth == 0:
-            sides.append(expr[last : m.start()].strip())
-            rels.append("=" if tok in ("=", ":=", "==") else tok)
-            last = m.end()
-    sides.append(expr[last:].strip())
-    return sides, rels
-
-
-def names_answer(side: str) -> bool:
-    """True when `side` is a variable or an expression naming a quantity (`x`, `f(3)`, `a+b`, `\\angle A`),
-    False for a plain number or numeric expression (`205`, `\\frac{1}{2}`, `2\\pi`)."""
-    rest = _NUMERIC_COMMANDS.sub(" ", side)
-    return bool(re.search(r"[A-Za-z]|\\[A-Za-z]+", rest))
-
-
 # ----------------------------------------------------------------------------- worker process
 
 
 def _verify_one(pred: str, gold: str) -> str:
+    """math-verify on the whole answer (used when the ground truth is itself a relation)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     configs = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -164,15 +144,39 @@ def _verify_one(pred: str, gold: str) -> str:
     return "correct" if verify(g, p, timeout_seconds=None) else "wrong"
 
 
+def _verify_value(pred: str, gold: str) -> str:
+    """One value (an answer or a side of its equation chain) against a value ground truth: a hidden
+    relation or a parse holding a relation / logical value is wrong (`ctpo.relations`)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    if hidden_relations(pred):
+        return "wrong"
+    p = parse_whole(pred)
+    g = parse("\\boxed{" + gold + "}", (LatexExtractionConfig(), ExprExtractionConfig()), parsing_timeout=None)
+    if not g or not p:
+        return "parse_error"
+    if holds_relation(p[0]):
+        return "wrong"
+    return "correct" if verify(g, p, timeout_seconds=None) else "wrong"
+
+
 def _verify(pred: str, gold: str) -> str:
-    """Runs inside the worker: 'correct' | 'wrong' | 'parse_error' (strict relations, see module doc)."""
-    _, gold_rels = split_relations(gold)
-    sides, rels = split_relations(pred)
-    if gold_rels or not rels:
-        return _verify_one(pred, gold)
+    """Runs inside the worker: 'correct' | 'wrong' | 'parse_error' (strict relations, see module doc and
+    `ctpo.relations`)."""
+    if is_relation(canonical(gold)):
+        return _verify_one(pred, gold)  # a relation as ground truth (a set-builder, say): compared whole
+    text = canonical(pred)
+    if negated(text):
+        return "wrong"
+    sides, rels = split_relations(text)
+    if not rels:
+        return _verify_value(text, gold)
     if any(r != "=" for r in rels) or not names_answer(sides[0]) or not all(sides[1:]):
         return "wrong"
-    verdicts = [_verify_one(side, gold) for side in sides[1:]]
+    lhs = parse_whole(sides[0])
+    if not lhs or not names_quantity(lhs[0]):
+        return "wrong"
+    verdicts = [_verify_value(side, gold) for side in sides[1:]]
     if "wrong" in verdicts:
         return "wrong"
     return "parse_error" if "parse_error" in verdicts else "correct"
@@ -188,8 +192,27 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def _limit_self() -> None:
+    """The worker's rlimits, set once its trusted imports are done and before it reads any request: address
+    space, open files, processes (0: no fork, no thread), file size (0: writes nothing), no core dumps."""
+    import resource
+
+    for res, value in ((resource.RLIMIT_AS, WORKER_MEMORY_MB << 20), (resource.RLIMIT_NOFILE, WORKER_NOFILE),
+                       (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+
+
+def _cpu_budget(cpu_s: int) -> None:
+    """RLIMIT_CPU (soft) = CPU seconds used so far + cpu_s: the next check's CPU budget."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used.ru_utime + used.ru_stime) + cpu_s, resource.RLIM_INFINITY))
+
+
 def _serve() -> None:
-    """Worker loop (`python -m ctpo.reward`): one JSON request per stdin line, one verdict per line."""
+    """Worker loop (`python -m ctpo.reward`): one JSON request [pred, gold, cpu_s] per stdin line (cpu_s
+    optional), one verdict per line."""
     import json
     import sys
     import warnings
@@ -199,13 +222,18 @@ def _serve() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: intended
     import math_verify  # noqa: F401  (import before signalling ready)
+    import sympy  # noqa: F401
+    from sympy.logic import boolalg  # noqa: F401  (everything `ctpo.relations` imports, before the limits)
 
+    _limit_self()
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
     out.write("ready\n")
     out.flush()
     for line in sys.stdin:
-        pred, gold = json.loads(line)
+        request = json.loads(line)
+        pred, gold = request[0], request[1]
+        _cpu_budget(int(request[2]) if len(request) > 2 else _DEFAULT_CPU_S)
         try:
             verdict = _verify(pred, gold)
         except Exception:  # anything math-verify/sympy raises is an unreadable answer
@@ -224,7 +252,7 @@ class _Worker:
         import sys
         from pathlib import Path
 
-        env = dict(os.environ)
+        env = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["CTPO_REWARD_PARENT"] = str(os.getpid())
@@ -256,7 +284,7 @@ class _Worker:
         Raises EOFError/OSError when the worker is dead."""
         import json
 
-        self.proc.stdin.write(json.dumps([pred, gold]) + "\n")
+        self.proc.stdin.write(json.dumps([pred, gold, math.ceil(timeout_s) + 1]) + "\n")
         self.proc.stdin.flush()
         return self._readline(timeout_s)
 

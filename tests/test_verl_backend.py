@@ -295,7 +295,7 @@ def test_hydra_writes_into_the_workdir_not_the_cwd(tmp_path):
     wd = tmp_path / "runs" / "x y" / "seed0"
     argv = vb.build_command(_cfg("ctpo"), tmp_path / "r", wd)
     hydra_args = [a for a in argv if a.startswith("hydra.")]
-    assert hydra_args == [f'hydra.run.dir="{wd.resolve() / "hydra"}"']
+    assert hydra_args == [f"hydra.run.dir='{wd.resolve() / 'hydra'}'"]
     app = tmp_path / "main_ppo.py"
     app.write_text("import hydra\n\n@hydra.main(config_path=None, config_name=None, version_base=None)\n"
                    "def main(cfg):\n    print('ran')\n\nmain()\n")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctpo.config import CONFIG_DIR, ConfigError
+from ctpo.config import CONFIG_DIR, ConfigError, hydra_quote
 
 AGENT_LOOP_CONFIG = CONFIG_DIR / "verl" / "agent_loop.yaml"
 TIR_TOOL_CONFIG = CONFIG_DIR / "verl" / "tool_config.yaml"
@@ -28,8 +28,8 @@ RELEASE_TRUNCATE_SIDE = "middle"  # verl's default and the release's for max_too
 
 
 def _q(path: str | Path) -> str:
-    """A Hydra-quoted absolute path (survives '=', ',', spaces)."""
-    return '"' + str(Path(path).resolve()).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A Hydra-quoted absolute path (`ctpo.config.hydra_quote`: '=', ',', spaces, quotes and `${..}` stay text)."""
+    return hydra_quote(str(Path(path).resolve()))
 
 
 def verl_protocol_overrides(protocol: str, agent_loop_path: str | Path, prefix: str = "actor_rollout_ref.rollout") -> list[str]:

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import hashlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 
 from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
-from ctpo.config import REPO_ROOT, RunConfig, load_run_config
+from ctpo.config import REPO_ROOT, RunConfig, hydra_quote, load_run_config
 from ctpo.train import verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
@@ -64,8 +65,8 @@ class VerlRunError(RuntimeError):
 
 
 def _q(path: str | Path) -> str:
-    """A Hydra-quoted absolute path (survives '=', ',', spaces)."""
-    return '"' + str(Path(path).resolve()).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A Hydra-quoted absolute path (`ctpo.config.hydra_quote`: '=', ',', spaces, quotes and `${..}` stay text)."""
+    return hydra_quote(str(Path(path).resolve()))
 
 
 def _b(x: bool) -> str:
@@ -77,9 +78,10 @@ def checkpoint_dir(workdir: str | Path) -> Path:
 
 
 def ray_temp_dir(workdir: str | Path) -> Path:
-    """`<workdir>/ray` when short enough for Ray's socket paths, else /tmp/ctpo-ray-<hash of workdir>."""
+    """`<workdir>/ray` when short enough for Ray's socket paths and plain (main_ppo reads it before it resolves
+    its config, so it must need no escaping), else /tmp/ctpo-ray-<hash of workdir>."""
     p = Path(workdir).resolve() / "ray"
-    if len(str(p)) <= _RAY_TMP_MAX:
+    if len(str(p)) <= _RAY_TMP_MAX and re.fullmatch(r"[A-Za-z0-9_./-]+", str(p)):
         return p
     return Path("/tmp") / f"ctpo-ray-{hashlib.sha256(str(p).encode()).hexdigest()[:10]}"
 
@@ -119,6 +121,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
     resumable checkpoints, multi-turn TIR, our reward and save hook). init: the policy dir to start from
     (the toy's SFT warm start, or the verified local snapshot of `model.revision`), else `model.path`."""
     t, r, m, v = cfg.train, cfg.rollout, cfg.model, cfg.train.verl
+    if "${" in str(Path(workdir).resolve()):  # Hydra interpolates its own run dir and log paths: no escape holds
+        raise ValueError(f"--workdir {workdir}: a path holding '${{' cannot be verl's (Hydra's) run dir; choose another")
     if v is None:
         raise ValueError("run config: train.verl (the verl launcher's settings) is required for the verl backend")
     model_path = str(Path(init).resolve()) if init else m.path
@@ -150,7 +154,7 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"data.seed={cfg.seed}",
         f"+data.apply_chat_template_kwargs.enable_thinking={_b(r.enable_thinking)}",
         # model + our plugin (registers the ctpo losses in every worker at import)
-        f"actor_rollout_ref.model.path={model_path}",
+        f"actor_rollout_ref.model.path={hydra_quote(model_path)}",
         f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
         f"actor_rollout_ref.model.use_remove_padding={_b(v.use_remove_padding)}",
         f"actor_rollout_ref.model.enable_gradient_checkpointing={_b(v.gradient_checkpointing)}",
@@ -210,8 +214,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         "trainer.resume_mode=auto",
         f"trainer.checkpoint_callback_class={verl_preempt.HOOK_CLASS}",  # save on signal / before the end time
         f"trainer.default_local_dir={_q(ckpt)}",
-        f"trainer.project_name={cfg.wandb.project}",
-        f"trainer.experiment_name={experiment_name(cfg)}",
+        f"trainer.project_name={hydra_quote(cfg.wandb.project)}",
+        f"trainer.experiment_name={hydra_quote(experiment_name(cfg))}",
         f"trainer.logger={_loggers(cfg)}",
         # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash)
         f"+ray_kwargs.ray_init._temp_dir={_q(ray_temp_dir(workdir))}",

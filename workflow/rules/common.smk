@@ -8,9 +8,12 @@ from snakemake.utils import validate
 from ctpo import layout
 from ctpo.config import canonical_json
 from ctpo.tracking import resolve_mode
-from ctpo.configure import check_experiment, eval_targets, resolve_runs, warmstart_config
+from ctpo.configure import check_experiment, check_schema, eval_targets, resolve_runs, warmstart_config
 
 
+# Config values are data: names and revisions match the schema's patterns (one-line error naming the key),
+# and every value a rule puts in a shell command is quoted (`{x:q}`; flags are lists, quoted item by item).
+check_schema(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 validate(config, schema="../schemas/config.schema.yaml", set_default=False)
 
 EXP = config["experiment"]
@@ -83,12 +86,13 @@ def get_data_marker(wildcards=None):
 
 
 def deepscaler_pins():
-    """--split, --revision and --expected-rows flags from data.deepscaler (each only when set)."""
+    """[--split, S, --revision, R, --expected-rows, N] from data.deepscaler (each only when set); a list,
+    so `{params.pins:q}` quotes each item."""
     ds, flags = config["data"]["deepscaler"], []
     for key, flag in (("split", "--split"), ("revision", "--revision"), ("expected_rows", "--expected-rows")):
         if ds.get(key) is not None:
-            flags.append(f"{flag} {ds[key]}")
-    return " ".join(flags)
+            flags += [flag, str(ds[key])]
+    return flags
 
 
 def get_benchmark_marker(wildcards=None):
@@ -114,7 +118,8 @@ def get_train_inputs(wildcards):
 
 
 def get_init_arg(wildcards):
-    return f"--init {P['sft_policy'].format(seed=wildcards.seed)}" if needs_warmstart(wildcards) else ""
+    """[--init, POLICY_DIR] for a toy-model run, else [] (a list: `{params.init:q}` quotes each item)."""
+    return ["--init", P["sft_policy"].format(seed=wildcards.seed)] if needs_warmstart(wildcards) else []
 
 
 def get_checkpoint_dir(wildcards):

@@ -15,7 +15,7 @@ rule experiment_config:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.configure --json {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule run_config:
@@ -30,7 +30,7 @@ rule run_config:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.configure --json {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sft_config:
@@ -45,7 +45,7 @@ rule sft_config:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.configure --json {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_toy_data:
@@ -54,7 +54,7 @@ rule prepare_toy_data:
     params:
         toy=config["data"].get("toy"),
         out_dir=P["toy_dir"],
-        files=" ".join([P["toy_train"]] + [benchmark_file(b) for b in config["data"]["benchmarks"]]),
+        files=[P["toy_train"]] + [benchmark_file(b) for b in config["data"]["benchmarks"]],
     log:
         LOG("prepare_toy_data"),
     benchmark:
@@ -64,9 +64,9 @@ rule prepare_toy_data:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.data toy --out-dir {params.out_dir} --n-train {params.toy[n_train]} --n-test {params.toy[n_test]} "
-        "--seed {params.toy[seed]} > {log} 2>&1 && "
-        "python -m ctpo.configure --checksums {params.files} --out {output} >> {log} 2>&1"
+        "python -m ctpo.data toy --out-dir {params.out_dir:q} --n-train {params.toy[n_train]:q} --n-test {params.toy[n_test]:q} "
+        "--seed {params.toy[seed]:q} > {log:q} 2>&1 && "
+        "python -m ctpo.configure --checksums {params.files:q} --out {output:q} >> {log:q} 2>&1"
 
 
 rule prepare_deepscaler:
@@ -85,8 +85,8 @@ rule prepare_deepscaler:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.data deepscaler --source {params.ds[source]:q} --out {params.out} {params.pins} > {log} 2>&1 && "
-        "python -m ctpo.configure --checksums {params.out} --out {output} >> {log} 2>&1"
+        "python -m ctpo.data deepscaler --source {params.ds[source]:q} --out {params.out:q} {params.pins:q} > {log:q} 2>&1 && "
+        "python -m ctpo.configure --checksums {params.out:q} --out {output:q} >> {log:q} 2>&1"
 
 
 rule data_config:
@@ -101,7 +101,7 @@ rule data_config:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.configure --json {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_benchmarks:
@@ -118,7 +118,7 @@ rule prepare_benchmarks:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.data benchmarks --experiment {input} --out {output} > {log} 2>&1"
+        "python -m ctpo.data benchmarks --experiment {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_model:
@@ -127,7 +127,7 @@ rule prepare_model:
         P["data_model"],
     params:
         path=lambda wc: HUB_MODELS[wc.model]["path"],
-        revision=lambda wc: f"--revision {HUB_MODELS[wc.model]['revision']}" if HUB_MODELS[wc.model]["revision"] else "",
+        revision=lambda wc: ["--revision", HUB_MODELS[wc.model]["revision"]] if HUB_MODELS[wc.model]["revision"] else [],
     log:
         LOG("prepare_model", "model"),
     benchmark:
@@ -135,7 +135,7 @@ rule prepare_model:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.hub fetch --model {params.path:q} {params.revision} --out {output} > {log} 2>&1"
+        "python -m ctpo.hub fetch --model {params.path:q} {params.revision:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare:

@@ -20,5 +20,5 @@ rule diagnostics:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.diagnostics --dump {params.dump} --config {input.config} --bin-width {params.bin_width} "
-        "--min-bin-tokens {params.min_tokens} --out {output.bins} > {log} 2>&1"
+        "python -m ctpo.diagnostics --dump {params.dump:q} --config {input.config:q} --bin-width {params.bin_width:q} "
+        "--min-bin-tokens {params.min_tokens:q} --out {output.bins:q} > {log:q} 2>&1"

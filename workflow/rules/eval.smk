@@ -20,8 +20,8 @@ rule eval:
     resources:
         **get_resources("eval"),
     shell:
-        "OMP_NUM_THREADS={threads} python -m ctpo.eval --config {input.config} --checkpoint {params.checkpoint} "
-        "--benchmark {params.benchmark} --step {wildcards.step} --out {output.records} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m ctpo.eval --config {input.config:q} --checkpoint {params.checkpoint:q} "
+        "--benchmark {params.benchmark:q} --step {wildcards.step:q} --out {output.records:q} > {log:q} 2>&1"
 
 
 rule table2:

@@ -16,7 +16,7 @@ rule table1:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.reports table1 --out {output} > {log} 2>&1"
+        "python -m ctpo.reports table1 --out {output:q} > {log:q} 2>&1"
 
 
 rule tables:
@@ -40,7 +40,7 @@ rule tables:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.reports tables --experiment {input.experiment} --results {params.results} --out {params.out} > {log} 2>&1"
+        "python -m ctpo.reports tables --experiment {input.experiment:q} --results {params.results:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -64,7 +64,7 @@ rule figures:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.reports figures --experiment {input.experiment} --results {params.results} --out {params.out} > {log} 2>&1"
+        "python -m ctpo.reports figures --experiment {input.experiment:q} --results {params.results:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule wandb_reports:
@@ -87,5 +87,5 @@ rule wandb_reports:
     conda:
         ENV_CPU
     shell:
-        "python -m ctpo.reports wandb --experiment {input.experiment} --results {params.results} "
-        "--tables {params.tables} --figures {params.figures} --out {output} > {log} 2>&1"
+        "python -m ctpo.reports wandb --experiment {input.experiment:q} --results {params.results:q} "
+        "--tables {params.tables:q} --figures {params.figures:q} --out {output:q} > {log:q} 2>&1"

@@ -20,8 +20,8 @@ rule warmstart:
     resources:
         **get_resources("cpu"),
     shell:
-        "OMP_NUM_THREADS={threads} python -m ctpo.train.sft --config {input.config} --out {params.workdir} "
-        "--done {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m ctpo.train.sft --config {input.config:q} --out {params.workdir:q} "
+        "--done {output:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -42,8 +42,8 @@ rule train:
     resources:
         **get_resources("train"),
     shell:
-        "OMP_NUM_THREADS={threads} python -m ctpo.train --config {input.config} --results {params.results} "
-        "--workdir {params.workdir} {params.init} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m ctpo.train --config {input.config:q} --results {params.results:q} "
+        "--workdir {params.workdir:q} {params.init:q} > {log:q} 2>&1"
 
 
 rule merge:
@@ -62,8 +62,8 @@ rule merge:
     resources:
         **get_resources("merge"),
     shell:
-        "python -m ctpo.train.verl_backend merge --workdir {params.workdir} --step {wildcards.step} "
-        "--done {output} > {log} 2>&1"
+        "python -m ctpo.train.verl_backend merge --workdir {params.workdir:q} --step {wildcards.step:q} "
+        "--done {output:q} > {log:q} 2>&1"
 
 
 for _run in RUNS:
