@@ -1,0 +1,61 @@
+"""The sandbox's speed before and after a change, side by side in one run: `bench_sandbox.throughput` (executions/s
+of `print(1+1)` through `run_many`, and a bare `python -c` beside it) for two checkouts, in alternating
+subprocesses, so machine noise hits both alike.
+
+    git archive main | tar -x -C /tmp/base
+    .venv/bin/python benchmarks/bench_sandbox_before_after.py --base /tmp/base [--rounds 3 --n 96 --concurrency 8]
+
+Each round runs one fresh process per tree (PYTHONPATH=<tree>, so `ctpo` is that tree's; same interpreter and
+packages). Reported per tree: the median over rounds of the sandbox's exec/s and of its overhead ratio
+(sandbox time / bare `python -c` time, measured in the same process); and after/before of both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_ONE = ("import json, sys; sys.path.insert(0, sys.argv[1] + '/benchmarks'); import bench_sandbox; "
+        "print(json.dumps(bench_sandbox.throughput(int(sys.argv[2]), int(sys.argv[3]))))")
+
+
+def one(tree: Path, n: int, concurrency: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _ONE, str(tree), str(n), str(concurrency)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tree)}, timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"{tree}: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, required=True, help="the checkout before the change")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(a.rounds):
+        for name, tree in (("before", a.base.resolve()), ("after", REPO)):
+            runs[name].append(one(tree, a.n, a.concurrency))
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("sandbox_exec_per_s", "overhead_ratio")}
+           for name, rs in runs.items()}
+    res = {**med, "after_over_before_exec_per_s": med["after"]["sandbox_exec_per_s"] / med["before"]["sandbox_exec_per_s"],
+           "after_over_before_overhead": med["after"]["overhead_ratio"] / med["before"]["overhead_ratio"],
+           "rounds": a.rounds, "n": a.n, "concurrency": a.concurrency, "runs": runs}
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    if a.out:
+        from ctpo.io import write_json
+
+        write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
