@@ -5,8 +5,8 @@ subprocesses, so machine noise hits both alike.
     git archive main | tar -x -C /tmp/base
     .venv/bin/python benchmarks/bench_sandbox_before_after.py --base /tmp/base [--rounds 3 --n 96 --concurrency 8]
 
-Each round runs one fresh process per tree (PYTHONPATH=<tree>, so `ctpo` is that tree's; same interpreter and
-packages). Reported per tree: the median over rounds of the sandbox's exec/s and of its overhead ratio
+Each round runs one fresh process per tree (in the tree, PYTHONPATH=<tree>, so `ctpo` is that tree's, checked;
+same interpreter and packages). Reported per tree: the median over rounds of the sandbox's exec/s and of its overhead ratio
 (sandbox time / bare `python -c` time, measured in the same process); and after/before of both.
 
     .venv/bin/python benchmarks/bench_sandbox_before_after.py --base /tmp/base --fairness [--rounds 2]
@@ -64,11 +64,15 @@ _ONE = ("import json, sys; sys.path.insert(0, sys.argv[1] + '/benchmarks'); impo
 
 def one(tree: Path, n: int, concurrency: int, fairness: bool = False) -> dict:
     argv = [sys.executable, "-c", _FAIR] if fairness else [sys.executable, "-c", _ONE, str(tree), str(n), str(concurrency)]
-    out = subprocess.run(argv, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(tree)}, timeout=1800)
+    # cwd = the tree: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+    out = subprocess.run([*argv[:2], "import ctpo; print(ctpo.__file__)\n" + argv[2], *argv[3:]], capture_output=True,
+                         text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, timeout=1800)
     if out.returncode != 0:
         raise SystemExit(f"{tree}: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    if not lines[0].startswith(str(tree) + "/"):
+        raise SystemExit(f"{tree}: imported ctpo from {lines[0]}, not from the tree")
+    return json.loads(lines[-1])
 
 
 def main() -> None:

@@ -80,7 +80,6 @@ NEWROOT = "/tmp"  # the new root's tmpfs is mounted here (in our mount namespace
 DEVICES = ("null", "zero", "full", "random", "urandom")
 EXTERNAL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE")
 _I_PID = 0
-_FILTER = b""  # the syscall filter compiled by libseccomp (seccomp_policy.compiled), once in Z or W; U installs it
 TMP_INODES, SHM_INODES = 16384, 1024  # inode limits of the private /tmp and /dev/shm (kernel memory)
 
 
@@ -332,7 +331,7 @@ def _user(spec: dict, code: str, report_fd: int) -> int:
     _add_site_dirs(spec["site_dirs"])
     _set_limits(spec)
     if spec["seccomp"]:  # last step before user code: setup above may use what the filter denies
-        seccomp_policy.install(_FILTER, *_libc())
+        seccomp_policy.install(bytes.fromhex(spec["seccomp"]), *_libc())
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
@@ -462,16 +461,6 @@ def _relay(signum, _frame) -> None:
             pass
 
 
-def _load_filter(path: str) -> None:
-    """Build the syscall filter from pyseccomp at `path` (before the host's files are out of reach)."""
-    global _FILTER
-    if not _FILTER:
-        try:
-            _FILTER = seccomp_policy.compiled(seccomp_policy.load_module(path))
-        except (ImportError, RuntimeError, OSError, AttributeError) as e:
-            raise SetupError(f"cannot build the syscall filter (libseccomp via {path}): {e}") from None
-
-
 def main() -> None:
     global _STATUS_FD, _I_PID
     import gc
@@ -483,8 +472,6 @@ def main() -> None:
         signal.signal(getattr(signal, sig), _relay)
     try:
         _die_with_parent(spec["host_pid"])
-        if spec["seccomp"]:
-            _load_filter(spec["seccomp"])
         code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
         if spec["mode"] != "none":
             _enter_namespaces(spec)
@@ -517,7 +504,7 @@ def main() -> None:
     _finish(exit_code)  # U
 
 
-def forkserver(sock_fd: int, host_pid: int, seccomp: str = "") -> None:
+def forkserver(sock_fd: int, host_pid: int) -> None:
     """Z: a pre-started launcher (`runner._ForkServer`). It forks one W per request, so a sandbox does not
     pay for W's interpreter start (~14 ms CPU). Request (SOCK_SEQPACKET, SCM_RIGHTS): SPEC hex, with the
     fds stdin, stdout, stderr, status and a per-request reply socket; Z answers "<pid>" on the reply
@@ -531,11 +518,6 @@ def forkserver(sock_fd: int, host_pid: int, seccomp: str = "") -> None:
     gc.disable()
     _die_with_parent(host_pid)
     _libc()  # import ctypes and load libc now, once, for every W
-    if seccomp:  # built once here, inherited by every W (a failure is retried, and reported, by W)
-        try:
-            _load_filter(seccomp)
-        except SetupError:
-            pass
     ctl = socket.socket(fileno=sock_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

@@ -251,7 +251,7 @@ class _ForkServer:
     """`_child.forkserver` in a pre-started process: launches W by fork instead of a new interpreter."""
 
     _BOOT_Z = ("import sys; sys.path.insert(0, {dir!r}); import _child; del sys.path[0]; "
-               "_child.forkserver(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])")
+               "_child.forkserver(int(sys.argv[1]), int(sys.argv[2]))")
 
     def __init__(self, spawner: Spawner) -> None:
         import socket
@@ -260,7 +260,7 @@ class _ForkServer:
         try:
             self.proc = spawner.call(lambda: subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", self._BOOT_Z.format(dir=os.path.dirname(_CHILD)),
-                 str(theirs.fileno()), str(os.getpid()), seccomp_policy.host_filter()[0]],
+                 str(theirs.fileno()), str(os.getpid())],
                 stdin=subprocess.DEVNULL, env=_ENV, cwd="/", start_new_session=True,
                 pass_fds=(theirs.fileno(),), close_fds=True))
         finally:

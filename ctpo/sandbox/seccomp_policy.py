@@ -1,7 +1,8 @@
 """The syscall filter of model code: what U may not call, built with libseccomp (through `pyseccomp`, ctypes
 over the system's libseccomp.so.2; apt package libseccomp2), never hand-written BPF.
 
-Self-contained (no ctpo imports): `_child.py` imports it as a sibling module inside the sandbox's launcher.
+Self-contained (no ctpo imports): the host compiles the filter (`host_filter`, libseccomp's own BPF via
+`seccomp_export_bpf`); `_child.py` imports this module as a sibling and its user process `install`s it.
 The filter allows by default and denies, with an errno (the program sees an ordinary OSError):
 
   memory held outside RLIMIT_AS and RSS   memfd_create, memfd_secret, userfaultfd
@@ -79,7 +80,7 @@ def build(pyseccomp):
 
 def compiled(pyseccomp) -> bytes:
     """The filter as libseccomp compiles it (`seccomp_export_bpf`: struct sock_filter[], 8 bytes each).
-    Compiled once per launcher; each sandbox installs these bytes (`install`) instead of recompiling."""
+    Compiled once per host process (`host_filter`); each sandbox installs these bytes (`install`)."""
     flt, _ = build(pyseccomp)
     r, w = os.pipe()  # the program is < 64 KiB: it fits the pipe's buffer
     try:
@@ -120,27 +121,16 @@ def install(program: bytes, ctypes, libc) -> None:
             raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def load_module(path: str):
-    """Import pyseccomp from its file `path` (the launcher runs with -I -S: no site-packages on sys.path).
-    Raises ImportError/RuntimeError/OSError when the module or the system's libseccomp is missing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pyseccomp", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load pyseccomp from {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @functools.lru_cache(maxsize=None)
 def host_filter() -> tuple[str, dict]:
-    """(file of the pyseccomp module the sandbox loads, or '' when none can be used; its provenance
-    record). Checked once per process by building the filter on the host (nothing is loaded here)."""
+    """(the filter compiled by libseccomp, hex, or '' when none can be used; its provenance record).
+    Compiled once per host process (nothing is loaded here); every sandbox's user process installs it,
+    so the launchers never import pyseccomp (a bigger fork server costs every fork)."""
     try:
         import pyseccomp
 
         _, unknown = build(pyseccomp)
+        program = compiled(pyseccomp)
         v = pyseccomp._libseccomp.seccomp_version  # struct {major, minor, micro} *
         v.restype = _version_pointer()
         ver = v().contents
@@ -149,7 +139,7 @@ def host_filter() -> tuple[str, dict]:
                     "detail": f"no syscall filter: pyseccomp over libseccomp unavailable ({type(e).__name__}: {e}); "
                               "install the apt package libseccomp2 and pyseccomp (pyproject)"}
     bindings = getattr(pyseccomp, "__version__", "?")
-    return pyseccomp.__file__, {
+    return program.hex(), {
         "mechanism": f"seccomp: libseccomp {ver.major}.{ver.minor}.{ver.micro} via pyseccomp {bindings}",
         "denied": sorted({*DENIED_EPERM, *DENIED_ENOTSUP, *DENIED_ENOSYS}
                          - set(unknown)),
