@@ -61,7 +61,7 @@ def test_the_truncation_marker_is_never_graded():
     state, _ = _episode(tok, _res(stdout="\\boxed{" + "x" * 2000 + "}\n"))
     ep = Episode.from_state(state, tok)
     assert "[output truncated to 512 characters]" in ep.response_text  # what the model saw
-    assert score(ep.response_text, "512").score == 1.0  # the attack: the marker graded as the answer
+    # (on main before issue 21's relation guard, score(ep.response_text, "512") was 1.0: the marker graded)
     assert "truncated" not in ep.graded_text and "Code execution result" not in ep.graded_text
     assert score(ep.graded_text, "512").score == 0.0
     assert ep.graded_text == "```python\nprint(1)\n```\n" + "\\boxed{" + "x" * (256 - 7) + "x" * (256 - 2) + "}\n"  # halves of 256 chars
@@ -106,7 +106,7 @@ def test_release_truncation_markers_are_not_graded():
     """stdout cut by the release tool's marker, then `}` on stderr: the box spans the marker."""
     shown = release_output_text(_res(stdout="\\boxed{" + "x" * 300, stderr="}", status="error", exit_code=1), 100)
     assert shown.endswith("\n...[truncated 207 chars]}")
-    assert score(shown, "207").score == 1.0  # the attack
+    assert "207" in shown  # what the model saw (the reward before issue 21's guard graded it as 207)
     assert strip_harness(shown) == "\\boxed{" + "x" * 93 + "}"
     assert score(strip_harness(shown), "207").score == 0.0
     assert strip_harness("a...(truncated)...b(truncated)...c...(truncated)") == "abc"  # verl's three sides
