@@ -12,6 +12,7 @@ JOBS ?= 2
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@/sbin/ldconfig -p | grep -q 'libseccomp\.so\.2' || { echo "the sandbox's syscall filter needs libseccomp.so.2: apt-get install libseccomp2"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing into $(VENV) (torch==2.13.0 CPU wheel first, so nothing pulls a CUDA build)"
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0

@@ -1,5 +1,9 @@
-"""Tokenizers behind one small interface: `encode(str) -> list[int]`, `decode(ids) -> str`,
-`eos_token_id`, `pad_token_id`, `vocab_size`, `save(dir)`.
+"""Tokenizers behind one small interface: `encode(str) -> list[int]`, `encode_plain(str) -> list[int]`,
+`decode(ids) -> str`, `eos_token_id`, `pad_token_id`, `vocab_size`, `save(dir)`.
+
+`encode` reads chat-control strings (`<|im_end|>`, `</tool_response>`, ...) as their special tokens, as a
+prompt template needs; `encode_plain` never produces a special or added token: text a program printed
+stays text (issue 21: a printed `<|im_end|>` would otherwise end the turn in the next prompt).
 
 - `CharTokenizer`: the toy model's tokenizer, built locally (no hub): one id per printable ASCII
   character plus Qwen3's chat special tokens, each a single id, so the Qwen3 chat format renders
@@ -12,6 +16,7 @@ The chat format itself (system prompt, template strings) lives in `configs/tir/`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # Qwen3's chat special tokens (same strings as the Qwen3 tokenizer's added tokens).
@@ -53,6 +58,11 @@ class CharTokenizer:
             ids.append(self._id.get(text[i], self._id["?"]))
             i += 1
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """One character id per character, `<` included: no special token."""
+        unknown = self._id["?"]
+        return [self._id.get(c, unknown) if len(c) == 1 else unknown for c in text]
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids if 0 <= i < self.vocab_size)
@@ -109,11 +119,34 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
+    def encode_plain(self, text: str) -> list[int]:
+        return hf_encode_plain(self._tok, text)
+
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | Path) -> None:
         self._tok.save_pretrained(str(directory))
+
+
+def hf_encode_plain(tok, text: str) -> list[int]:
+    """Ids of `text` in a transformers tokenizer with no special or added token among them (Qwen3's
+    `<tool_response>` is an added token that `split_special_tokens` would still match): each occurrence
+    of an added token's string is encoded as its first character, then the rest, so it decodes to the
+    same text. Everything else is encoded as usual."""
+    added = sorted(tok.get_added_vocab(), key=len, reverse=True)
+    if not added:
+        return tok.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    pos = 0
+    for m in re.finditer("|".join(map(re.escape, added)), text):
+        if m.start() > pos:
+            ids += tok.encode(text[pos : m.start()], add_special_tokens=False)
+        ids += tok.encode(m.group()[0], add_special_tokens=False) + hf_encode_plain(tok, m.group()[1:])
+        pos = m.end()
+    if pos < len(text):
+        ids += tok.encode(text[pos:], add_special_tokens=False)
+    return ids
 
 
 def load_tokenizer(directory_or_name: str | Path):

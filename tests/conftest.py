@@ -30,12 +30,14 @@ WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_ve
 # unit 294 s (CTPO through verl 142 s, the SFT warm start 55 s), tiny toy DAG 103 s, reward pool 34 s, verl
 # preempt 25 s, DAG dry runs 25 s, sandbox integrity 18 s, verl backend 16 s, reports 13 s; every other file
 # < 10 s. Measured under load (load average 8-10), not at idle: config injections 57 s (real snakemake runs,
-# verl compose), relation guard + reward-worker limits 21 s. xdist gives a worker its next unit once 2 or
+# verl compose), relation guard + reward-worker limits 21 s, observation text 43-75 s (reward workers), sandbox
+# without a cgroup 30-50 s. xdist gives a worker its next unit once 2 or
 # fewer of its tests are pending, so a unit ends with short tests: the verl test (one long test) runs first in
 # the warm-start unit, not last.
 LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_local.py", "test_workflow_toy.py",
-                 "test_reward.py", "test_config_data.py", "test_verl_preempt.py", "test_dag.py",
-                 "test_reward_guard.py", "test_sandbox_integrity.py", "test_verl_backend.py", "test_reports.py")
+                 "test_reward.py", "test_config_data.py", "test_observation_text.py", "test_sandbox_nocgroup.py",
+                 "test_verl_preempt.py", "test_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py",
+                 "test_verl_backend.py", "test_reports.py")
 
 
 def unit_of(nodeid: str) -> str:

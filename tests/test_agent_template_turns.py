@@ -83,7 +83,7 @@ def _state(**kw):
 def test_state_decisions():
     s = _state()
     assert s.add_model_turn([5, 6], [-0.1, -0.2], "stop", "```python\nprint(1)\n```\n") == "print(1)"
-    s.add_tool_result(_res(stdout="1\n"), load_template("toy_tir"), lambda t: [9] * len(t))
+    s.add_tool_result(_res(stdout="1\n"), load_template("toy_tir"), lambda t: [9] * len(t), lambda t: [8] * len(t))
     assert s.response_mask == [1, 1] + [0] * 8  # observation cut to max_obs_tokens
     assert s.response_logprobs == [-0.1, -0.2] + [0.0] * 8
     assert s.add_model_turn([7], [-0.3], "eos", "\\boxed{1}") is None and s.finish_reason == "answer"

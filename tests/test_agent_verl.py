@@ -16,7 +16,7 @@ from ctpo.agent.verl_loop import CtpoTirAgentLoop, rollout_config_from  # noqa: 
 from ctpo.agent.verl_tool import PythonSandboxTool  # noqa: E402
 from ctpo.config import CONFIG_DIR, ConfigError  # noqa: E402
 from ctpo.sandbox import ExecResult  # noqa: E402
-from ctpo.tokenizer import CharTokenizer  # noqa: E402
+from ctpo.tokenizer import SPECIAL_TOKENS, CharTokenizer  # noqa: E402
 
 TOK = CharTokenizer()
 EOS = "<|im_end|>"
@@ -33,6 +33,9 @@ class HFStyleTokenizer:
 
     def decode(self, ids, skip_special_tokens=False):
         return TOK.decode(ids)
+
+    def get_added_vocab(self):
+        return {t: TOK.encode(t)[0] for t in SPECIAL_TOKENS}
 
 
 class FakeServerManager:

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyseccomp
 import pytest
 from hang import HANG_S
 
@@ -57,6 +58,7 @@ def pkg():
     dst = Path("/var/tmp") / f"{MARK}-pkg"
     shutil.copytree(REPO / "ctpo" / "sandbox", dst / "ctpo" / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "ctpo" / "__init__.py", dst / "ctpo" / "__init__.py")
+    shutil.copy(pyseccomp.__file__, dst / "pyseccomp.py")  # the syscall filter's bindings (one file)
     for d in [dst, *dst.rglob("*")]:
         d.chmod(0o755 if d.is_dir() else 0o644)
     yield dst

@@ -30,7 +30,8 @@ class Episode:
     tool_statuses: list[str]
     infra_failures: int
     finish_reason: str
-    response_text: str  # decoded response (model + observation tokens) for reward extraction
+    response_text: str  # decoded response (model + observation tokens), what the model saw
+    graded_text: str  # what the reward reads: the model's text and its programs' output, no harness text
 
     @classmethod
     def from_state(cls, state: EpisodeState, tokenizer) -> "Episode":
@@ -45,6 +46,7 @@ class Episode:
             infra_failures=state.infra_failures,
             finish_reason=state.finish_reason,
             response_text=tokenizer.decode(state.response_ids),
+            graded_text=tokenizer.decode(state.graded_ids()),
         )
 
 
@@ -110,7 +112,7 @@ def run_episodes(
             codes = [template.code_prelude + s.pending_code for s in to_run]
             results, _ = execute_with_retry(codes, run_batch)
             for s, r in zip(to_run, results):
-                s.add_tool_result(r, template, tokenizer.encode)
+                s.add_tool_result(r, template, tokenizer.encode, tokenizer.encode_plain)
     for s in states:  # every turn was used (the last one ran code)
         if s.live:
             s.finish_reason = "max_turns"

@@ -24,7 +24,7 @@ from verl.workers.rollout.replica import TokenOutput
 from ctpo.agent.generation import Generator, SamplingParams
 from ctpo.agent.loop import Episode
 from ctpo.agent.protocols import RELEASE_MAX_PARALLEL_CALLS, RELEASE_PARSER, RELEASE_TRUNCATE_SIDE, release_system_prompt
-from ctpo.agent.release_protocol import ReleaseToolAgentLoop
+from ctpo.agent.release_protocol import ReleaseToolAgentLoop, strip_harness
 from ctpo.agent.turns import ANSWER_MARK
 
 ROUND_SEED_STRIDE = 1000003  # as ctpo.agent.loop.run_episodes
@@ -177,7 +177,7 @@ async def _run(generator, hf_tok, questions, cfg, params, tool, hf_model_type, s
             response_mask=list(out.response_mask), turns=batcher.turns[i], tool_calls=int(ef.get("tool_calls", 0)),
             tool_statuses=list(ef.get("tool_statuses", [])), infra_failures=int(ef.get("infra_failures", 0)),
             finish_reason=finish_reason(out, batcher.turns[i], cfg.max_turns, cfg.max_response_tokens, text),
-            response_text=text,
+            response_text=text, graded_text=strip_harness(text),
         ))
     return episodes
 

@@ -48,6 +48,14 @@ JSON_CALL_RE = re.compile(
 )
 FENCE_RE = re.compile(r"```(?:py|python)?\n(.*?)\n```", re.DOTALL)  # every block (the release's finditer)
 INFRA_TEXT = "sandbox request failed: sandbox infrastructure error"
+# Chat-control strings a program could print (Qwen3's <|...|> specials and its tool/think tags). verl renders
+# the tool message with the chat template and tokenizes the result, where they would become the real control
+# tokens (a forged end of turn); a zero-width space after the `<` keeps them text (issue 21; not in the release).
+CONTROL_RE = re.compile(r"<(?=\|[A-Za-z0-9_]{1,40}\|>|/?(?:tool_call|tool_response|think)>)")
+ZWSP = "\u200b"
+# Harness text the reward must not read (ctpo.agent.release_episodes): this tool's truncation marker and
+# verl's own (tool_agent_loop, tool_response_truncate_side left | right | middle).
+HARNESS_RE = re.compile(r"\n\.\.\.\[truncated \d+ chars\]|\.\.\.\(truncated\)\.\.\.|\(truncated\)\.\.\.|\.\.\.\(truncated\)")
 COUNTERS = ("tool_calls", "infra_failures")  # per-trajectory extra_fields written by the tool
 
 
@@ -139,16 +147,26 @@ def _truncate(text: str, max_chars: int) -> str:
     return text[:max_chars] + f"\n...[truncated {len(text) - max_chars} chars]"
 
 
+def neutralize_control(text: str) -> str:
+    """`text` with every chat-control string (CONTROL_RE) broken by a zero-width space after its `<`."""
+    return CONTROL_RE.sub("<" + ZWSP, text)
+
+
+def strip_harness(text: str) -> str:
+    """`text` without the truncation markers (HARNESS_RE): what the reward may read."""
+    return HARNESS_RE.sub("", text)
+
+
 def release_output_text(result, max_output_chars: int) -> str:
     """What the release's tool returns for an ExecResult: stdout + stderr (each cut to max_output_chars);
     a timeout shows the release sandbox's "Timeout\\n" (its partial output is dropped there); an empty
-    failing run shows "sandbox status: runtime_error"."""
+    failing run shows "sandbox status: runtime_error". Printed chat-control strings are neutralized."""
     if result.status == "timeout":
         return "Timeout\n"
     text = _truncate(result.stdout or "", max_output_chars) + _truncate(result.stderr or "", max_output_chars)
     if not text and result.status != "ok":
         return "sandbox status: runtime_error"
-    return text
+    return neutralize_control(text)
 
 
 class CodeInterpreterTool(BaseTool):

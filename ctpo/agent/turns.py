@@ -14,8 +14,12 @@ Protocol (SimpleTIR-style, written down once here):
                                                         (the trainer masks the trajectory), else "eos"
 - After a run: the observation `template.observation` with the tool output (stdout, or the last
   stderr line on errors) truncated to `obs_max_chars` (head and tail halves kept, as SimpleTIR) is
-  encoded, cut to `max_obs_tokens` and to the remaining budget, and appended with mask 0. If the
-  program printed `\\boxed{` (e.g. through the prelude's `final_answer`), finish "answer".
+  encoded, cut to `max_obs_tokens` and to the remaining budget, and appended with mask 0. The output is
+  encoded as plain text (`encode_plain`): a printed `<|im_end|>` stays characters, never a control
+  token. If the program printed `\\boxed{` (e.g. through the prelude's `final_answer`), finish "answer".
+- What the reward reads (`graded_ids`): the model's tokens and what its programs printed, never the
+  template's text or harness text (the truncation marker, status messages): a `\\boxed{` cut by the
+  truncation cannot take the marker's `512` as its answer.
 - Sandbox infrastructure failures (status "infra") are retried up to `INFRA_RETRIES` times; one that
   persists is never shown to the model: the episode ends with finish "infra" and `infra_failures`
   counts it, so it is excluded rather than scored as a wrong answer.
@@ -47,31 +51,54 @@ def has_answer(text: str) -> bool:
     return ANSWER_MARK in CODE_BLOCK_RE.sub("", text)
 
 
+def truncation_marker(max_chars: int) -> str:
+    return f"\n...[output truncated to {max_chars} characters]...\n"
+
+
+def truncate_pieces(text: str, max_chars: int) -> list[tuple[str, bool]]:
+    """SimpleTIR's rule as (text, is_the_program's) pieces: the whole text, or its first and last
+    `max_chars // 2` characters with the (harness) marker between."""
+    if len(text) <= max_chars:
+        return [(text, True)]
+    half = max_chars // 2
+    return [(text[:half], True), (truncation_marker(max_chars), False), (text[len(text) - half :], True)]
+
+
 def truncate_middle(text: str, max_chars: int) -> str:
     """Keep the first and last `max_chars // 2` characters with a marker between (SimpleTIR's rule)."""
-    if len(text) <= max_chars:
-        return text
-    half = max_chars // 2
-    return text[:half] + f"\n...[output truncated to {max_chars} characters]...\n" + text[len(text) - half :]
+    return "".join(t for t, _ in truncate_pieces(text, max_chars))
+
+
+def tool_output(result) -> tuple[str, bool]:
+    """What the model sees of an ExecResult and whether the program wrote it: stdout, or on failure the
+    last stderr line (SimpleTIR shows one error line); else a short status message (harness text)."""
+    if result.status == "ok":
+        return result.stdout, True
+    lines = [ln for ln in (result.stderr or "").splitlines() if ln.strip()]
+    if lines:
+        return lines[-1], True
+    if result.status == "timeout":
+        return "TimeoutError: execution time limit exceeded", False
+    if result.status == "memory":
+        return "MemoryError: memory limit exceeded", False
+    return f"Error: exit code {result.exit_code}", False
 
 
 def tool_output_text(result) -> str:
-    """What the model sees of an ExecResult: stdout, or on failure the last stderr line
-    (SimpleTIR shows one error line), or a short status message when stderr is empty."""
-    if result.status == "ok":
-        return result.stdout
-    lines = [ln for ln in (result.stderr or "").splitlines() if ln.strip()]
-    if lines:
-        return lines[-1]
-    if result.status == "timeout":
-        return "TimeoutError: execution time limit exceeded"
-    if result.status == "memory":
-        return "MemoryError: memory limit exceeded"
-    return f"Error: exit code {result.exit_code}"
+    return tool_output(result)[0]
+
+
+def observation_pieces(result, template: TIRTemplate, obs_max_chars: int) -> list[tuple[str, bool]]:
+    """The observation as (text, printed_by_the_program) pieces: the template's text around `{output}`,
+    the output (head and tail when truncated), harness text (the truncation marker, status messages)."""
+    head, _, tail = template.observation.partition("{output}")
+    out, by_program = tool_output(result)
+    pieces = [(t, by_program and own) for t, own in truncate_pieces(out, obs_max_chars)]
+    return [(head, False), *pieces, (tail, False)]
 
 
 def format_observation(result, template: TIRTemplate, obs_max_chars: int) -> str:
-    return template.observation.replace("{output}", truncate_middle(tool_output_text(result), obs_max_chars))
+    return "".join(t for t, _ in observation_pieces(result, template, obs_max_chars))
 
 
 def execute_with_retry(codes: Sequence[str], run_batch: Callable[[list[str]], list], retries: int = INFRA_RETRIES):
@@ -105,6 +132,9 @@ class EpisodeState:
     response_ids: list[int] = field(default_factory=list)
     response_logprobs: list[float] = field(default_factory=list)
     response_mask: list[int] = field(default_factory=list)
+    # 1 where the reward may read the token: the model's own, and what its programs printed; 0 for the
+    # observation's template text and harness text (truncation marker, status messages)
+    response_graded: list[int] = field(default_factory=list)
     turns: int = 0
     tool_calls: int = 0
     tool_statuses: list[str] = field(default_factory=list)
@@ -146,6 +176,7 @@ class EpisodeState:
         self.response_ids += list(token_ids)
         self.response_logprobs += [float(x) for x in logprobs]
         self.response_mask += [1] * len(token_ids)
+        self.response_graded += [1] * len(token_ids)
         self.turns += 1
         code = extract_code(text)
         if has_answer(text):
@@ -164,8 +195,16 @@ class EpisodeState:
             self.finish_reason = "void" if self.void_turn_masking else "eos"
         return None
 
-    def add_tool_result(self, result, template: TIRTemplate, encode: Callable[[str], list[int]]) -> None:
-        """Append the observation for the pending code's final (post-retry) ExecResult."""
+    def graded_ids(self) -> list[int]:
+        """The response ids the reward reads (`response_graded`): no template or harness text."""
+        return [t for t, g in zip(self.response_ids, self.response_graded) if g]
+
+    def add_tool_result(self, result, template: TIRTemplate, encode: Callable[[str], list[int]],
+                        encode_plain: Callable[[str], list[int]]) -> None:
+        """Append the observation for the pending code's final (post-retry) ExecResult.
+
+        encode: the template's text (its chat-control strings are special tokens); encode_plain: the
+        output and harness text, never a special token (`ctpo.tokenizer`: printed `<|im_end|>` stays text)."""
         if self.pending_code is None:
             raise RuntimeError("add_tool_result called without a pending code block")
         self.pending_code = None
@@ -177,11 +216,19 @@ class EpisodeState:
             self.infra_failures += 1
             self.finish_reason = "infra"
             return
-        obs_ids = list(encode(format_observation(result, template, self.obs_max_chars)))[: self.max_obs_tokens]
-        obs_ids = obs_ids[: self.remaining]
+        obs_ids: list[int] = []
+        graded: list[int] = []
+        pieces = observation_pieces(result, template, self.obs_max_chars)
+        for i, (text, by_program) in enumerate(pieces):  # first and last: the template's own text
+            ids = list((encode if i in (0, len(pieces) - 1) else encode_plain)(text)) if text else []
+            obs_ids += ids
+            graded += [int(by_program)] * len(ids)
+        keep = min(self.max_obs_tokens, self.remaining)
+        obs_ids = obs_ids[:keep]
         self.response_ids += obs_ids
         self.response_logprobs += [0.0] * len(obs_ids)
         self.response_mask += [0] * len(obs_ids)
+        self.response_graded += graded[:keep]
         if result.status == "ok" and ANSWER_MARK in result.stdout:
             self.finish_reason = "answer"
         elif self.remaining <= 0:

@@ -30,6 +30,7 @@ from ctpo.agent.loop import sandbox_runner
 from ctpo.agent.template import load_template, render_prompt
 from ctpo.agent.turns import EpisodeState, execute_with_retry
 from ctpo.config import ConfigError, RolloutConfig
+from ctpo.tokenizer import hf_encode_plain
 
 MASKED_FINISHES = ("void", "infra")
 _POOLS: dict = {}  # (concurrency, timeout_s) -> SandboxPool shared by every trajectory in this worker
@@ -103,6 +104,10 @@ class CtpoTirAgentLoop(AgentLoopBase):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _encode_plain(self, text: str) -> list[int]:
+        """Printed text as text: no special or added token (`ctpo.tokenizer.hf_encode_plain`)."""
+        return hf_encode_plain(self.tokenizer, text)
+
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         question = question_from_messages(kwargs["raw_prompt"])
         prompt_ids = self._encode(render_prompt(question, self.cfg.template, enable_thinking=self.cfg.enable_thinking))
@@ -168,7 +173,7 @@ async def run_turns(state: EpisodeState, agent: CtpoTirAgentLoop, sampling_param
         results, _ = await loop.run_in_executor(
             None, execute_with_retry, [agent.template.code_prelude + code], agent.run_batch
         )
-        state.add_tool_result(results[0], agent.template, agent._encode)
+        state.add_tool_result(results[0], agent.template, agent._encode, agent._encode_plain)
     if state.live:
         state.finish_reason = "max_turns"
     return versions

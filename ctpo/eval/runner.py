@@ -126,7 +126,7 @@ class EvalPlan:
 
 
 def _record(problem: Problem, sample_index: int, episode, score_fn: Callable) -> dict:
-    result = score_fn(episode.response_text, problem.ground_truth)
+    result = score_fn(episode.graded_text, problem.ground_truth)
     failed = result.reason == "no_answer"
     return {
         "problem_id": problem.problem_id,

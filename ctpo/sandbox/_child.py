@@ -57,6 +57,12 @@ import select  # imported before W gives up root (as root, lib-dynload may sit i
 import signal
 import sys
 
+try:  # siblings: this directory is on sys.path while the launcher imports _child
+    import memwatch
+    import seccomp_policy
+except ImportError:  # imported as ctpo.sandbox._child on the host (runner warms the bytecode cache)
+    from ctpo.sandbox import memwatch, seccomp_policy
+
 _STATUS_FD = -1  # set from spec["status_fd"]
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -74,6 +80,7 @@ NEWROOT = "/tmp"  # the new root's tmpfs is mounted here (in our mount namespace
 DEVICES = ("null", "zero", "full", "random", "urandom")
 EXTERNAL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE")
 _I_PID = 0
+TMP_INODES, SHM_INODES = 16384, 1024  # inode limits of the private /tmp and /dev/shm (kernel memory)
 
 
 class SetupError(Exception):
@@ -209,8 +216,10 @@ def _build_root(libc, ctypes, spec: dict) -> None:
     _readonly_tree(libc, ctypes, "/")
     if spec["mode"] == "root":  # U writes its own user namespace's maps (owner and caps checks still apply)
         _mount(libc, ctypes, None, "/proc", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount(libc, ctypes, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['disk_mb']}m")
-    _mount(libc, ctypes, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['shm_mb']}m")
+    _mount(libc, ctypes, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"mode=1777,size={spec['disk_mb']}m,nr_inodes={TMP_INODES}")
+    _mount(libc, ctypes, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"mode=1777,size={spec['shm_mb']}m,nr_inodes={SHM_INODES}")
 
 
 def _enter_namespaces(spec: dict) -> None:
@@ -321,6 +330,8 @@ def _user(spec: dict, code: str, report_fd: int) -> int:
     os.chdir(spec["workdir"] if spec["mode"] == "none" else WORKDIR)
     _add_site_dirs(spec["site_dirs"])
     _set_limits(spec)
+    if spec["seccomp"]:  # last step before user code: setup above may use what the filter denies
+        seccomp_policy.install(bytes.fromhex(spec["seccomp"]), *_libc())
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
@@ -352,6 +363,8 @@ def _supervise(spec: dict, code: str) -> int | None:
     if spec["mode"] != "none":
         _limit_ipc_and_userns(spec)
         _build_root(libc, ctypes, spec)
+        if spec["watch"]:
+            memwatch.check_proc()
     else:  # no pid namespace: adopt U's orphans ourselves so they can be killed and reaped below
         _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)", ctypes)
         spec["parent"] = os.getpid()
@@ -370,10 +383,16 @@ def _supervise(spec: dict, code: str) -> int | None:
     if spec["mode"] == "none":
         _status(f"P {pid}")
     os.close(w)
-    while True:  # pid 1 reaps orphans too; U is the one we report on
-        done, wstatus, usage = os.wait3(0)
-        if done == pid:
-            break
+    over = ""
+    if spec["watch"]:  # no cgroup: I enforces one memory and descriptor budget over the namespace
+        wstatus, usage, over = memwatch.wait_watching(pid, spec["memory_mb"] << 20, spec["sandbox_fds"])
+    else:
+        while True:  # pid 1 reaps orphans too; U is the one we report on
+            done, wstatus, usage = os.wait3(0)
+            if done == pid:
+                break
+    if over:
+        _status("M " + over)
     if spec["mode"] == "none":
         _kill_orphans()
     os.set_blocking(r, False)  # U closed its end before user code; its children hold none

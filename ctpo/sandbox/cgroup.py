@@ -1,6 +1,7 @@
 """Per-sandbox cgroup v2 (memory, pids) where the machine delegates one; `None` otherwise (fallback).
 
-A sandbox's processes are then bounded *as a whole*: memory.max covers every process, the tmpfs /tmp
+A sandbox's processes are then bounded *as a whole*: cpu.max its CPU bandwidth (`SandboxLimits.cpus`,
+where the parent offers the cpu controller), memory.max covers every process, the tmpfs /tmp
 and /dev/shm pages and SysV/POSIX shared memory they create (all charged to the cgroup), pids.max every
 process and thread, and an out-of-memory kill is read back from memory.events (a kernel fact, so
 status "memory" cannot be forged).
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 NEEDED = ("memory", "pids")
+OPTIONAL = ("cpu",)  # cpu.max per sandbox where the parent offers it (SLURM steps often delegate only some)
+CPU_PERIOD_US = 100_000
 _counter = itertools.count()
 _lock = threading.Lock()
 _detected: tuple[bool, Path | None, str] | None = None
@@ -63,6 +66,7 @@ def _usable_parent(d: Path, move_self: bool) -> tuple[Path | None, str]:
     if not os.access(d, os.W_OK):
         return None, f"{d}: not writable"
     if set(NEEDED) <= _words(d / "cgroup.subtree_control"):
+        _enable_optional(d)
         return d, ""
     procs = _words(d / "cgroup.procs")
     if procs and move_self and procs <= {str(os.getpid())}:
@@ -78,7 +82,18 @@ def _usable_parent(d: Path, move_self: bool) -> tuple[Path | None, str]:
         (d / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in NEEDED))
     except OSError as e:
         return None, f"{d}: cannot enable {NEEDED} for children: {e}"
+    _enable_optional(d)
     return d, ""
+
+
+def _enable_optional(d: Path) -> None:
+    """Enable OPTIONAL controllers for d's children where d offers them (a failure leaves them off)."""
+    for c in OPTIONAL:
+        if c in _words(d / "cgroup.controllers") and c not in _words(d / "cgroup.subtree_control"):
+            try:
+                (d / "cgroup.subtree_control").write_text(f"+{c}")
+            except OSError:
+                pass
 
 
 def detect() -> tuple[Path | None, str]:
@@ -108,13 +123,17 @@ def reset_detection() -> None:
 class SandboxCgroup:
     """One sandbox's cgroup: created with its limits, the launcher attached, read and removed after."""
 
-    def __init__(self, parent: Path, memory_bytes: int, nproc: int) -> None:
+    def __init__(self, parent: Path, memory_bytes: int, nproc: int, cpus: float = 1.0) -> None:
+        """cpus: the sandbox's CPU bandwidth (cpu.max = cpus x CPU_PERIOD_US per period), written where
+        the parent enabled the cpu controller for its children."""
         self.path = parent / f"ctpo-sbx-{os.getpid()}-{next(_counter)}"
         self.path.mkdir()
+        self.cpu_max = (f"{max(1000, round(cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}"
+                        if "cpu" in _words(parent / "cgroup.subtree_control") else None)
         for name, value in (("memory.max", str(memory_bytes)), ("memory.swap.max", "0"),
-                            ("memory.oom.group", "1"), ("pids.max", str(nproc))):
+                            ("memory.oom.group", "1"), ("pids.max", str(nproc)), ("cpu.max", self.cpu_max)):
             f = self.path / name
-            if f.exists() or name in ("memory.max", "pids.max"):
+            if value is not None and (f.exists() or name in ("memory.max", "pids.max", "cpu.max")):
                 f.write_text(value)
 
     def attach(self, pid: int) -> None:

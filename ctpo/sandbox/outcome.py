@@ -1,5 +1,5 @@
 """How a sandbox ended, as one status: `classify` maps the facts the code cannot forge (the status pipe,
-exit statuses, rusage, the cgroup's OOM count) to (exit_code, ok | error | timeout | memory | infra, detail);
+exit statuses, rusage, the cgroup's OOM count, the namespace init's budget watchdog) to (exit_code, ok | error | timeout | memory | infra, detail);
 `Capture` keeps the first bytes of an output stream and counts the rest."""
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def classify(status: str, returncode: int, timed_out: bool, out: Capture, err: C
     fails = [ln[2:] for ln in lines if ln.startswith("F ")]
     external = [ln[2:] for ln in lines if ln.startswith("E ")]
     ends = [ln.split() for ln in lines if ln.startswith("X ")]
+    budget = [ln.split()[1:] for ln in lines if ln.startswith("M ")]  # I's watchdog: "M memory|descriptors N"
     if external:
         sig = int(external[0]) if external[0].isdigit() else 0
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else external[0]
@@ -45,6 +46,11 @@ def classify(status: str, returncode: int, timed_out: bool, out: Capture, err: C
     if oom:
         return (-signal.SIGKILL, "memory",
                 f"out of memory: the sandbox's cgroup limit ({lim.memory_mb} MB + tmpfs) was hit and it was killed")
+    if budget and len(budget[0]) == 2 and budget[0][1].isdigit():
+        what, amount = budget[0][0], int(budget[0][1])
+        held = (f"{amount >> 20} MB of memory (limit {lim.memory_mb} MB)" if what == "memory"
+                else f"{amount} open descriptors (limit {lim.sandbox_fds})")
+        return -signal.SIGKILL, "memory", f"the sandbox's processes held {held} together; all were killed"
     if not ends or len(ends[0]) != 5 or ends[0][2] not in ("exit", "signal"):
         tail = err.text().strip().splitlines()[-1:] or [""]
         return None, "infra", f"sandbox exited ({returncode}) without running the code: {tail[0][:200]}"

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctpo.sandbox import cgroup
+from ctpo.sandbox import cgroup, memwatch, seccomp_policy
 from ctpo.sandbox.limits import SandboxLimits
 from ctpo.sandbox.outcome import Capture, classify
 from ctpo.sandbox.rootfs import SANDBOX_SITE, fs_plan, site_dirs
@@ -124,11 +124,16 @@ def describe(isolation: str = "auto") -> dict:
                   f"limits ({SHM_MB} MB), nested user namespaces refused, RLIMIT_NPROC per sandbox"
                   + (", a host uid per concurrent slot" if mode == "root" else ""),
     }
+    if not parent:
+        limits["detail"] += (f"; one budget of memory_mb over all of a sandbox's processes (Pss, sampled every "
+                             f"{memwatch.PERIOD_S * 1000:g} ms by the namespace init) and of sandbox_fds open "
+                             "descriptors; tmpfs mounts with inode limits")
     binds, _, _, _ = fs_plan()
     return {
         "isolation": mode,
         "isolation_probe": "ok" if mode in _PROBED_OK else "not run",
         "limits": limits,
+        "syscall_filter": seccomp_policy.host_filter()[1],
         "packages": sorted({os.path.basename(d) for _, d, _ in binds if d.startswith(SANDBOX_SITE + "/")
                             and not d.endswith((".dist-info", ".libs"))}),
     }
@@ -143,6 +148,13 @@ def isolation_mode(allow_unisolated: bool = False, isolation: str = "auto") -> s
     mode = _host_mode() if isolation == "auto" else isolation
     if mode == "none":
         return mode
+    if not seccomp_policy.host_filter()[0]:
+        why = seccomp_policy.host_filter()[1]["detail"]
+        if not allow_unisolated:
+            raise SandboxUnavailable(f"cannot isolate untrusted code: {why}. Or pass allow_unisolated=True.")
+        msg = f"SANDBOX WITHOUT SYSCALL FILTER: {why}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
     reason = _probe(mode)
     if not reason:
         return mode
@@ -192,10 +204,10 @@ class _Slots:
 _SLOTS = _Slots()
 
 
-def _spec(lim: SandboxLimits, mode: str, workdir: str, status_w: int, slot: int, status_fd: int | None = None,
-          host_pid: int | None = None) -> str:
-    """W's instructions. status_fd: the status pipe's number in W; host_pid: W's parent (this process,
-    or the fork server)."""
+def _spec(lim: SandboxLimits, mode: str, workdir: str, status_w: int, slot: int, watch: bool,
+          status_fd: int | None = None, host_pid: int | None = None) -> str:
+    """W's instructions. watch: I enforces the memory/descriptor budget (isolated, no cgroup); status_fd:
+    the status pipe's number in W; host_pid: W's parent (this process, or the fork server)."""
     import marshal
 
     binds, links, hide, exe = fs_plan()
@@ -204,7 +216,8 @@ def _spec(lim: SandboxLimits, mode: str, workdir: str, status_w: int, slot: int,
         "host_pid": os.getpid() if host_pid is None else host_pid, "host_uid": SLOT_UID_BASE + slot,
         "site_dirs": site_dirs() if mode == "none" else [SANDBOX_SITE],
         "binds": list(binds), "symlinks": list(links), "hide": list(hide), "executable": exe,
-        "workdir": workdir, "shm_mb": SHM_MB,
+        "workdir": workdir, "shm_mb": SHM_MB, "seccomp": seccomp_policy.host_filter()[0],
+        "watch": watch, "sandbox_fds": lim.sandbox_fds,
         "cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb, "nproc": lim.nproc,
         "nofile": lim.nofile, "fsize_mb": lim.fsize_mb, "disk_mb": lim.disk_mb,
     }).hex()  # same interpreter on both sides, so the marshal format matches
@@ -219,7 +232,8 @@ def _execute(code: str, lim: SandboxLimits, mode: str) -> ExecResult:
         parent, _ = cgroup.detect() if mode != "none" else (None, "")
         if parent is not None:
             try:
-                group = cgroup.SandboxCgroup(parent, (lim.memory_mb + lim.disk_mb + SHM_MB) << 20, lim.nproc)
+                group = cgroup.SandboxCgroup(parent, (lim.memory_mb + lim.disk_mb + SHM_MB) << 20, lim.nproc,
+                                             lim.cpus)
             except OSError as e:
                 return ExecResult("", "", None, False, False, time.monotonic() - t0, "infra",
                                   f"cannot create the sandbox's cgroup under {parent}: {e}")
@@ -352,13 +366,14 @@ def _launch_via_forkserver(spec_args, status_w: int) -> _Launched:
 def _execute_in(code: str, lim: SandboxLimits, mode: str, workdir: str, t0: float, slot: int,
                 group: cgroup.SandboxCgroup | None) -> ExecResult:
     status_r, status_w = os.pipe()
+    watch = mode != "none" and group is None
     try:
         if mode != "none" and USE_FORKSERVER:
-            proc = _launch_via_forkserver((lim, mode, workdir, status_w, slot), status_w)
+            proc = _launch_via_forkserver((lim, mode, workdir, status_w, slot, watch), status_w)
         else:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _BOOT.format(dir=os.path.dirname(_CHILD)),
-                 _spec(lim, mode, workdir, status_w, slot)],
+                 _spec(lim, mode, workdir, status_w, slot, watch)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=_ENV if mode != "none" else {**_ENV, "HOME": workdir, "TMPDIR": workdir}, cwd="/",
                 start_new_session=True, pass_fds=(status_w,), close_fds=True,

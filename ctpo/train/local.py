@@ -145,7 +145,7 @@ def score_episodes(episodes, truths: list[str]) -> torch.Tensor:
     """(B,) float32 rewards (`ctpo.reward.score` of each response against its ground truth)."""
     from ctpo.reward import score
 
-    return torch.tensor([score(e.response_text, gt).score for e, gt in zip(episodes, truths)], dtype=torch.float32)
+    return torch.tensor([score(e.graded_text, gt).score for e, gt in zip(episodes, truths)], dtype=torch.float32)
 
 
 def pack_kept(episodes, pad_id: int):
@@ -251,7 +251,7 @@ def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
                                 max_new_tokens=cfg.rollout.max_response_tokens, seed=step_seed(cfg.seed + 7919, step))
         qs = [q for q in questions for _ in range(k)]
         eps = run_episodes(HFGenerator(model, tokenizer), tokenizer, qs, cfg.rollout, params, sandbox=sandbox)
-        correct = [score(e.response_text, truths[i // k]).score == 1.0 for i, e in enumerate(eps)]
+        correct = [score(e.graded_text, truths[i // k]).score == 1.0 for i, e in enumerate(eps)]
         out[f"{schema.VAL_PREFIX}{Path(path).stem}/avg_at_k"] = float(np.mean(correct))
     return out
 

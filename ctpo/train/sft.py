@@ -54,7 +54,7 @@ def demo_example(problem: Problem, tokenizer, cfg: RunConfig, rng: random.Random
         raise RuntimeError(f"demo code turn for '{problem.expression}' was not recognised as code")
     result = ExecResult(stdout=f"{problem.answer}\n", stderr="", exit_code=0, timed_out=False, truncated=False,
                         wall_s=0.0, status="ok")  # what the sandbox returns for print(expression)
-    ep.add_tool_result(result, template, tokenizer.encode)
+    ep.add_tool_result(result, template, tokenizer.encode, tokenizer.encode_plain)
     answer_turn = noisy_answer(answer_turn, cfg.sft.answer_digit_noise, rng)
     answer_ids = tokenizer.encode(answer_turn) + [tokenizer.eos_token_id]
     ep.add_model_turn(answer_ids, [0.0] * len(answer_ids), "eos", answer_turn)
@@ -123,7 +123,7 @@ def measure_accuracy(model, tokenizer, cfg: RunConfig, questions: list[str], tru
     params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     with SandboxPool.for_rollout(cfg.rollout) as pool:
         episodes = run_episodes(HFGenerator(model, tokenizer), tokenizer, questions, cfg.rollout, params, sandbox=pool)
-    return float(np.mean([score(e.response_text, t).score == 1.0 for e, t in zip(episodes, truths)]))
+    return float(np.mean([score(e.graded_text, t).score == 1.0 for e, t in zip(episodes, truths)]))
 
 
 def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
