@@ -54,10 +54,16 @@ bench: $(STAMP)
 
 # Installs the `slurm` global profile where Snakemake looks for it (~/.config/snakemake/slurm). An existing,
 # different profile is kept: the script refuses unless FORCE=1 (which backs it up); NAME=<n> installs beside it.
+# The GPU partition's GPU_TYPE, CPUS_PER_GPU, MEM_PER_CPU (MB) and TIME (minutes) default to what `sinfo` says;
+# CONDA_ENVS=<shared dir> builds the conda envs once for every checkout; CONDA_BASE=<conda installation> (default:
+# the conda of this shell) is what every job sources first.
 slurm-profile:
-	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" -a -n "$(CPU_PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<gpu part> CPU_PARTITION=<cpu part> [NAME=slurm] [FORCE=1]"; exit 2; }
+	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" -a -n "$(CPU_PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<gpu part> CPU_PARTITION=<cpu part> [GPU_TYPE=<gres type>] [CPUS_PER_GPU=<n>] [MEM_PER_CPU=<MB>] [TIME=<min>] [CONDA_ENVS=<dir>] [CONDA_BASE=<dir>] [NAME=slurm] [FORCE=1]"; exit 2; }
 	$(PYTHON) workflow/scripts/install_slurm_profile.py --account "$(ACCOUNT)" --partition "$(PARTITION)" \
-		--cpu-partition "$(CPU_PARTITION)" --name "$(or $(NAME),slurm)" $(if $(FORCE),--force)
+		--cpu-partition "$(CPU_PARTITION)" --name "$(or $(NAME),slurm)" $(if $(FORCE),--force) \
+		$(if $(GPU_TYPE),--gpu-type "$(GPU_TYPE)") $(if $(CPUS_PER_GPU),--cpus-per-gpu "$(CPUS_PER_GPU)") \
+		$(if $(MEM_PER_CPU),--mem-per-cpu "$(MEM_PER_CPU)") $(if $(TIME),--time "$(TIME)") \
+		$(if $(CONDA_ENVS),--conda-prefix "$(CONDA_ENVS)") $(if $(CONDA_BASE),--conda-base "$(CONDA_BASE)")
 
 clean-demo:
 	rm -rf results/toy figures/toy runs/toy logs/toy .snakemake
