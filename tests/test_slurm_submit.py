@@ -228,3 +228,30 @@ def test_training_evaluation_and_merge_sbatch_lines(tmp_path):
     assert value(by_rule["train"], "--comment") == f"rule_train_wildcards_{train_run}_0"
     assert value(by_rule["eval"], "--comment") == f"rule_eval_wildcards_{eval_run}_0_{step}_{bench}"
     assert value(by_rule["merge"], "--comment") == f"rule_merge_wildcards_qwen3_14b_gspo_0_{step}"
+
+
+def test_a_request_the_partition_cannot_run_fails_in_one_line_before_submitting(tmp_path):
+    """TIME=4000 on a partition whose time limit is 48 h, and a merge asking 600000 MB of the CPU nodes' 514000:
+    `snakemake --profile slurm -n` stops at parse time with one line naming the rule and the limit (sinfo)."""
+    wf = copy_workflow(tmp_path / "repo")
+    xdg = tmp_path / "xdg"
+    install_fakes(tmp_path / "bin")
+    assert install(xdg, "--time", "4000", repo=wf, fake_bin=tmp_path / "bin").returncode == 0
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{tmp_path / 'conda/bin'}:{VENV_BIN}:{os.environ['PATH']}",
+               XDG_CONFIG_HOME=str(xdg), FAKE_SLURM_LOG=str(tmp_path), FAKE_ACCOUNT=ACCOUNT, FAKE_SINFO=SINFO)
+    run = lambda *a: subprocess.run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "-n", *a], cwd=wf,  # noqa: E731
+                                    env=env, capture_output=True, text=True, timeout=HANG_S)
+    proc = run()
+    assert proc.returncode != 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "cannot run on the cluster" in x)
+    assert f"rule train: partition '{GPU_PART}': runtime 4000 min exceeds its time limit of 2880 min" in line
+    assert not list(tmp_path.glob("sbatch.*.call"))
+    exp = wf / "configs/experiments/paper.yaml"
+    exp.write_text(exp.read_text().replace("merge: {cpus_per_task: 16, mem_mb: 256000", "merge: {cpus_per_task: 16, mem_mb: 600000"))
+    assert install(xdg, "--force", repo=wf, fake_bin=tmp_path / "bin").returncode == 0  # sinfo's 48 h
+    proc = run()
+    assert proc.returncode != 0 and f"rule merge: partition '{CPU_PART}': no node fits 0 x any GPU, 16 CPUs, " \
+        f"600000 MB per node (its nodes: no GPU, 128 CPUs, 514000 MB" in proc.stdout + proc.stderr
+    exp.write_text(exp.read_text().replace("mem_mb: 600000", "mem_mb: 500000"))
+    ok = run()
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]

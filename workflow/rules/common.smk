@@ -79,12 +79,15 @@ SUBMITTED = {"train": "train", "eval": "eval", "merge": "merge", "warmstart": "c
 
 
 def _resource_values(resources):
-    """{name: value} of Snakemake Resource objects (default-/set-resources), expressions left out."""
+    """{name: value} of Snakemake Resource objects (default-/set-resources; a profile's strings are expressions
+    evaluated here as for a job), the ones that need a job (input sizes, attempt) left out."""
     out = {}
     for name, res in (resources or {}).items():
         try:
+            if hasattr(res, "is_evaluable") and res.is_evaluable():
+                res = res.evaluate(wildcards={}, input=[], attempt=1, threads=1, rulename="", async_run=None)
             value = res.value if hasattr(res, "value") else res
-        except Exception:  # an expression evaluated per job (e.g. from input sizes): not checkable here
+        except Exception:
             continue
         if not callable(value):
             out[name] = value
