@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ctpo.config import config_hash, load_run_config
+from ctpo.exitcodes import EXIT_PERMANENT
 from ctpo.eval import backend as B
 from ctpo.eval import metrics, runner
 from ctpo.io import sha256_file, write_json, write_parquet
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                       cfg.model.revision if args.checkpoint == cfg.model.path else None))
     except MissingLocalFiles as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT  # the checkpoint (or the model at its revision) is not on disk: a rerun cannot fix it
     cfg_dict = asdict(cfg)
     out = Path(args.out)
     bench = Path(args.benchmark).stem
