@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing; a second run reinstalls nothing unless pyproject.toml changed.
+# Each creates .venv when missing; a second run reinstalls nothing unless pyproject.toml changed. The editable
+# install puts the checkout on sys.path (editable_mode=compat), where Snakemake finds the `ctpo-slurm` executor.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing into $(VENV) (torch==2.13.0 CPU wheel first, so nothing pulls a CUDA build)"
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev,workflow]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev,workflow]' --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 demo: $(STAMP)

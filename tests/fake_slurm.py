@@ -13,8 +13,8 @@ hidden (an empty directory bind-mounted over them: GPU partition -> only the GPU
 partition -> only the CPU env), under `env -i` with HOME, PATH=root/bin:/usr/bin:/bin and SLURM_JOB_ID only
 (nothing of the submitting shell: no VIRTUAL_ENV, no venv on PATH). Its stdout and stderr go to sbatch's
 --output file; its exit status to root/log/job.<id>.rc. `sacct` reports RUNNING until then, COMPLETED or
-FAILED after; FAKE_SLURM_STATES (a file of `<job id> <STATE>` lines, e.g. TIMEOUT) overrides a finished job's
-state.
+FAILED after; FAKE_SLURM_STATES (a file of `<--comment> <STATE>` lines, e.g. `rule_table1 TIMEOUT`) sets the state
+the first job of that comment ends in (what SLURM reports for a job it killed at its time limit).
 """
 from __future__ import annotations
 
@@ -68,14 +68,24 @@ root = Path(os.environ["FAKE_SLURM_ROOT"])
 log = root / "log"
 if "-j" in sys.argv:  # the plugin's per-step reason query of a failed job
     sys.exit(0)
-states = {}
+states = {}  # --comment of a rule's job -> the state its FIRST job ends in (e.g. rule_table1 TIMEOUT)
 f = os.environ.get("FAKE_SLURM_STATES")
 if f and Path(f).exists():
     states = dict(line.split() for line in Path(f).read_text().splitlines() if line.strip())
-for call in sorted(log.glob("sbatch.*.call")):
+seen = set()
+for call in sorted(log.glob("sbatch.*.call"), key=lambda p: p.stat().st_mtime):
     jid = call.name.split(".")[1]
+    argv = call.read_text().split("\0")
+    comment = argv[argv.index("--comment") + 1] if "--comment" in argv else ""
+    first = comment not in seen
+    seen.add(comment)
     rc = log / f"job.{jid}.rc"
-    state = "RUNNING" if not rc.exists() else states.get(jid) or ("COMPLETED" if rc.read_text() == "0" else "FAILED")
+    if not rc.exists():
+        state = "RUNNING"
+    elif first and comment in states:
+        state = states[comment]
+    else:
+        state = "COMPLETED" if rc.read_text() == "0" else "FAILED"
     print(f"{jid}|{state}")
 '''
 

@@ -74,7 +74,7 @@ def test_installed_profile_names_partitions_and_no_checkout_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "xdg/snakemake/slurm/config.yaml").read_text()
     prof = yaml.safe_load(text)
-    assert prof["executor"] == "slurm" and prof["slurm-requeue"] is True
+    assert prof["executor"] == "ctpo-slurm" and prof["ctpo-slurm-requeue"] is True
     assert prof["configfile"] == "configs/experiments/paper.yaml"  # relative to the checkout run from
     assert str(REPO) not in text and "@" not in text.split("#")[0]
     assert prof["default-resources"]["slurm_account"] == ACCOUNT
@@ -86,7 +86,7 @@ def test_installed_profile_names_partitions_and_no_checkout_path(tmp_path):
     assert prof["precommand"] == f". {tmp_path / 'conda/etc/profile.d/conda.sh'}"  # jobs find conda on the node
     no_conda = install(tmp_path / "xdg3", "--conda-base", str(tmp_path / "nowhere"))
     assert no_conda.returncode == 2 and "--conda-base" in no_conda.stderr and "conda.sh not found" in no_conda.stderr
-    assert prof["slurm-keep-successful-logs"] is True
+    assert prof["ctpo-slurm-keep-successful-logs"] is True
     bad = subprocess.run(
         [sys.executable, REPO / SCRIPT, "--account", "a;rm -rf /", "--partition", "p", "--cpu-partition", "c", *LIMITS],
         env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg2"), CONDA_EXE=str(tmp_path / "conda/bin/conda")),
@@ -107,7 +107,7 @@ def test_installing_never_destroys_an_existing_profile(tmp_path):
     assert mine.read_text() == own and list(mine.parent.iterdir()) == [mine]
     beside = install(xdg, "--name", "ctpo-slurm")  # a second profile next to the user's own
     assert beside.returncode == 0 and mine.read_text() == own
-    assert yaml.safe_load((xdg / "snakemake/ctpo-slurm/config.yaml").read_text())["executor"] == "slurm"
+    assert yaml.safe_load((xdg / "snakemake/ctpo-slurm/config.yaml").read_text())["executor"] == "ctpo-slurm"
     forced = install(xdg, "--force")
     assert forced.returncode == 0, forced.stderr
     backups = sorted(mine.parent.glob("config.yaml.bak-*"))

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ctpo.config import config_hash, load_run_config
+from ctpo.config import ConfigError, config_hash, load_run_config
 from ctpo.exitcodes import EXIT_PERMANENT
 from ctpo.eval import backend as B
 from ctpo.eval import metrics, runner
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     set_offline()  # compute nodes are offline: the checkpoint and its tokenizer are local files
     args = parse_args(argv)
-    cfg = load_run_config(args.config)
+    try:
+        cfg = load_run_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
     try:  # a missing checkpoint (or the base model not fetched at model.revision) stops here, in one line
         model_dir = str(require_model(args.checkpoint,
                                       cfg.model.revision if args.checkpoint == cfg.model.path else None))
