@@ -32,10 +32,11 @@ def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
     return _bands(band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir))
 
 
-def band_files(method: str, config_dir=CONFIG_DIR) -> list[Path]:
-    """The method files `bands_for_run` reads for a run of `method` (the bands its own loss does not set)."""
+def band_methods(method: str) -> list[str]:
+    """The methods whose files (configs/methods/<name>.yaml) `bands_for_run` reads for a run of `method`: those of
+    the bands its own loss does not set."""
     own = methods.get(method).band
-    return [Path(config_dir) / "methods" / f"{REFERENCE[b]}.yaml" for b in ("fixed", "adaptive") if b != own]
+    return [REFERENCE[b] for b in ("fixed", "adaptive") if b != own]
 
 
 def reference_bands(config_dir=CONFIG_DIR) -> ClipBands:

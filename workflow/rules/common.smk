@@ -10,7 +10,7 @@ from ctpo import layout
 from ctpo.config import canonical_json
 from ctpo.tracking import resolve_mode
 from ctpo.configure import check_experiment, check_schema, eval_targets, resolve_runs, warmstart_config
-from ctpo.diagnostics.run import band_files
+from ctpo.diagnostics.run import band_methods
 from ctpo.slurm import check_request, query_sinfo
 
 
@@ -196,7 +196,7 @@ def get_diag_inputs(wildcards):
     return {
         "config": P["run_config"].format(run=wildcards.run, seed=wildcards.seed),
         "train": P["train_done"].format(run=wildcards.run, seed=wildcards.seed),
-        "bands": [str(f) for f in band_files(run_cfg(wildcards)["loss"]["method"], CONFIG_DIR)],
+        "bands": [P["method_file"].format(method=m) for m in band_methods(run_cfg(wildcards)["loss"]["method"])],
     }
 
 
