@@ -72,12 +72,6 @@ def get_resources(group):
     return config["resources"].get(group, {})
 
 
-# Rules submitted to a cluster, by their experiment `resources:` group.
-SUBMITTED = {"train": "train", "eval": "eval", "merge": "merge", "warmstart": "cpu", "diagnostics": "cpu",
-             "prepare_toy_data": "cpu", "prepare_deepscaler": "cpu", "prepare_benchmarks": "cpu", "table1": "cpu",
-             "tables": "cpu", "figures": "cpu"}
-
-
 def _resource_values(resources):
     """{name: value} of Snakemake Resource objects (default-/set-resources; a profile's strings are expressions
     evaluated here as for a job), the ones that need a job (input sizes, attempt) left out."""
@@ -95,28 +89,26 @@ def _resource_values(resources):
 
 
 def check_cluster_requests():
-    """When jobs go to SLURM partitions (the `slurm` profile), every rule family's request is checked against
-    `sinfo` before anything is submitted; one that cannot run there stops the workflow with one line."""
-    rs = workflow.resource_settings
-    defaults = _resource_values(rs.default_resources)
-    problems = []
+    """When jobs go to SLURM partitions (the `slurm` profile), every submitted rule's request (Snakemake's own merge
+    of default-resources, the rule's resources and set-resources) is checked against `sinfo` before anything is
+    submitted; one that cannot run there stops the workflow with one line. Called once every rule is defined, on
+    the submitting side only (a job step already runs where it was placed)."""
+    if workflow.remote_exec:
+        return
+    local = getattr(workflow, "_localrules", set())
     partitions = None
-    for rule, group in SUBMITTED.items():
-        res = {**defaults, **get_resources(group), **_resource_values((rs.overwrite_resources or {}).get(rule))}
+    for rule in workflow.rules:
+        if rule.norun or rule.name in local:
+            continue
+        res = _resource_values(rule.resources)
         if not res.get("slurm_partition"):
             continue
         partitions = partitions or query_sinfo()
         if partitions is None:
             return  # no sinfo here (not a SLURM login node): nothing to check against
-        problem = check_request(f"rule {rule}", res, partitions)
+        problem = check_request(f"rule {rule.name}", res, partitions)
         if problem:
-            problems.append(problem)
-    if problems:
-        raise WorkflowError(f"this job request cannot run on the cluster: {problems[0]}")
-
-
-if not workflow.remote_exec:  # the submitting side only (a job step already runs where it was placed)
-    check_cluster_requests()
+            raise WorkflowError(f"this job request cannot run on the cluster: {problem}")
 
 
 def run_cfg(wildcards):
