@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,9 @@ MODULE = {"train": "ctpo.train", "eval": "ctpo.eval", "merge": "ctpo.train.verl_
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("the fake nodes need user and mount namespaces (unshare --user --map-root-user --mount)")
     tmp = tmp_path_factory.mktemp("cluster_run")
     wf = copy_workflow(tmp / "repo")
     root, envs, xdg = tmp / "cluster", tmp / "conda-envs", tmp / "xdg"
@@ -77,7 +81,8 @@ def cluster_run(tmp_path_factory):
          "--ctpo-slurm-init-seconds-before-status-checks", "1", *targets.values()],
         cwd=wf, env=env, capture_output=True, text=True, timeout=HANG_S)
     calls = sbatch_calls(root)
-    rule_of = {jid: a[a.index("--comment") + 1].split("_wildcards_")[0].removeprefix("rule_") for jid, a in calls.items()}
+    rule_of = {jid: a[a.index("--comment") + 1].split("_wildcards_")[0].removeprefix("rule_")
+               for jid, a in calls.items()}
     return {"tmp": tmp, "wf": wf, "root": root, "envs": envs, "proc": proc, "out": proc.stdout + proc.stderr,
             "targets": targets, "calls": calls, "rule_of": rule_of}
 

@@ -247,7 +247,8 @@ def test_a_request_the_partition_cannot_run_fails_in_one_line_before_submitting(
     assert f"rule train: partition '{GPU_PART}': runtime 4000 min exceeds its time limit of 2880 min" in line
     assert not list(tmp_path.glob("sbatch.*.call"))
     exp = wf / "configs/experiments/paper.yaml"
-    exp.write_text(exp.read_text().replace("merge: {cpus_per_task: 16, mem_mb: 256000", "merge: {cpus_per_task: 16, mem_mb: 600000"))
+    exp.write_text(exp.read_text().replace("merge: {cpus_per_task: 16, mem_mb: 256000",
+                                           "merge: {cpus_per_task: 16, mem_mb: 600000"))
     assert install(xdg, "--force", repo=wf, fake_bin=tmp_path / "bin").returncode == 0  # sinfo's 48 h
     proc = run()
     assert proc.returncode != 0 and f"rule merge: partition '{CPU_PART}': no node fits 0 x any GPU, 16 CPUs, " \

@@ -12,12 +12,12 @@ training; evaluation gets min(--time, 480)) default to what `sinfo -h -o "%P %l 
 partition's largest GPU nodes (ctpo.slurm.profile_defaults); a value sinfo does not give must be passed.
 The jobs find conda through its shell set-up, `. <conda base>/etc/profile.d/conda.sh` (Snakemake's `precommand`,
 run first in every job: a compute node inherits no PATH); the base is --conda-base, else the conda of this
-shell ($CONDA_EXE, or `conda` on PATH). --conda-prefix puts the rule families' conda envs in a shared directory (Snakemake's `conda-prefix`) instead of
-each checkout's .snakemake/conda.
+shell ($CONDA_EXE, or `conda` on PATH). --conda-prefix puts the rule families' conda envs in a shared directory
+(Snakemake's `conda-prefix`) instead of each checkout's .snakemake/conda.
 
 An existing, different profile is never overwritten: the script refuses (exit 3) unless `--force`, which
 first moves the old file to `config.yaml.bak-<UTC time>` and says so. `--name` installs under another
-profile name (e.g. `ctpo-slurm`) beside a `slurm` profile you keep.
+profile name (e.g. `ctpo`) beside a `slurm` profile you keep.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def gpu_limits(partition: str, given: dict, partitions: dict | None) -> dict:
             why = ("sinfo is not available here" if partitions is None else
                    f"sinfo lists no partition {partition!r}" if partition not in partitions else
                    f"sinfo does not say for partition {partition!r}")
-            raise ValueError(f"{flag}: {why}; pass it (make slurm-profile ... {flag[2:].upper().replace('-', '_')}=...)")
+            make_var = flag[2:].upper().replace("-", "_")
+            raise ValueError(f"{flag}: {why}; pass it (make slurm-profile ... {make_var}=...)")
     if not GPU_TYPE.match(str(out["gpu_type"])):
         raise ValueError(f"--gpu-type: expected a GRES type name (letters, digits, _ .) or '', got {out['gpu_type']!r}")
     for key in ("cpus_per_gpu", "mem_per_cpu", "time"):
@@ -99,7 +100,7 @@ def render(template: str, account: str, partition: str, cpu_partition: str, limi
         if not conda_prefix.startswith("/") or any(c in conda_prefix for c in "\n\"'#:"):
             raise ValueError(f"--conda-prefix: expected an absolute directory path, got {conda_prefix!r}")
         text = text.replace("software-deployment-method: conda\n",
-                            f"software-deployment-method: conda\nconda-prefix: {conda_prefix}   # shared: envs built once\n")
+                            f"software-deployment-method: conda\nconda-prefix: {conda_prefix}   # shared: built once\n")
     if base is not None:
         setup = shlex.quote(str(base / "etc/profile.d/conda.sh"))
         text = text.replace("software-deployment-method: conda\n", f"software-deployment-method: conda\nprecommand: "
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if not NAME.match(args.name):
             raise ValueError(f"--name: expected letters, digits and _.-, got {args.name!r}")
         given = {k: getattr(args, k) for k in LIMITS}
-        limits = gpu_limits(args.partition, given, None if all(v is not None for v in given.values()) else query_sinfo())
+        partitions = None if all(v is not None for v in given.values()) else query_sinfo()
+        limits = gpu_limits(args.partition, given, partitions)
         text = render(TEMPLATE.read_text(), args.account, args.partition, args.cpu_partition, limits, args.conda_prefix,
                       conda_base(args.conda_base))
         msg = install(text, profile_dir(args.name) / "config.yaml", args.force)
