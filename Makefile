@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing; a second run reinstalls nothing unless pyproject.toml changed.
+# Each creates .venv when missing; a second run reinstalls nothing unless pyproject.toml changed. The editable
+# install puts the checkout on sys.path (editable_mode=compat), where Snakemake finds the `ctpo-slurm` executor.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing into $(VENV) (torch==2.13.0 CPU wheel first, so nothing pulls a CUDA build)"
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev,workflow]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev,workflow]' --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -54,10 +55,16 @@ bench: $(STAMP)
 
 # Installs the `slurm` global profile where Snakemake looks for it (~/.config/snakemake/slurm). An existing,
 # different profile is kept: the script refuses unless FORCE=1 (which backs it up); NAME=<n> installs beside it.
+# The GPU partition's GPU_TYPE, CPUS_PER_GPU, MEM_PER_CPU (MB) and TIME (minutes) default to what `sinfo` says;
+# CONDA_ENVS=<shared dir> builds the conda envs once for every checkout; CONDA_BASE=<conda installation> (default:
+# the conda of this shell) is what every job sources first.
 slurm-profile:
-	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" -a -n "$(CPU_PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<gpu part> CPU_PARTITION=<cpu part> [NAME=slurm] [FORCE=1]"; exit 2; }
+	@test -n "$(ACCOUNT)" -a -n "$(PARTITION)" -a -n "$(CPU_PARTITION)" || { echo "usage: make slurm-profile ACCOUNT=<acct> PARTITION=<gpu part> CPU_PARTITION=<cpu part> [GPU_TYPE=<gres type>] [CPUS_PER_GPU=<n>] [MEM_PER_CPU=<MB>] [TIME=<min>] [CONDA_ENVS=<dir>] [CONDA_BASE=<dir>] [NAME=slurm] [FORCE=1]"; exit 2; }
 	$(PYTHON) workflow/scripts/install_slurm_profile.py --account "$(ACCOUNT)" --partition "$(PARTITION)" \
-		--cpu-partition "$(CPU_PARTITION)" --name "$(or $(NAME),slurm)" $(if $(FORCE),--force)
+		--cpu-partition "$(CPU_PARTITION)" --name "$(or $(NAME),slurm)" $(if $(FORCE),--force) \
+		$(if $(GPU_TYPE),--gpu-type "$(GPU_TYPE)") $(if $(CPUS_PER_GPU),--cpus-per-gpu "$(CPUS_PER_GPU)") \
+		$(if $(MEM_PER_CPU),--mem-per-cpu "$(MEM_PER_CPU)") $(if $(TIME),--time "$(TIME)") \
+		$(if $(CONDA_ENVS),--conda-prefix "$(CONDA_ENVS)") $(if $(CONDA_BASE),--conda-base "$(CONDA_BASE)")
 
 clean-demo:
 	rm -rf results/toy figures/toy runs/toy logs/toy .snakemake

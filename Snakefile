@@ -39,6 +39,9 @@ localrules:
     table3_ablation,
 
 
+check_cluster_requests()  # the slurm profile: every job's request against `sinfo`, before anything is submitted
+
+
 rule all:
     input:
         get_final_outputs(),

@@ -20,3 +20,19 @@ def fail_permanent(message: str) -> "NoReturn":  # noqa: F821
     """Print `message` as one line on stderr and exit with EXIT_PERMANENT."""
     print(" ".join(str(message).split()), file=sys.stderr, flush=True)
     raise SystemExit(EXIT_PERMANENT)
+
+
+# How a Snakemake job step reports a rule whose shell command exited EXIT_PERMANENT (Python's CalledProcessError
+# text, printed into the SLURM job's log): what the workflow's executor reads to not resubmit the job.
+_PERMANENT_IN_LOG = f"returned non-zero exit status {EXIT_PERMANENT}."
+
+
+def permanent_in_log(text: str) -> bool:
+    """True when a job's SLURM log says its rule's command exited EXIT_PERMANENT."""
+    return _PERMANENT_IN_LOG in text
+
+
+def last_error_line(text: str) -> str | None:
+    """The last `error: ...` line of a rule's log (the one line an entry point prints before exiting)."""
+    lines = [x.strip() for x in text.splitlines() if x.startswith("error:")]
+    return lines[-1] if lines else None

@@ -28,6 +28,7 @@ logs/{exp}/<rule>/...log                       logs
 runs/{exp}/  (never Snakemake outputs, never committed: training must resume)
   {run}/seed{seed}/                            workdir           WORKDIR_FILES (checkpoints, rollouts, W&B id, ...)
   sft/seed{seed}/policy/                       sft_workdir, sft_policy
+configs/methods/{method}.yaml                  method_file       a method's knobs (the diagnostics read Figure 1's bands)
   reports/                                     reports_wandb     W&B dir of `python -m ctpo.reports wandb`
 data/  (inputs, never outputs)
   toy/train.parquet, toy/{bench}.parquet       toy_train, toy_bench
@@ -117,6 +118,9 @@ DATA_FILES = {
     "benchmark_file": "data/benchmarks/{bench}.parquet",
 }
 
+# relative to the repository root: sources a rule reads besides results/ (the diagnostics read Figure 1's bands)
+CONFIG_FILES = {"method_file": "configs/methods/{method}.yaml"}
+
 
 def _build() -> dict[str, str]:
     t = {"results": RESULTS, "runs": RUNS, "logs": "logs/{exp}", "figures": "figures/{exp}",
@@ -126,7 +130,8 @@ def _build() -> dict[str, str]:
     t.update({k: f"{RUNS}/{v}" for k, v in RUNS_FILES.items()})
     t.update({k: f"{t['workdir']}/{v}" for k, v in WORKDIR_FILES.items()})
     t.update(DATA_FILES)
-    n_names = 5 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES)))
+    t.update(CONFIG_FILES)
+    n_names = 5 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES, CONFIG_FILES)))
     assert len(t) == n_names, "ctpo.layout: two tables use the same name"
     return t
 

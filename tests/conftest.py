@@ -31,13 +31,15 @@ WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_ve
 # preempt 25 s, DAG dry runs 25 s, sandbox integrity 18 s, verl backend 16 s, reports 13 s; every other file
 # < 10 s. Measured under load (load average 8-10), not at idle: config injections 57 s (real snakemake runs,
 # verl compose), relation guard + reward-worker limits 21 s, observation text 43-75 s (reward workers), sandbox
-# without a cgroup 30-50 s. xdist gives a worker its next unit once 2 or
-# fewer of its tests are pending, so a unit ends with short tests: the verl test (one long test) runs first in
-# the warm-start unit, not last.
-LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_local.py", "test_workflow_toy.py",
-                 "test_reward.py", "test_config_data.py", "test_observation_text.py", "test_sandbox_nocgroup.py",
-                 "test_verl_preempt.py", "test_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py",
-                 "test_verl_backend.py", "test_reports.py")
+# without a cgroup 30-50 s; the fake-SLURM cluster run 141 s (mostly waiting on the executor's status polls,
+# little CPU), the sbatch lines and profile installer 55 s, the band-input dry runs 26 s. xdist gives a worker its
+# next unit once 2 or fewer of its tests are pending, so a unit ends with short tests: the verl test (one long
+# test) runs first in the warm-start unit, not last.
+LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_local.py", "test_slurm_envs.py",
+                 "test_workflow_toy.py", "test_reward.py", "test_config_data.py", "test_observation_text.py",
+                 "test_slurm_submit.py", "test_sandbox_nocgroup.py", "test_verl_preempt.py", "test_diag_band_inputs.py",
+                 "test_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py", "test_verl_backend.py",
+                 "test_reports.py")
 
 
 def unit_of(nodeid: str) -> str:

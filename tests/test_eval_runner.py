@@ -400,7 +400,7 @@ def test_eval_job_with_a_missing_model_fails_at_once_in_one_line_offline(tmp_pat
                               capture_output=True, text=True, env=_offline_env(tmp_path), cwd=REPO_ROOT, timeout=600)
         secs = time.monotonic() - t0
         errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode == 78 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert len(errors) == 1 and errors[0].startswith(line), errors
         assert not (tmp_path / "out").exists()
         print(f"{checkpoint}: one-line error after {secs:.1f} s")

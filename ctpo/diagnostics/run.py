@@ -32,6 +32,13 @@ def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
     return _bands(band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir))
 
 
+def band_methods(method: str) -> list[str]:
+    """The methods whose files (configs/methods/<name>.yaml) `bands_for_run` reads for a run of `method`: those of
+    the bands its own loss does not set."""
+    own = methods.get(method).band
+    return [REFERENCE[b] for b in ("fixed", "adaptive") if b != own]
+
+
 def reference_bands(config_dir=CONFIG_DIR) -> ClipBands:
     """Both bands from the reference methods' files (what a run of neither band is shown against)."""
     return _bands(method_loss(FIXED_METHOD, config_dir), method_loss(ADAPTIVE_METHOD, config_dir))

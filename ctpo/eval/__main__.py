@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ctpo.config import config_hash, load_run_config
+from ctpo.config import ConfigError, config_hash, load_run_config
+from ctpo.exitcodes import EXIT_PERMANENT
 from ctpo.eval import backend as B
 from ctpo.eval import metrics, runner
 from ctpo.io import sha256_file, write_json, write_parquet
@@ -90,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
 
     set_offline()  # compute nodes are offline: the checkpoint and its tokenizer are local files
     args = parse_args(argv)
-    cfg = load_run_config(args.config)
+    try:
+        cfg = load_run_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
     try:  # a missing checkpoint (or the base model not fetched at model.revision) stops here, in one line
         model_dir = str(require_model(args.checkpoint,
                                       cfg.model.revision if args.checkpoint == cfg.model.path else None))
     except MissingLocalFiles as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT  # the checkpoint (or the model at its revision) is not on disk: a rerun cannot fix it
     cfg_dict = asdict(cfg)
     out = Path(args.out)
     bench = Path(args.benchmark).stem

@@ -2,8 +2,9 @@
 
 Dispatches on `train.backend`: `local` -> ctpo.train.local (CPU toy), `verl` -> ctpo.train.verl_backend
 (GPU; imported only then). The effective batch sizes are printed and checked before anything starts.
-Exit codes: 0 = done (done.json written; a done run exits at once), 75 = preempted by SIGTERM / SIGUSR1
-after saving a checkpoint (local backend; rerun to resume), anything else = failure.
+Exit codes (ctpo.exitcodes): 0 = done (done.json written; a done run exits at once), 75 = preempted by SIGTERM /
+SIGUSR1 after saving a checkpoint (local backend; rerun to resume), 78 = a bad config or a model not on disk (a
+rerun fails the same way: the workflow does not resubmit it), anything else = failure.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from ctpo.config import ConfigError, load_run_config
+from ctpo.exitcodes import EXIT_PERMANENT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT
     if cfg.train.backend == "verl":
         from ctpo.train import verl_backend
 
@@ -33,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command:
         print(f"error: --print-command is for train.backend=verl ({args.config} has '{cfg.train.backend}')",
               file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT
     from ctpo.train import local
 
     try:
         return local.main(cfg, args.results, args.workdir, args.init)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from pathlib import Path
 from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, hydra_quote, load_run_config
+from ctpo.exitcodes import EXIT_PERMANENT
 from ctpo.train import verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
@@ -423,7 +424,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
             init = require_model(cfg.model.path, cfg.model.revision)  # verl loads that snapshot, not the hub id
         except MissingLocalFiles as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_PERMANENT  # a rerun fails the same way: fetch the model first
     argv = build_command(cfg, results_dir, workdir, init) if command is None else list(command)
     if print_command:
         sys.stdout.write(format_command(argv))
@@ -527,7 +528,10 @@ def cli(args: list[str] | None = None) -> int:
             return 0
         cfg = load_run_config(a.config)
         return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"), init=a.init)
-    except (ConfigError, VerlRunError, FileNotFoundError, ValueError) as e:
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except (VerlRunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -3,12 +3,15 @@
 import re
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctpo import layout
 from ctpo.config import canonical_json
 from ctpo.tracking import resolve_mode
 from ctpo.configure import check_experiment, check_schema, eval_targets, resolve_runs, warmstart_config
+from ctpo.diagnostics.run import band_methods
+from ctpo.slurm import check_request, query_sinfo
 
 
 # Config values are data: names and revisions match the schema's patterns (one-line error naming the key),
@@ -37,7 +40,9 @@ HUB_MODELS = {
 LOCAL_RUNS = [r for r in RUNS if RESOLVED[(r, SEEDS[0])]["train"]["backend"] == "local"]
 ENV_CPU = "../../envs/cpu.yaml"
 ENV_GPU = "../../envs/gpu.yaml"
-# GPU stages get the GPU env only when some run of this experiment trains with verl.
+# The GPU rule family (train, eval, preflight) gets the GPU env when some run of this experiment trains with verl;
+# every other rule (merges included: verl's merger runs on CPU torch) the CPU env. Used with the `slurm` profile's
+# software-deployment-method: conda; a plain `snakemake` ignores `conda:`.
 ENV_ACCEL = ENV_GPU if len(LOCAL_RUNS) < len(RUNS) else ENV_CPU
 
 # Paths: every template comes from ctpo.layout (the one layout; tests/test_layout.py checks the DAG against
@@ -65,6 +70,45 @@ wildcard_constraints:
 def get_resources(group):
     """Job resources of a rule group (train, merge, eval, cpu) from the experiment's `resources:`."""
     return config["resources"].get(group, {})
+
+
+def _resource_values(resources):
+    """{name: value} of Snakemake Resource objects (default-/set-resources; a profile's strings are expressions
+    evaluated here as for a job), the ones that need a job (input sizes, attempt) left out."""
+    out = {}
+    for name, res in (resources or {}).items():
+        try:
+            if hasattr(res, "is_evaluable") and res.is_evaluable():
+                res = res.evaluate(wildcards={}, input=[], attempt=1, threads=1, rulename="", async_run=None)
+            value = res.value if hasattr(res, "value") else res
+        except Exception:
+            continue
+        if not callable(value):
+            out[name] = value
+    return out
+
+
+def check_cluster_requests():
+    """When jobs go to SLURM partitions (the `slurm` profile), every submitted rule's request (Snakemake's own merge
+    of default-resources, the rule's resources and set-resources) is checked against `sinfo` before anything is
+    submitted; one that cannot run there stops the workflow with one line. Called once every rule is defined, on
+    the submitting side only (a job step already runs where it was placed)."""
+    if workflow.remote_exec:
+        return
+    local = getattr(workflow, "_localrules", set())
+    partitions = None
+    for rule in workflow.rules:
+        if rule.norun or rule.name in local:
+            continue
+        res = _resource_values(rule.resources)
+        if not res.get("slurm_partition"):
+            continue
+        partitions = partitions or query_sinfo()
+        if partitions is None:
+            return  # no sinfo here (not a SLURM login node): nothing to check against
+        problem = check_request(f"rule {rule.name}", res, partitions)
+        if problem:
+            raise WorkflowError(f"this job request cannot run on the cluster: {problem}")
 
 
 def run_cfg(wildcards):
@@ -139,9 +183,12 @@ def get_eval_inputs(wildcards):
 
 
 def get_diag_inputs(wildcards):
+    """Run config, training marker and the method files Figure 1's two bands are read from (a changed band
+    reruns the diagnostics and so Figure 1)."""
     return {
         "config": P["run_config"].format(run=wildcards.run, seed=wildcards.seed),
         "train": P["train_done"].format(run=wildcards.run, seed=wildcards.seed),
+        "bands": [P["method_file"].format(method=m) for m in band_methods(run_cfg(wildcards)["loss"]["method"])],
     }
 
 

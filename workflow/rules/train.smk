@@ -58,7 +58,7 @@ rule merge:
     benchmark:
         BENCH("merge", "step")
     conda:
-        ENV_ACCEL
+        ENV_CPU
     resources:
         **get_resources("merge"),
     shell:
