@@ -56,12 +56,13 @@ def composed(tmp_path_factory):
 
 # the paper's values, written out here independently of configs/ (paper Sec. 4.1 + authors' launcher)
 PAPER_LOSS = {
-    "grpo": {"loss_mode": "verl_vanilla", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "loss_agg_mode": "token-mean"},
+    "grpo": {"loss_mode": "verl_vanilla", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+             "loss_agg_mode": "seq-mean-token-mean"},  # the release's effective averaging (test_release_objective)
     "gspo": {"loss_mode": "verl_gspo", "clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"},
     "ctpo": {"loss_mode": "ctpo", "eps_low": 0.025, "eps_high": 0.05, "power": 0.5, "fixed_bounds": None,
-             "dual_clip_c": 0.05, "loss_agg_mode": "token-mean"},
+             "dual_clip_c": 0.05, "loss_agg_mode": "seq-mean-token-mean"},
     "ctpo_fixed": {"loss_mode": "ctpo_fixed", "fixed_bounds": [0.5, 5.0], "dual_clip_c": None, "fixed_dual_clip": 5.0,
-                   "loss_agg_mode": "token-mean"},
+                   "loss_agg_mode": "seq-mean-token-mean"},
 }
 
 
