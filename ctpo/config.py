@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ctpo import methods
+from ctpo import grading, methods
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -190,6 +190,15 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How responses are graded, for the training reward and for avg@k (ctpo.grading)."""
+
+    # release: the authors' release grader (ctpo.release_reward; the paper experiment); strict: ours (ctpo.reward).
+    # Evaluation records both verdicts; this one is `correct` and the tables' numbers.
+    grader: str = "strict"
+
+
+@dataclass
 class WandbConfig:
     project: str = "ctpo-repro"
     entity: Optional[str] = None
@@ -211,6 +220,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -328,6 +338,11 @@ def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> Loss
     return out
 
 
+def experiment_grader(experiment: dict) -> str:
+    """reward.grader an experiment's defaults set (RewardConfig's default when they set none)."""
+    return ((experiment.get("defaults") or {}).get("reward") or {}).get("grader", RewardConfig.grader)
+
+
 def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Dotted names of the keys left at MISSING ('???') in a resolved config dict."""
     if isinstance(cfg, dict):
@@ -356,6 +371,9 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
         )
     if train["backend"] not in ("local", "verl"):
         raise ConfigError(f"{source}: train.backend must be 'local' or 'verl', got '{train['backend']}'")
+    if cfg.get("reward", {}).get("grader") not in grading.GRADERS:
+        raise ConfigError(f"{source}: reward.grader must be one of {grading.GRADERS}, "
+                          f"got {cfg.get('reward', {}).get('grader')!r}")
     if rollout["protocol"] not in PROTOCOLS:
         raise ConfigError(f"{source}: rollout.protocol must be one of {PROTOCOLS}, got '{rollout['protocol']}'")
     if rollout["protocol"] == "release" and train["backend"] != "verl":

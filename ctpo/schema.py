@@ -57,13 +57,17 @@ EVAL_COLUMNS = {
     "ground_truth": "str",
     "extracted_answer": "str",  # "" when extraction failed
     "extraction_failed": "bool",
-    "correct": "bool",
+    "correct": "bool",  # the verdict of the run's grader (reward.grader, named in `grader`)
+    "grader": "str",
+    "correct_release": "bool",  # every grader's verdict (ctpo.grading.GRADERS), whichever the run uses
+    "correct_strict": "bool",
     "turns": "int64",
     "tool_calls": "int64",
     "response_length": "int64",  # tokens, observations included
 }
 # The sidecar JSON holds: experiment, run, seed, step, benchmark, label, k, n_problems, avg_at_k,
-# pass_at_k {k: value}, ci95 [lo, hi], extraction_failure_rate, and provenance: checkpoint, backend,
+# pass_at_k {k: value}, ci95 [lo, hi], extraction_failure_rate, grader (whose verdicts `avg_at_k` counts),
+# avg_at_k_by_grader {grader: avg@k}, and provenance: checkpoint, backend,
 # backend_version, torch_version, tp_size, dtype, sampling {temperature, top_p, max_tokens, max_turns},
 # prompt_template_hash, benchmark_sha256, git_commit.
 

@@ -100,7 +100,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
     assert (rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.bypass_mode) == (
         "sequence", 5.0, False, False)
-    assert c.reward.custom_reward_function.path == "pkg://ctpo.reward"
+    assert c.reward.custom_reward_function.path == "pkg://ctpo.release_reward"  # the release's grader
     assert c.reward.custom_reward_function.name == "compute_score"
     assert (t.nnodes, t.n_gpus_per_node, t.total_training_steps) == (1, 8, 305)
     assert (t.save_freq, t.test_freq, t.val_before_train, t.resume_mode) == (20, 20, False, "auto")
