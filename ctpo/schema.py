@@ -17,7 +17,8 @@ ACCURACY = "train/accuracy"  # fraction of responses with reward 1
 CLIP_FRAC = "ctpo/clip_frac"  # fraction of model tokens whose ratio is outside its bounds (see losses.py)
 CLIP_FRAC_LOW = "ctpo/clip_frac_low"  # ... below the lower bound with A < 0
 CLIP_FRAC_HIGH = "ctpo/clip_frac_high"  # ... above the upper bound with A > 0
-# clip active (low + high): verl's actor/pg_clipfrac quantity; a separate metric, not Figure 2's clip_frac
+# clip active (low + high): the release's / verl's actor/pg_clipfrac quantity, Figure 2's clip fraction (panel b);
+# CLIP_FRAC (out of band) is its panel c
 CLIP_FRAC_ACTIVE = "ctpo/clip_frac_active"
 DUAL_CLIP_FRAC = "ctpo/dual_clip_frac"  # model tokens with A < 0 whose loss the dual clip caps
 RESPONSE_LENGTH = "train/response_length_mean"  # tokens per response, observations included

@@ -170,11 +170,14 @@ def test_figures_are_labelled_and_written_as_pdf_and_png_at_paper_width(toy_tree
     assert "bins with >= " in fig1._suptitle.get_text()
     assert fig1.get_size_inches()[0] == pytest.approx(7.0)
     fig2 = figures.build_figure2(exp, Results(root))
-    assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 3
+    assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 4
     n_lines = [len(ax.get_lines()) for ax in fig2.axes]
-    assert n_lines == [3, 3, 3]  # one line per figure2 run in each panel
-    # the caption names the one clip-fraction definition every method is plotted with
-    assert any("lies outside its clip range" in t.get_text() for t in fig2.texts)
+    assert n_lines == [3, 3, 3, 3]  # one line per figure2 run in each panel
+    # (b) the clip-active fraction (the release's pg_clipfrac), (c) the out-of-band fraction; the caption says which
+    assert "clip active" in fig2.axes[1].get_title() and "out-of-band" in fig2.axes[2].get_title()
+    caption = " ".join(t.get_text() for t in fig2.texts)
+    assert "actor/pg_clipfrac" in caption and "outside its clip range" in caption
+    assert "averaged over all model tokens of a step" in caption
     plt.close("all")
     paths = figures.write_figures(exp, Results(root), tmp_path)
     assert sorted(p.name for p in paths) == ["figure1.pdf", "figure1.png", "figure2.pdf", "figure2.png"]

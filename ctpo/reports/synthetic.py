@@ -81,6 +81,7 @@ def _metrics_rows(rng, method: str, total_steps: int) -> list[dict]:
             schema.REWARD_MEAN: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
             schema.ACCURACY: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
             schema.CLIP_FRAC: _CLIP.get(method, 0.05) * (1 + 0.1 * rng.normal()),
+            schema.CLIP_FRAC_ACTIVE: 0.6 * _CLIP.get(method, 0.05) * (1 + 0.1 * rng.normal()),
             schema.RESPONSE_LENGTH: 2500 + 2500 * prog + rng.normal(0, 100),
             schema.MODEL_TOKENS: 2000 + 2000 * prog,
             schema.STEP_TIME_S: 600 + rng.normal(0, 20),
