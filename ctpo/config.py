@@ -179,7 +179,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """avg@k evaluation (paper: k = 32, T = 0.7, top_p = 1.0)."""
+    """avg@k evaluation. Paper: k = 32 (Table 2, avg@32); the release: T = 0.7 (ctpo.sh VAL_TEMPERATURE), top_p = 1.0
+    (the fork's val_kwargs default). docs/PAPER_SETTINGS.md lists every setting and its source."""
 
     k: int = 32
     temperature: float = 0.7

@@ -112,6 +112,9 @@ def test_table3_difference_row_is_the_paired_mean_difference(toy_tree):
         assert d["mean_diff"] == pytest.approx(np.mean(a - f))
         assert d["ci95"][0] <= d["mean_diff"] <= d["ci95"][1]
     assert t.rows[-1][0].startswith("Difference (paired bootstrap)")
+    # the fixed-clip ablation's dual clip is presented as our assumption, with the release-based alternative
+    assert "Assumption (ours; the paper does not state the ablation's dual clip)" in t.caption
+    assert "-A x 5 at every position" in t.caption and "bounds [0.5, 5] and verl's default dual clip 3" in t.caption
 
 
 def test_paper_reference_values_appear_labelled_as_the_papers(toy_tree):

@@ -7,7 +7,7 @@ Table 2: rows = experiment.evaluation.table2_runs (model x method), columns = ta
 Table 3: experiment.evaluation.table3_runs (adaptive CTPO, fixed-clip CTPO) and a row with their paired-
   bootstrap difference (same problem resamples for both; per-problem scores averaged over seeds).
 Table 1: the Monte-Carlo study (results/{exp}/table1.json, ctpo.reports.table1) beside the paper's
-  qualitative table.
+  qualitative table, rebuilt from its prose (its body is missing from our copy).
 The paper's reported averages (experiment.paper_reference) appear in their own column, labelled as the
 paper's; non-paper labels (toy, synthetic) are carried in every caption and header.
 """
@@ -104,6 +104,20 @@ def grader_note(grader: str, other: str) -> str:
             f"graded by the {other} grader ({grading.DESCRIPTIONS[other]}), mean only.")
 
 
+def fixed_dual_clip_note(exp: dict, fixed_run: str) -> str:
+    """Table 3: the fixed-clip run's dual clip is our assumption; the caption names it and the alternative."""
+    from ctpo.config import method_loss
+
+    cfg = method_loss(exp["runs"][fixed_run]["method"])
+    if cfg.method != "ctpo_fixed":
+        return ""
+    lo, hi = cfg.fixed_bounds
+    return (f" Assumption (ours; the paper does not state the ablation's dual clip): {fixed_run} caps the loss of "
+            f"A < 0 tokens at -A x {cfg.fixed_dual_clip:g} at every position (configs/methods/ctpo_fixed.yaml). "
+            f"Alternative reading of the release: its non-adaptive cum-token-cumprod loss with bounds [{lo:g}, {hi:g}] "
+            f"and verl's default dual clip 3.")
+
+
 def table2(exp: dict, results: Results) -> Table:
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     runs, benches = ev["table2_runs"], ev["table2_benchmarks"]
@@ -175,6 +189,7 @@ def table3(exp: dict, results: Results) -> Table:
                f"({_ci_kind(seeds)}); last row: {a_run} - {f_run}, paired bootstrap over problems "
                f"(P(diff <= 0) for the average = {avg['frac_le_0']:.3f})."
                + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else "")
+               + fixed_dual_clip_note(exp, f_run)
                + _seed_note(seeds) + assumptions_note(exp))
     return Table("table3", caption, cols, rows, data)
 
@@ -201,7 +216,8 @@ def table1(study: dict) -> Table:
     ]
     caption = (f"Table 1 (measured; Monte-Carlo study, not a training run): tabular policy pair V={c['vocab']}, "
                f"H={c['horizon']}, behaviour logits perturbed by {c['perturb']}, {c['n_samples']} samples; "
-               f"|grad J| = {study['true_grad_norm']:.3g}. 'Paper' columns = the paper's qualitative Table 1.")
+               f"|grad J| = {study['true_grad_norm']:.3g}. 'Paper' columns = the paper's qualitative Table 1 rebuilt from its prose (Sec. 3.2; the table's "
+               "body is missing from our copy of the paper).")
     return Table("table1", caption, cols, rows, [study["estimators"]], notes)
 
 
