@@ -195,8 +195,11 @@ def update_policy(model, optimizer, batch, old_log_prob, adv, is_w, cfg: RunConf
         rows = slice(start, start + mb)
         log_prob, entropy = response_log_probs(model, batch.select(rows), r.temperature, with_entropy=True)
         m = mask[rows]
+        # seq-mean modes average over every response of the mini-batch, one without model tokens included (as
+        # verl 0.9.1's global_batch_size and the release's 1/accumulation do)
         loss, metrics = compute_policy_loss(old_log_prob[rows], log_prob, adv[rows], m, cfg.loss,
-                                            rollout_is_weights=None if is_w is None else is_w[rows])
+                                            rollout_is_weights=None if is_w is None else is_w[rows],
+                                            global_batch_size=m.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)))
