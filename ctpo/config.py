@@ -47,7 +47,9 @@ class LossConfig:
     reads stays null (`ctpo.methods.check_loss`)."""
 
     method: Optional[str] = MISSING  # a registered method (ctpo.methods); null: no policy loss (the SFT warm start)
-    loss_agg_mode: Optional[str] = MISSING  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    # seq-mean-token-mean: mean over responses of each response's token mean (the release's effective objective, the
+    # paper's 1/|o_i|); token-mean: over all tokens of the mini-batch (verl 0.9.1's, not the release's); seq-mean-token-sum
+    loss_agg_mode: Optional[str] = MISSING
     # token / sequence ratios (GRPO, GSPO, full_seq): ratio clipped to [1 - low, 1 + high]
     clip_ratio_low: Optional[float] = None
     clip_ratio_high: Optional[float] = None
