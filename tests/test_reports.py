@@ -114,6 +114,7 @@ def test_table3_difference_row_is_the_paired_mean_difference(toy_tree):
     assert t.rows[-1][0].startswith("Difference (paired bootstrap)")
     # the fixed-clip ablation's dual clip is presented as our assumption, with the release-based alternative
     assert "Assumption (ours; the paper does not state the ablation's dual clip)" in t.caption
+    assert "Grader: strict." in t.caption  # the toy tree's evaluations
     assert "-A x 5 at every position" in t.caption and "bounds [0.5, 5] and verl's default dual clip 3" in t.caption
 
 

@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from ctpo.data.problems import BenchmarkError, Problem, load_benchmark  # noqa: F401  (the evaluator reads benchmarks)
+from ctpo.grading import correct_column
 from ctpo.io import atomic_path
 from ctpo.progress import Progress
-from ctpo.grading import correct_column
 from ctpo.schema import EVAL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def evaluate(
     """All k samples of every problem as records (EVAL_COLUMNS), resuming from and updating `partial`.
 
     rollout(questions, seed) -> list[Episode] runs one batch through the agent loop (see __main__);
-    grade_fn(solution_text, ground_truth) -> ctpo.grading.Verdicts (`grading.grade_all`). Returns records sorted by problem order, sample.
+    grade_fn(solution_text, ground_truth) -> ctpo.grading.Verdicts (`grading.grade_all`): every grader's verdict.
+    Returns records sorted by problem order, sample.
     """
     done = read_partial(partial, plan.fingerprint)
     index = {p.problem_id: i for i, p in enumerate(plan.problems)}

@@ -90,11 +90,12 @@ def _seed_note(seeds: list[int]) -> str:
     return ""
 
 
-def table_grader(results: Results, runs: list[str], seeds: list[int], step: int, benches: list[str]) -> str:
+def table_grader(results: Results, runs: list[str], seeds: list[int], step: int, benches: list[str],
+                 table: str = "Table 2") -> str:
     """The one grader whose verdicts the compared evaluations count (their sidecars'); mixed or unknown fails."""
     found = {results.eval_grader(r, s, step, b) for r in runs for s in seeds for b in benches}
     if len(found) != 1 or None in found:
-        raise ReportInputError(f"Table 2: evaluations at step {step} name graders {sorted(map(str, found))}; "
+        raise ReportInputError(f"{table}: evaluations at step {step} name graders {sorted(map(str, found))}; "
                                f"expected one (rerun the evaluations with ctpo.eval)")
     return found.pop()
 
@@ -188,6 +189,7 @@ def table3(exp: dict, results: Results) -> Table:
     caption = (f"Table 3 [{tag}]: position-adaptive vs fixed clipping, avg@{k} (%) at step {step}, 95% CI "
                f"({_ci_kind(seeds)}); last row: {a_run} - {f_run}, paired bootstrap over problems "
                f"(P(diff <= 0) for the average = {avg['frac_le_0']:.3f})."
+               + f" Grader: {table_grader(results, runs, seeds, step, benches, 'Table 3')}."
                + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else "")
                + fixed_dual_clip_note(exp, f_run)
                + _seed_note(seeds) + assumptions_note(exp))
