@@ -166,3 +166,20 @@ def test_table2_names_its_grader_and_gives_the_other_graders_average(tmp_path):
             want.append(df.groupby("problem_id")["correct_strict"].mean().mean())
         assert rec["average_by_grader"]["strict"] == pytest.approx(np.mean(want))
         assert row[col] == f"{100 * np.mean(want):.1f}"
+
+
+@pytest.mark.parametrize("text,failed,correct,strict", [
+    ("I give up.", True, False, False),  # nothing to extract for either grader
+    ("The answer is 10.", False, True, False),  # the release's grader reads it: not an extraction failure
+    ("\\boxed{11}", False, False, False),  # a boxed wrong answer was extracted
+])
+def test_eval_record_has_both_verdicts_and_an_honest_extraction_flag(text, failed, correct, strict):
+    from types import SimpleNamespace
+
+    from ctpo.data.problems import Problem
+    from ctpo.eval.runner import _record
+
+    ep = SimpleNamespace(response_text=text, turns=1, tool_calls=0, response_ids=[1, 2, 3])
+    rec = _record(Problem("p0", "Add 5 and 5.", "10"), 0, ep, grading.grade_all("release"))
+    assert (rec["extraction_failed"], rec["correct"], rec["correct_strict"]) == (failed, correct, strict)
+    assert rec["grader"] == "release" and rec["correct_release"] == correct

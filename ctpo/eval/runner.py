@@ -129,7 +129,9 @@ class EvalPlan:
 def _record(problem: Problem, sample_index: int, episode, grade_fn: Callable) -> dict:
     verdicts = grade_fn(episode.graded_text, problem.ground_truth)  # ctpo.grading.Verdicts
     result = verdicts.primary
-    failed = result.reason == "no_answer"
+    # no answer to extract: no complete \boxed{} (the strict grader's no_answer) and no credit from the run's grader
+    # (the release's grader never says no_answer: its math-verify reads the whole response)
+    failed = verdicts.results["strict"].reason == "no_answer" and float(result.score) < 1.0
     return {
         "problem_id": problem.problem_id,
         "sample_index": sample_index,
