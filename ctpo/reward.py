@@ -296,8 +296,7 @@ class _Worker:
         worker). Raises EOFError/OSError when the worker is dead."""
         import json
 
-        self.proc.stdin.write(json.dumps([pred, gold, math.ceil(timeout_s) + 1, grader]) + "
-")
+        self.proc.stdin.write(json.dumps([pred, gold, math.ceil(timeout_s) + 1, grader]) + "\n")
         self.proc.stdin.flush()
         return self._readline(timeout_s)
 

@@ -179,7 +179,7 @@ def test_eval_record_has_both_verdicts_and_an_honest_extraction_flag(text, faile
     from ctpo.data.problems import Problem
     from ctpo.eval.runner import _record
 
-    ep = SimpleNamespace(response_text=text, turns=1, tool_calls=0, response_ids=[1, 2, 3])
+    ep = SimpleNamespace(graded_text=text, turns=1, tool_calls=0, response_ids=[1, 2, 3])
     rec = _record(Problem("p0", "Add 5 and 5.", "10"), 0, ep, grading.grade_all("release"))
     assert (rec["extraction_failed"], rec["correct"], rec["correct_strict"]) == (failed, correct, strict)
     assert rec["grader"] == "release" and rec["correct_release"] == correct
