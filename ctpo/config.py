@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ctpo import methods
+from ctpo import grading, methods
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -47,7 +47,9 @@ class LossConfig:
     reads stays null (`ctpo.methods.check_loss`)."""
 
     method: Optional[str] = MISSING  # a registered method (ctpo.methods); null: no policy loss (the SFT warm start)
-    loss_agg_mode: Optional[str] = MISSING  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    # seq-mean-token-mean: mean over responses of each response's token mean (the release's effective objective, the
+    # paper's 1/|o_i|); token-mean: over all tokens of the mini-batch (verl 0.9.1's, not the release's); seq-mean-token-sum
+    loss_agg_mode: Optional[str] = MISSING
     # token / sequence ratios (GRPO, GSPO, full_seq): ratio clipped to [1 - low, 1 + high]
     clip_ratio_low: Optional[float] = None
     clip_ratio_high: Optional[float] = None
@@ -179,7 +181,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """avg@k evaluation (paper: k = 32, T = 0.7, top_p = 1.0)."""
+    """avg@k evaluation. Paper: k = 32 (Table 2, avg@32); the release: T = 0.7 (ctpo.sh VAL_TEMPERATURE), top_p = 1.0
+    (the fork's val_kwargs default). docs/PAPER_SETTINGS.md lists every setting and its source."""
 
     k: int = 32
     temperature: float = 0.7
@@ -187,6 +190,15 @@ class EvalConfig:
     max_problems: Optional[int] = None  # cap per benchmark (toy / smoke runs); None = all
     tp_size: int = 1
     chunk_size: int = 256  # (problem, sample) pairs per batched agent-loop call; the resume unit; part of the seeding
+
+
+@dataclass
+class RewardConfig:
+    """How responses are graded, for the training reward and for avg@k (ctpo.grading)."""
+
+    # release: the authors' release grader (ctpo.release_reward; the paper experiment); strict: ours (ctpo.reward).
+    # Evaluation records both verdicts; this one is `correct` and the tables' numbers.
+    grader: str = "strict"
 
 
 @dataclass
@@ -211,6 +223,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -328,6 +341,11 @@ def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> Loss
     return out
 
 
+def experiment_grader(experiment: dict) -> str:
+    """reward.grader an experiment's defaults set (RewardConfig's default when they set none)."""
+    return ((experiment.get("defaults") or {}).get("reward") or {}).get("grader", RewardConfig.grader)
+
+
 def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Dotted names of the keys left at MISSING ('???') in a resolved config dict."""
     if isinstance(cfg, dict):
@@ -356,6 +374,9 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
         )
     if train["backend"] not in ("local", "verl"):
         raise ConfigError(f"{source}: train.backend must be 'local' or 'verl', got '{train['backend']}'")
+    if cfg.get("reward", {}).get("grader") not in grading.GRADERS:
+        raise ConfigError(f"{source}: reward.grader must be one of {grading.GRADERS}, "
+                          f"got {cfg.get('reward', {}).get('grader')!r}")
     if rollout["protocol"] not in PROTOCOLS:
         raise ConfigError(f"{source}: rollout.protocol must be one of {PROTOCOLS}, got '{rollout['protocol']}'")
     if rollout["protocol"] == "release" and train["backend"] != "verl":

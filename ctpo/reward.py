@@ -182,6 +182,15 @@ def _verify(pred: str, gold: str) -> str:
     return "parse_error" if "parse_error" in verdicts else "correct"
 
 
+def _check_fn(grader: str):
+    """The worker-side check of a grader: 'strict' (this module) or 'release' (ctpo.release_reward)."""
+    if grader == "release":
+        from ctpo.release_reward import verify_in_worker
+
+        return verify_in_worker
+    return _verify
+
+
 def _die_with_parent(parent: int) -> None:
     """PR_SET_PDEATHSIG(SIGKILL), then exit if the parent is already gone (the race before prctl)."""
     import ctypes
@@ -211,8 +220,8 @@ def _cpu_budget(cpu_s: int) -> None:
 
 
 def _serve() -> None:
-    """Worker loop (`python -m ctpo.reward`): one JSON request [pred, gold, cpu_s] per stdin line (cpu_s
-    optional), one verdict per line."""
+    """Worker loop (`python -m ctpo.reward`): one JSON request [pred, gold, cpu_s, grader] per stdin line (cpu_s
+    and grader optional; grader: see _check_fn), one verdict per line."""
     import json
     import sys
     import warnings
@@ -225,6 +234,8 @@ def _serve() -> None:
     import sympy  # noqa: F401
     from sympy.logic import boolalg  # noqa: F401  (everything `ctpo.relations` imports, before the limits)
 
+    import ctpo.release_reward  # noqa: F401  (the release grader's check, before the limits)
+
     _limit_self()
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
@@ -234,8 +245,9 @@ def _serve() -> None:
         request = json.loads(line)
         pred, gold = request[0], request[1]
         _cpu_budget(int(request[2]) if len(request) > 2 else _DEFAULT_CPU_S)
+        grader = request[3] if len(request) > 3 else "strict"
         try:
-            verdict = _verify(pred, gold)
+            verdict = _check_fn(grader)(pred, gold)
         except Exception:  # anything math-verify/sympy raises is an unreadable answer
             verdict = "parse_error"
         out.write(verdict + "\n")
@@ -279,12 +291,12 @@ class _Worker:
             raise EOFError("reward worker exited")
         return line.strip()
 
-    def check(self, pred: str, gold: str, timeout_s: float) -> str | None:
-        """The verdict, or None when it overran `timeout_s` (the caller then kills this worker).
-        Raises EOFError/OSError when the worker is dead."""
+    def check(self, pred: str, gold: str, timeout_s: float, grader: str = "strict") -> str | None:
+        """The verdict of `grader` (see _check_fn), or None when it overran `timeout_s` (the caller then kills this
+        worker). Raises EOFError/OSError when the worker is dead."""
         import json
 
-        self.proc.stdin.write(json.dumps([pred, gold, math.ceil(timeout_s) + 1]) + "\n")
+        self.proc.stdin.write(json.dumps([pred, gold, math.ceil(timeout_s) + 1, grader]) + "\n")
         self.proc.stdin.flush()
         return self._readline(timeout_s)
 
@@ -344,8 +356,8 @@ class _WorkerPool:
                 self.all.remove(w)
             self.cond.notify()
 
-    def check(self, pred: str, gold: str, timeout_s: float, t0: float) -> str | None:
-        """Verdict, or None on timeout. Deadline: t0 + timeout_s, plus worker cold starts."""
+    def check(self, pred: str, gold: str, timeout_s: float, t0: float, grader: str = "strict") -> str | None:
+        """Verdict of `grader`, or None on timeout. Deadline: t0 + timeout_s, plus worker cold starts."""
         deadline = t0 + timeout_s
         for _ in range(REGRADE_ATTEMPTS):
             w, start_s = self._acquire(deadline)
@@ -353,7 +365,7 @@ class _WorkerPool:
                 return None
             deadline += start_s
             try:
-                verdict = w.check(pred, gold, deadline - time.monotonic())
+                verdict = w.check(pred, gold, deadline - time.monotonic(), grader)
             except (EOFError, OSError, ValueError):  # the worker died: replace it and regrade
                 self._release(w, healthy=False)
                 log.warning("ctpo.reward: a worker died while checking an answer; regrading on a fresh one")

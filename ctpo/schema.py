@@ -17,7 +17,8 @@ ACCURACY = "train/accuracy"  # fraction of responses with reward 1
 CLIP_FRAC = "ctpo/clip_frac"  # fraction of model tokens whose ratio is outside its bounds (see losses.py)
 CLIP_FRAC_LOW = "ctpo/clip_frac_low"  # ... below the lower bound with A < 0
 CLIP_FRAC_HIGH = "ctpo/clip_frac_high"  # ... above the upper bound with A > 0
-# clip active (low + high): verl's actor/pg_clipfrac quantity; a separate metric, not Figure 2's clip_frac
+# clip active (low + high): the release's / verl's actor/pg_clipfrac quantity, Figure 2's clip fraction (panel b);
+# CLIP_FRAC (out of band) is its panel c
 CLIP_FRAC_ACTIVE = "ctpo/clip_frac_active"
 DUAL_CLIP_FRAC = "ctpo/dual_clip_frac"  # model tokens with A < 0 whose loss the dual clip caps
 RESPONSE_LENGTH = "train/response_length_mean"  # tokens per response, observations included
@@ -57,13 +58,17 @@ EVAL_COLUMNS = {
     "ground_truth": "str",
     "extracted_answer": "str",  # "" when extraction failed
     "extraction_failed": "bool",
-    "correct": "bool",
+    "correct": "bool",  # the verdict of the run's grader (reward.grader, named in `grader`)
+    "grader": "str",
+    "correct_release": "bool",  # every grader's verdict (ctpo.grading.GRADERS), whichever the run uses
+    "correct_strict": "bool",
     "turns": "int64",
     "tool_calls": "int64",
     "response_length": "int64",  # tokens, observations included
 }
 # The sidecar JSON holds: experiment, run, seed, step, benchmark, label, k, n_problems, avg_at_k,
-# pass_at_k {k: value}, ci95 [lo, hi], extraction_failure_rate, and provenance: checkpoint, backend,
+# pass_at_k {k: value}, ci95 [lo, hi], extraction_failure_rate, grader (whose verdicts `avg_at_k` counts),
+# avg_at_k_by_grader {grader: avg@k}, and provenance: checkpoint, backend,
 # backend_version, torch_version, tp_size, dtype, sampling {temperature, top_p, max_tokens, max_turns},
 # prompt_template_hash, benchmark_sha256, git_commit.
 

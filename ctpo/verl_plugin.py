@@ -23,10 +23,9 @@ aggregates with `config.global_batch_info`, exactly as verl's built-in losses do
 plus the `ctpo/*` names of `ctpo.schema` (verl logs them as `actor/ctpo/*`) and per-micro-batch token sums
 `ctpo/sum/*` from which `ctpo.train.verl_metrics` recovers exact step statistics; the std and max of a
 micro-batch are not logged as such (verl would average them over micro-batches), see verl_metrics.
-Figure 2 plots `ctpo/clip_frac`, the paper's definition (the
-fraction of model tokens whose method-specific ratio is outside its clip range), for every method;
-`ctpo/clip_frac_active` is verl's `pg_clipfrac` quantity (clip active: A > 0 above, A < 0 below) and stays
-a separate metric.
+Figure 2 plots `ctpo/clip_frac_active`, verl's and the
+release's `pg_clipfrac` quantity (clip active: A > 0 above, A < 0 below), as its clip fraction, and
+`ctpo/clip_frac` (the method-specific ratio outside its clip range, either sign) beside it, for every method.
 
 Rollout dumps for the diagnostics: each call hands its inputs to `ctpo.diagnostics.verl_dumps.record` (a no-op
 unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).

@@ -17,9 +17,11 @@ from ctpo.agent.generation import GenOutput
 from ctpo.agent.loop import run_episodes
 from ctpo.config import REPO_ROOT, RolloutConfig
 from ctpo.eval import runner
-from ctpo.reward import score
+from ctpo.grading import grade_all
 from ctpo.schema import EVAL_COLUMNS
 from ctpo.tokenizer import CharTokenizer
+
+GRADE = grade_all("strict")  # records carry both graders' verdicts; `correct` is the strict one's
 
 QUESTIONS = {"Add 2 and 3.": "5", "Add 4 and 4.": "8", "Add 1 and 6.": "7"}
 
@@ -180,7 +182,7 @@ def test_chunks_cover_every_pair_once_in_fixed_order():
 
 
 def test_records_score_each_sample_and_match_hand_counts(tmp_path):
-    recs = runner.evaluate(_plan(), Rollout(), score, tmp_path / "x.partial.parquet")
+    recs = runner.evaluate(_plan(), Rollout(), GRADE, tmp_path / "x.partial.parquet")
     assert list(recs.columns) == list(EVAL_COLUMNS)
     for col, kind in EVAL_COLUMNS.items():
         check = {"str": pd.api.types.is_string_dtype, "int64": lambda s: s.dtype == "int64",
@@ -199,15 +201,15 @@ def test_records_score_each_sample_and_match_hand_counts(tmp_path):
 
 
 def test_interrupted_evaluation_resumes_to_identical_records(tmp_path, caplog):
-    full = runner.evaluate(_plan(), Rollout(), score, tmp_path / "full.partial.parquet")
+    full = runner.evaluate(_plan(), Rollout(), GRADE, tmp_path / "full.partial.parquet")
     partial = tmp_path / "cut.partial.parquet"
     with pytest.raises(KeyboardInterrupt):
-        runner.evaluate(_plan(), Rollout(crash_after=1), score, partial)
+        runner.evaluate(_plan(), Rollout(crash_after=1), GRADE, partial)
     kept = pd.read_parquet(partial)
     assert list(zip(kept.problem_id, kept.sample_index)) == [("0", 0), ("0", 1), ("0", 2), ("0", 3), ("1", 0)]
     resumed_rollout = Rollout()
     caplog.set_level(logging.INFO, logger="ctpo.eval.runner")
-    resumed = runner.evaluate(_plan(), resumed_rollout, score, partial)
+    resumed = runner.evaluate(_plan(), resumed_rollout, GRADE, partial)
     assert len(resumed_rollout.calls) == 2  # only the two unfinished chunks are drawn
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chunk ")]
     assert [m.split(" elapsed")[0] for m in progress] == ["chunk 2/3 done: samples 10/12", "chunk 3/3 done: samples 12/12"]
@@ -217,22 +219,22 @@ def test_interrupted_evaluation_resumes_to_identical_records(tmp_path, caplog):
 
 def test_resume_keeps_finished_records_and_ignores_stale_partials(tmp_path):
     partial = tmp_path / "p.partial.parquet"
-    first = runner.evaluate(_plan(chunk_size=4), Rollout(), score, tmp_path / "ref.partial.parquet")
+    first = runner.evaluate(_plan(chunk_size=4), Rollout(), GRADE, tmp_path / "ref.partial.parquet")
     done = first[first.problem_id == "0"].assign(turns=99)  # marks records that must be kept, not redrawn
     runner.write_partial(partial, done, "fp-A")
     roll = Rollout()
-    out = runner.evaluate(_plan(chunk_size=4), roll, score, partial)
+    out = runner.evaluate(_plan(chunk_size=4), roll, GRADE, partial)
     assert len(roll.calls) == 2 and (out[out.problem_id == "0"].turns == 99).all()
     runner.write_partial(partial, done, "fp-OTHER")  # another checkpoint / config: never mixed in
     roll = Rollout()
-    out = runner.evaluate(_plan(chunk_size=4), roll, score, partial)
+    out = runner.evaluate(_plan(chunk_size=4), roll, GRADE, partial)
     assert len(roll.calls) == 3 and (out.turns < 99).all()
 
 
 def test_infra_failures_are_redrawn_not_scored(tmp_path):
     # the agent loop retries a failing sandbox twice (3 calls) and gives up; the runner redraws
     roll = Rollout(sandbox=EchoSandbox(fail_calls=3))
-    recs = runner.evaluate(_plan(k=4, chunk_size=12), roll, score, tmp_path / "a.partial.parquet")
+    recs = runner.evaluate(_plan(k=4, chunk_size=12), roll, GRADE, tmp_path / "a.partial.parquet")
     assert len(roll.calls) == 2 and len(roll.calls[1]) < 12  # one redraw of the failed samples only
     assert len(recs) == 12 and recs.tool_calls.max() == 1
 
@@ -246,7 +248,7 @@ def test_persistent_infra_failure_stops_and_keeps_finished_chunks(tmp_path):
 
     partial = tmp_path / "b.partial.parquet"
     with pytest.raises(RuntimeError, match="sandbox infrastructure"):
-        runner.evaluate(_plan(k=4, chunk_size=4), BreaksAfterFirstChunk(), score, partial)
+        runner.evaluate(_plan(k=4, chunk_size=4), BreaksAfterFirstChunk(), GRADE, partial)
     assert set(pd.read_parquet(partial).problem_id) == {"0"}
 
 

@@ -339,7 +339,8 @@ def test_eval_cli_runs_the_release_protocol_end_to_end(tmp_path, monkeypatch):
     (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     tok = HFTokenizer(str(ckpt))
     script = {"Add 2 and 3.": ["```python\nprint(2 + 3)\n```<|im_end|>", "It is \\boxed{5}.<|im_end|>"],
-              "Add 4 and 4.": ["\\boxed{7}<|im_end|>"]}
+              "Add 4 and 4.": ["\\boxed{7}<|im_end|>"],
+              "Add 5 and 5.": ["The answer is 10.<|im_end|>"]}  # unboxed: the release's grader credits it
 
     class Gen(ScriptedGenerator):
         def generate(self, prompts, params, stop):
@@ -352,20 +353,26 @@ def test_eval_cli_runs_the_release_protocol_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "build_generator", lambda backend, checkpoint, cfg: (gen, tok))
     rows = [{"data_source": "toy", "ability": "math", "prompt": [{"role": "user", "content": q}],
              "reward_model": {"style": "rule", "ground_truth": a}, "extra_info": {"split": "test", "index": i}}
-            for i, (q, a) in enumerate([("Add 2 and 3.", "5"), ("Add 4 and 4.", "8")])]
+            for i, (q, a) in enumerate([("Add 2 and 3.", "5"), ("Add 4 and 4.", "8"), ("Add 5 and 5.", "10")])]
     bench = tmp_path / "bench.parquet"
     pd.DataFrame(rows).to_parquet(bench, index=False)
     cfg = resolve_run(load_experiment("configs/experiments/paper.yaml"), "qwen3_4b_ctpo", 0)
-    cfg["eval"].update(k=1, max_problems=2, chunk_size=2)
+    cfg["eval"].update(k=1, max_problems=3, chunk_size=2)
     cfg["wandb"]["mode"] = "disabled"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = tmp_path / "out" / "bench.parquet"
     assert main(["--config", str(tmp_path / "cfg.json"), "--checkpoint", str(ckpt), "--benchmark", str(bench),
                  "--step", "0", "--out", str(out), "--backend", "hf"]) == 0
     recs = pd.read_parquet(out).sort_values("problem_id")
-    assert recs.correct.tolist() == [True, False] and recs.tool_calls.tolist() == [1, 0]
-    assert recs.turns.tolist() == [2, 1]
-    prov = json.loads(out.with_suffix(".json").read_text())["provenance"]
+    assert recs.correct.tolist() == [True, False, True] and recs.tool_calls.tolist() == [1, 0, 0]
+    assert recs.turns.tolist() == [2, 1, 1]
+    # the paper experiment grades with the release's grader; both verdicts are recorded
+    assert set(recs.grader) == {"release"} and recs.correct_release.tolist() == recs.correct.tolist()
+    assert recs.correct_strict.tolist() == [True, False, False]
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["grader"] == "release" and side["avg_at_k"] == pytest.approx(2 / 3)
+    assert side["avg_at_k_by_grader"] == pytest.approx({"release": 2 / 3, "strict": 1 / 3})
+    prov = side["provenance"]
     assert prov["tool_protocol"] == "release"
     assert prov["prompt_template_hash"] == protocol_hash("release", "qwen3_tir") != protocol_hash("ctpo_tir", "qwen3_tir")
 

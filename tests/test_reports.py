@@ -112,6 +112,10 @@ def test_table3_difference_row_is_the_paired_mean_difference(toy_tree):
         assert d["mean_diff"] == pytest.approx(np.mean(a - f))
         assert d["ci95"][0] <= d["mean_diff"] <= d["ci95"][1]
     assert t.rows[-1][0].startswith("Difference (paired bootstrap)")
+    # the fixed-clip ablation's dual clip is presented as our assumption, with the release-based alternative
+    assert "Assumption (ours; the paper does not state the ablation's dual clip)" in t.caption
+    assert "Grader: strict." in t.caption  # the toy tree's evaluations
+    assert "-A x 5 at every position" in t.caption and "bounds [0.5, 5] and verl's default dual clip 3" in t.caption
 
 
 def test_paper_reference_values_appear_labelled_as_the_papers(toy_tree):
@@ -170,11 +174,14 @@ def test_figures_are_labelled_and_written_as_pdf_and_png_at_paper_width(toy_tree
     assert "bins with >= " in fig1._suptitle.get_text()
     assert fig1.get_size_inches()[0] == pytest.approx(7.0)
     fig2 = figures.build_figure2(exp, Results(root))
-    assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 3
+    assert fig2._suptitle.get_text().startswith("Figure 2 [TOY]") and len(fig2.axes) == 4
     n_lines = [len(ax.get_lines()) for ax in fig2.axes]
-    assert n_lines == [3, 3, 3]  # one line per figure2 run in each panel
-    # the caption names the one clip-fraction definition every method is plotted with
-    assert any("lies outside its clip range" in t.get_text() for t in fig2.texts)
+    assert n_lines == [3, 3, 3, 3]  # one line per figure2 run in each panel
+    # (b) the clip-active fraction (the release's pg_clipfrac), (c) the out-of-band fraction; the caption says which
+    assert "clip active" in fig2.axes[1].get_title() and "out-of-band" in fig2.axes[2].get_title()
+    caption = " ".join(t.get_text() for t in fig2.texts)
+    assert "actor/pg_clipfrac" in caption and "outside its clip range" in caption
+    assert "averaged over all model tokens of a step" in caption
     plt.close("all")
     paths = figures.write_figures(exp, Results(root), tmp_path)
     assert sorted(p.name for p in paths) == ["figure1.pdf", "figure1.png", "figure2.pdf", "figure2.png"]

@@ -233,12 +233,12 @@ def test_dead_worker_is_replaced_and_the_answer_regraded(monkeypatch):
     # a worker that dies *during* the check: the answer is regraded on a fresh worker, never scored 0
     real_check, killed = reward._Worker.check, []
 
-    def dying_check(self, pred, gold, timeout_s):
+    def dying_check(self, pred, gold, timeout_s, grader):
         if not killed:
             killed.append(self.proc.pid)
             self.proc.kill()
             self.proc.wait()
-        return real_check(self, pred, gold, timeout_s)
+        return real_check(self, pred, gold, timeout_s, grader)
 
     monkeypatch.setattr(reward._Worker, "check", dying_check)
     assert score("\\boxed{7}", "7").reason == "correct" and killed

@@ -56,12 +56,13 @@ def composed(tmp_path_factory):
 
 # the paper's values, written out here independently of configs/ (paper Sec. 4.1 + authors' launcher)
 PAPER_LOSS = {
-    "grpo": {"loss_mode": "verl_vanilla", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "loss_agg_mode": "token-mean"},
+    "grpo": {"loss_mode": "verl_vanilla", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+             "loss_agg_mode": "seq-mean-token-mean"},  # the release's effective averaging (test_release_objective)
     "gspo": {"loss_mode": "verl_gspo", "clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"},
     "ctpo": {"loss_mode": "ctpo", "eps_low": 0.025, "eps_high": 0.05, "power": 0.5, "fixed_bounds": None,
-             "dual_clip_c": 0.05, "loss_agg_mode": "token-mean"},
+             "dual_clip_c": 0.05, "loss_agg_mode": "seq-mean-token-mean"},
     "ctpo_fixed": {"loss_mode": "ctpo_fixed", "fixed_bounds": [0.5, 5.0], "dual_clip_c": None, "fixed_dual_clip": 5.0,
-                   "loss_agg_mode": "token-mean"},
+                   "loss_agg_mode": "seq-mean-token-mean"},
 }
 
 
@@ -99,7 +100,7 @@ def test_composed_verl_config_has_the_paper_setup(composed, method):
     rc = alg.rollout_correction  # what the trainer reads (decoupled mode, bypass off)
     assert (rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.bypass_mode) == (
         "sequence", 5.0, False, False)
-    assert c.reward.custom_reward_function.path == "pkg://ctpo.reward"
+    assert c.reward.custom_reward_function.path == "pkg://ctpo.release_reward"  # the release's grader
     assert c.reward.custom_reward_function.name == "compute_score"
     assert (t.nnodes, t.n_gpus_per_node, t.total_training_steps) == (1, 8, 305)
     assert (t.save_freq, t.test_freq, t.val_before_train, t.resume_mode) == (20, 20, False, "auto")

@@ -41,7 +41,7 @@ from ctpo.train.verl_metrics import read_verl_log  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.verl_e2e_methods, pytest.mark.variant]
 # method -> (loss_mode verl must resolve, loss_agg_mode) from configs/methods/{grpo,gspo}.yaml via verl_overrides
-EXPECTED = {"grpo": ("verl_vanilla", "token-mean"), "gspo": ("verl_gspo", "seq-mean-token-mean")}
+EXPECTED = {"grpo": ("verl_vanilla", "seq-mean-token-mean"), "gspo": ("verl_gspo", "seq-mean-token-mean")}
 
 
 def _run_config(root: Path, method: str) -> dict:

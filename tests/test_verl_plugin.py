@@ -112,7 +112,7 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
 
 
 def test_verl_global_batch_info_scales_like_verls_own_losses():
-    cfg = method_cfg("ctpo")
+    cfg = method_cfg("ctpo", loss_agg_mode="token-mean")  # verl's global token-mean scaling
     _, actor = actor_config(*plugin.verl_overrides(cfg))
     olp, lp, adv, mask, _ = batch(1)
     fn = core_algos.get_policy_loss_fn("ctpo")

@@ -2,7 +2,8 @@
 
 Source: the Hugging Face dataset (via `datasets`, imported only then; pin `revision`) or a local
 .parquet / .json (a JSON array, as the hub's deepscaler.json) / .jsonl file with columns
-problem, answer[, solution]. Output rows match the benchmark files (ctpo.data.benchmarks):
+problem, answer[, solution], or a verl train parquet (prompt, reward_model), such as the release's own
+`dataset/deepscaler/train.parquet` (`from_verl_rows`; it has not been compared with the hub revision). Output rows match the benchmark files (ctpo.data.benchmarks):
 
     data_source   "agentica-org/DeepScaleR-Preview-Dataset"
     prompt        [{role: "user", content: <problem>}]   the problem text only, as in data/benchmarks/*;
@@ -63,10 +64,32 @@ def load_source(source: str, split: str = "train", revision: str | None = None):
         import datasets  # lazy: only the hub path needs it
 
         df = datasets.load_dataset(source, split=split, revision=revision).to_pandas()
+    if not set(REQUIRED) <= set(df.columns) and {"prompt", "reward_model"} <= set(df.columns):
+        df = from_verl_rows(df, source)  # a verl train parquet, e.g. the release's dataset/deepscaler/train.parquet
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise DataError(f"{source}: missing columns {missing} (expected problem, answer[, solution])")
+        raise DataError(f"{source}: missing columns {missing} (expected problem, answer[, solution], or a verl "
+                        f"parquet with prompt and reward_model)")
     return df
+
+
+def from_verl_rows(df, source: str):
+    """problem / answer from a verl-schema DataFrame: the problem is the content of the last `user` message of
+    `prompt` (a system message is dropped: our chat template adds its own), the answer `reward_model.ground_truth`.
+    The user message is taken as it is; any instruction text the file put there stays in the problem."""
+    import pandas as pd
+
+    def user_text(prompt) -> str | None:
+        msgs = [m for m in (list(prompt) if prompt is not None else []) if isinstance(m, dict) and m.get("role") == "user"]
+        return msgs[-1].get("content") if msgs else None
+
+    def truth(rm):
+        return rm.get("ground_truth") if isinstance(rm, dict) else None
+
+    out = pd.DataFrame({"problem": df["prompt"].map(user_text), "answer": df["reward_model"].map(truth)}, index=df.index)
+    if out["problem"].isna().all():
+        raise DataError(f"{source}: verl parquet without a `user` message in any prompt")
+    return out
 
 
 def to_verl(df, split: str = "train"):

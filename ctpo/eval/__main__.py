@@ -117,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": prov["checkpoint"], "checkpoint_sha256": prov["checkpoint_sha256"], "backend": backend,
         "benchmark_sha256": benchmark_sha, "problems": [p.problem_id for p in problems], "k": cfg.eval.k,
         "eval": cfg_dict["eval"], "rollout": cfg_dict["rollout"], "seed_parts": seed_parts,
-        "template": prov["prompt_template_hash"], "dtype": cfg.model.dtype,
+        "template": prov["prompt_template_hash"], "dtype": cfg.model.dtype, "grader": cfg.reward.grader,
     })
     log.info("%s: %d problems x k=%d on %s (%s), checkpoint %s", bench, len(problems), cfg.eval.k,
              backend, prov["backend_version"], args.checkpoint)
 
     from ctpo.agent import SamplingParams, run_episodes
-    from ctpo.reward import score
+    from ctpo.grading import GRADERS, correct_column, grade_all
     from ctpo.sandbox import SandboxPool
 
     generator, tokenizer = B.build_generator(backend, model_dir, cfg)
@@ -148,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return run(questions, params)
 
-        records = runner.evaluate(plan, rollout, score, partial)
+        records = runner.evaluate(plan, rollout, grade_all(cfg.reward.grader), partial)
     summary = metrics.summarize(records, cfg.eval.k, source=str(out), seed=runner.derive_seed(*seed_parts, "ci"))
+    by_grader = {g: metrics.avg_at_k(metrics.correct_counts(records.assign(correct=records[correct_column(g)]))["c"],
+                                     cfg.eval.k) for g in GRADERS}
     summary.update({
+        "grader": cfg.reward.grader, "avg_at_k_by_grader": by_grader,
         "experiment": cfg.experiment, "run": cfg.run, "seed": cfg.seed, "step": args.step,
         "benchmark": bench, "label": cfg.label,
         "turns_mean": float(records["turns"].mean()),
@@ -162,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     write_parquet(out, records)
     write_json(sidecar_path(out), summary)
     partial.unlink(missing_ok=True)
-    log.info("%s step %d: avg@%d = %.4f  95%% CI [%.4f, %.4f]  extraction failures %.1f%%", bench, args.step,
-             cfg.eval.k, summary["avg_at_k"], *summary["ci95"], 100 * summary["extraction_failure_rate"])
+    log.info("%s step %d: avg@%d = %.4f  95%% CI [%.4f, %.4f] (%s grader; %s)  extraction failures %.1f%%", bench,
+             args.step, cfg.eval.k, summary["avg_at_k"], *summary["ci95"], cfg.reward.grader,
+             ", ".join(f"{g} {v:.4f}" for g, v in by_grader.items()), 100 * summary["extraction_failure_rate"])
     if summary["extraction_failure_rate"] > 0.5:
         log.warning("%s: no answer could be extracted from %.0f%% of samples: check the template, the token "
                     "budget and the checkpoint", bench, 100 * summary["extraction_failure_rate"])

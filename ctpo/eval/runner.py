@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from ctpo.data.problems import BenchmarkError, Problem, load_benchmark  # noqa: F401  (the evaluator reads benchmarks)
+from ctpo.grading import correct_column
 from ctpo.io import atomic_path
 from ctpo.progress import Progress
 from ctpo.schema import EVAL_COLUMNS
@@ -125,9 +126,12 @@ class EvalPlan:
             raise ValueError(f"eval.chunk_size must be >= 1, got {self.chunk_size}")
 
 
-def _record(problem: Problem, sample_index: int, episode, score_fn: Callable) -> dict:
-    result = score_fn(episode.graded_text, problem.ground_truth)
-    failed = result.reason == "no_answer"
+def _record(problem: Problem, sample_index: int, episode, grade_fn: Callable) -> dict:
+    verdicts = grade_fn(episode.graded_text, problem.ground_truth)  # ctpo.grading.Verdicts
+    result = verdicts.primary
+    # no answer to extract: no complete \boxed{} (the strict grader's no_answer) and no credit from the run's grader
+    # (the release's grader never says no_answer: its math-verify reads the whole response)
+    failed = verdicts.results["strict"].reason == "no_answer" and float(result.score) < 1.0
     return {
         "problem_id": problem.problem_id,
         "sample_index": sample_index,
@@ -135,6 +139,8 @@ def _record(problem: Problem, sample_index: int, episode, score_fn: Callable) ->
         "extracted_answer": "" if failed else str(result.extracted),
         "extraction_failed": failed,
         "correct": float(result.score) >= 1.0,
+        "grader": verdicts.grader,
+        **{correct_column(g): float(r.score) >= 1.0 for g, r in verdicts.results.items()},
         "turns": int(episode.turns),
         "tool_calls": int(episode.tool_calls),
         "response_length": len(episode.response_ids),
@@ -166,13 +172,14 @@ def _draw(pairs: list[Pair], seed: int, plan: EvalPlan, rollout: Callable) -> li
 def evaluate(
     plan: EvalPlan,
     rollout: Callable[[list[str], int], list],
-    score_fn: Callable,
+    grade_fn: Callable,
     partial: Path,
 ) -> pd.DataFrame:
     """All k samples of every problem as records (EVAL_COLUMNS), resuming from and updating `partial`.
 
     rollout(questions, seed) -> list[Episode] runs one batch through the agent loop (see __main__);
-    score_fn(solution_text, ground_truth) -> RewardResult. Returns records sorted by problem order, sample.
+    grade_fn(solution_text, ground_truth) -> ctpo.grading.Verdicts (`grading.grade_all`): every grader's verdict.
+    Returns records sorted by problem order, sample.
     """
     done = read_partial(partial, plan.fingerprint)
     index = {p.problem_id: i for i, p in enumerate(plan.problems)}
@@ -191,7 +198,7 @@ def evaluate(
         seed = derive_seed(*plan.seed_parts, plan.problems[p0].problem_id, j0)
         episodes = _draw(chunk, seed, plan, rollout)
         rows = [
-            _record(plan.problems[p], j, ep, score_fn)
+            _record(plan.problems[p], j, ep, grade_fn)
             for (p, j), ep in zip(chunk, episodes)
             if (p, j) not in done_pairs
         ]

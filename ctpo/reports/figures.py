@@ -5,13 +5,16 @@ Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, firs
   under the fixed band [lo, hi] (Table 3's ablation, configs/methods/ctpo_fixed.yaml) and the position-adaptive
   band, and (grey, right axis) the tokens in each bin. Only bins holding >= diagnostics.min_bin_tokens tokens
   are drawn (the fit uses the same bins).
-Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs. Left: avg@k on figure2_benchmark at
-  every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over seeds); middle:
-  clip fraction per step (ctpo.schema.CLIP_FRAC, metrics.jsonl: the paper's definition, the fraction of model
-  tokens whose method-specific ratio lies outside its clip range, whatever the advantage's sign; the same
-  definition for every method and backend, stated in the figure's caption line; the clip-active fraction,
-  verl's pg_clipfrac, is the separate CLIP_FRAC_ACTIVE); right: mean response length per step.
-  Several seeds: the per-step mean over seeds.
+Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs, four panels. (a) avg@k on
+  figure2_benchmark at every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over
+  seeds); (b) the clip-active fraction per step (ctpo.schema.CLIP_FRAC_ACTIVE): what the release logs as
+  actor/pg_clipfrac for every method, CTPO included (the clipped branch of the surrogate is active: A > 0 above
+  the range or A < 0 below it), the paper's "clip fraction"; (c) the out-of-band fraction (ctpo.schema.CLIP_FRAC:
+  the method-specific ratio outside its range, either advantage sign); (d) mean response length per step.
+  Averaging of (b) and (c): over all model tokens of the step (token-weighted; ctpo.train.verl_metrics recovers
+  it exactly on verl). The release's logged value is a mean over micro-batches of one response each, i.e. over
+  responses of each response's fraction; the two differ when clipping correlates with length. The caption line
+  says all this. Several seeds: the per-step mean over seeds.
 Every input is required: a missing file raises ReportInputError naming it (no empty panels).
 """
 from __future__ import annotations
@@ -120,8 +123,11 @@ def _metric_over_steps(results: Results, run: str, seeds: list[int], key: str) -
     return pd.concat(series, axis=1, join="inner").mean(axis=1)
 
 
-FIG2_CLIP_CAPTION = ("Clip fraction (ctpo/clip_frac): the fraction of model tokens whose method-specific IS ratio "
-                     "(GRPO r_t, GSPO s_i, CTPO rho_cum_t) lies outside its clip range, either advantage sign.")
+FIG2_CLIP_CAPTION = ("(b) clip-active fraction, the paper's clip fraction (the release's actor/pg_clipfrac): model tokens "
+                     "whose clipped surrogate term is active.\n(c) out-of-band fraction: the method-specific ratio "
+                     "(GRPO r_t, GSPO s_i, CTPO rho_cum_t) outside its clip range, either advantage sign.\nBoth "
+                     "averaged over all model tokens of a step (the release averages over micro-batches of one "
+                     "response each).")
 
 
 def build_figure2(exp: dict, results: Results):
@@ -130,7 +136,7 @@ def build_figure2(exp: dict, results: Results):
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     bench = ev["figure2_benchmark"]
     with plt.rc_context(RC):
-        fig, (ax_acc, ax_clip, ax_len) = plt.subplots(1, 3, figsize=(WIDTH_IN, 2.5))
+        fig, ((ax_acc, ax_active), (ax_clip, ax_len)) = plt.subplots(2, 2, figsize=(WIDTH_IN, 4.6))
         k = None
         for run in ev["figure2_runs"]:
             method = exp["runs"][run]["method"]
@@ -147,23 +153,26 @@ def build_figure2(exp: dict, results: Results):
             k = results.eval_result(run, seeds[0], steps[-1], bench).k
             ax_acc.plot(steps, 100 * np.array(mean), color=color, label=name)
             ax_acc.fill_between(steps, 100 * np.array(lo), 100 * np.array(hi), color=color, alpha=0.15, lw=0)
-            clip = _metric_over_steps(results, run, seeds, schema.CLIP_FRAC)
-            ax_clip.plot(clip.index, 100 * clip.to_numpy(), color=color, lw=0.9, label=name)
+            for ax, key in ((ax_active, schema.CLIP_FRAC_ACTIVE), (ax_clip, schema.CLIP_FRAC)):
+                frac = _metric_over_steps(results, run, seeds, key)
+                ax.plot(frac.index, 100 * frac.to_numpy(), color=color, lw=0.9, label=name)
             length = _metric_over_steps(results, run, seeds, schema.RESPONSE_LENGTH)
             ax_len.plot(length.index, length.to_numpy(), color=color, lw=0.9, label=name)
-        ax_acc.set_title(f"{bench} avg@{k} (%), 95% CI")
-        ax_clip.set_title("clip fraction (%): ratio outside its range")
-        ax_clip.set_yscale("symlog", linthresh=0.1)
-        ax_clip.yaxis.set_major_locator(FixedLocator([0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
-        ax_clip.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax_len.set_title("mean response length (tokens)")
-        for ax in (ax_acc, ax_clip, ax_len):
+        ax_acc.set_title(f"(a) {bench} avg@{k} (%), 95% CI")
+        ax_active.set_title("(b) clip fraction (%): clip active (pg_clipfrac)")
+        ax_clip.set_title("(c) out-of-band fraction (%): ratio outside its range")
+        for ax in (ax_active, ax_clip):
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.yaxis.set_major_locator(FixedLocator([0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax_len.set_title("(d) mean response length (tokens)")
+        for ax in (ax_acc, ax_active, ax_clip, ax_len):
             ax.set_xlabel("training step")
         handles, labels = ax_acc.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.06), ncol=len(labels), frameon=False)
-        fig.text(0.5, 0.01, FIG2_CLIP_CAPTION, ha="center", va="bottom", fontsize=7)
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.075), ncol=len(labels), frameon=False)
+        fig.text(0.5, 0.005, FIG2_CLIP_CAPTION, ha="center", va="bottom", fontsize=6.5)
         fig.suptitle(f"Figure 2 [{label_tag(exp)}]: training dynamics, seeds {seeds}")
-        fig.tight_layout(rect=(0, 0.14, 1, 1))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyarrow.lib import ArrowException
 
 from ctpo import layout, methods
 from ctpo.config import ConfigError, load_experiment
@@ -101,13 +102,23 @@ class Results:
         """The last step evaluated by every (run, seed) in `runs` x `seeds` (tables compare like with like)."""
         return min(self.eval_steps(r, s)[-1] for r in runs for s in seeds)
 
-    def eval_result(self, run: str, seed: int, step: int, bench: str) -> EvalResult:
+    def eval_grader(self, run: str, seed: int, step: int, bench: str) -> str | None:
+        """The grader whose verdicts an evaluation's `correct` holds (None: a sidecar from before ctpo.grading)."""
+        meta = read_json(self._need(self.tree.path("eval_json", run=run, seed=seed, step=step, bench=bench)))
+        return meta.get("grader")
+
+    def eval_result(self, run: str, seed: int, step: int, bench: str, column: str = "correct") -> EvalResult:
+        """`column`: "correct" (the run's grader) or a `ctpo.grading.correct_column(grader)`."""
         where = dict(run=run, seed=seed, step=step, bench=bench)
         pq, meta_path = self._need(self.tree.path("eval", **where)), self._need(self.tree.path("eval_json", **where))
         meta = read_json(meta_path)
         if "k" not in meta:
             raise ReportInputError(f"{meta_path}: missing key 'k'")
-        records = pd.read_parquet(pq, columns=["problem_id", "sample_index", "correct"])
+        try:
+            records = pd.read_parquet(pq, columns=["problem_id", "sample_index", column])
+        except (KeyError, ValueError, ArrowException) as e:
+            raise ReportInputError(f"{pq}: no column '{column}' ({type(e).__name__}); rerun the evaluation") from None
+        records = records.rename(columns={column: "correct"})
         try:
             check_k_samples(records, int(meta["k"]), str(pq))
         except EvalDataError as e:
@@ -115,9 +126,9 @@ class Results:
         counts = correct_counts(records)
         return EvalResult(counts["problem_id"].to_numpy(), counts["c"].to_numpy() / meta["k"], int(meta["k"]), str(pq))
 
-    def seed_scores(self, run: str, seeds: list[int], step: int, bench: str) -> np.ndarray:
+    def seed_scores(self, run: str, seeds: list[int], step: int, bench: str, column: str = "correct") -> np.ndarray:
         """(S, P) per-problem scores of each seed, problems aligned; problem sets must agree across seeds."""
-        res = [self.eval_result(run, s, step, bench) for s in seeds]
+        res = [self.eval_result(run, s, step, bench, column) for s in seeds]
         for r in res[1:]:
             if not np.array_equal(r.problem_ids, res[0].problem_ids):
                 raise ReportInputError(f"{r.source}: problem set differs from {res[0].source}")

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from ctpo import schema
+from ctpo.config import experiment_grader
+from ctpo.grading import correct_column
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
 from ctpo.diagnostics.run import reference_bands
 from ctpo.io import atomic_path, write_json, write_text
@@ -45,18 +47,24 @@ def _write_parquet_synthetic(path: Path, df: pd.DataFrame) -> None:
         pq.write_table(table, tmp)
 
 
-def _eval_records(rng, difficulty: np.ndarray, acc: float, k: int, bench: str) -> pd.DataFrame:
+def _eval_records(rng, difficulty: np.ndarray, acc: float, k: int, bench: str, grader: str) -> pd.DataFrame:
     p_problem = 1 / (1 + np.exp(-(np.log(acc / (1 - acc)) - difficulty)))  # (P,)
     correct = rng.random((difficulty.size, k)) < p_problem[:, None]  # (P, k)
     n = correct.size
     failed = rng.random(n) < 0.02
+    correct = correct.ravel() & ~failed
+    lenient = rng.random(n) < 0.05  # the release grader credits some answers the strict one does not
+    by_grader = ({"release": correct, "strict": correct & ~lenient} if grader == "release"
+                 else {"release": correct | lenient, "strict": correct})
     return pd.DataFrame({
         "problem_id": np.repeat([f"{bench}-{i:03d}" for i in range(difficulty.size)], k),
         "sample_index": np.tile(np.arange(k), difficulty.size).astype(np.int64),
         "ground_truth": "0",
         "extracted_answer": np.where(failed, "", "0"),
         "extraction_failed": failed,
-        "correct": correct.ravel() & ~failed,
+        "correct": correct,
+        "grader": grader,
+        **{correct_column(g): v for g, v in by_grader.items()},
         "turns": rng.integers(1, 6, n).astype(np.int64),
         "tool_calls": rng.integers(0, 5, n).astype(np.int64),
         "response_length": rng.integers(500, 8000, n).astype(np.int64),
@@ -73,6 +81,7 @@ def _metrics_rows(rng, method: str, total_steps: int) -> list[dict]:
             schema.REWARD_MEAN: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
             schema.ACCURACY: 0.4 + 0.2 * prog + rng.normal(0, 0.02),
             schema.CLIP_FRAC: _CLIP.get(method, 0.05) * (1 + 0.1 * rng.normal()),
+            schema.CLIP_FRAC_ACTIVE: 0.6 * _CLIP.get(method, 0.05) * (1 + 0.1 * rng.normal()),
             schema.RESPONSE_LENGTH: 2500 + 2500 * prog + rng.normal(0, 100),
             schema.MODEL_TOKENS: 2000 + 2000 * prog,
             schema.STEP_TIME_S: 600 + rng.normal(0, 20),
@@ -111,6 +120,7 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
     total, freq = exp["defaults"]["train"]["total_steps"], exp["defaults"]["train"]["save_freq"]
     benches, steps, tree = exp["data"]["benchmarks"], saved_steps(total, freq), results(out)
     difficulty = {b: rng.normal(0, 1.5, n_problems) for b in benches}
+    grader = experiment_grader(exp)
     for run, spec in exp["runs"].items():
         base, gain = _BASE.get(spec["model"], 0.3), _GAIN.get(spec["method"], 0.05)
         for s in seeds:
@@ -118,10 +128,11 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
                 acc = base + gain * (1 - np.exp(-step / 100))
                 for b in benches:
                     where = dict(run=run, seed=s, step=step, bench=b)
-                    records = _eval_records(rng, difficulty[b], acc, k, b)
+                    records = _eval_records(rng, difficulty[b], acc, k, b, grader)
                     _write_parquet_synthetic(tree.path("eval", **where), records)
                     meta = {"synthetic": True, "experiment": exp["experiment"], "run": run, "seed": s, "step": step,
-                            "benchmark": b, "label": "synthetic", "k": k, "n_problems": n_problems}
+                            "benchmark": b, "label": "synthetic", "k": k, "n_problems": n_problems,
+                            "grader": grader}
                     write_json(tree.path("eval_json", **where), meta)
             rows = _metrics_rows(rng, spec["method"], total)
             write_text(tree.path("metrics", run=run, seed=s), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

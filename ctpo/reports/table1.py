@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 ESTIMATORS = ("token", "full_seq", "gspo", "cumulative")
-# The paper's Table 1 (qualitative), beside our measured numbers.
+# The paper's Table 1 (qualitative) rebuilt from its prose (Sec. 3.2): the table's body is missing from our copy.
 PAPER_TABLE1 = {
     "token": {"method": "GRPO (token r_t)", "bias": "biased", "variance": "low"},
     "full_seq": {"method": "full sequence rho_seq", "bias": "unbiased", "variance": "high"},
@@ -275,7 +275,7 @@ def run_study(cfg: Table1Config) -> dict:
 
 
 def format_text(study: dict) -> str:
-    """A plain-text table: measured numbers beside the paper's qualitative Table 1."""
+    """A plain-text table: measured numbers beside the paper's Table 1 as rebuilt from its prose (PAPER_TABLE1)."""
     c = study["config"]
     lines = [
         f"Table 1 (measured): V={c['vocab']}, H={c['horizon']}, perturb={c['perturb']}, "

@@ -7,7 +7,7 @@ Table 2: rows = experiment.evaluation.table2_runs (model x method), columns = ta
 Table 3: experiment.evaluation.table3_runs (adaptive CTPO, fixed-clip CTPO) and a row with their paired-
   bootstrap difference (same problem resamples for both; per-problem scores averaged over seeds).
 Table 1: the Monte-Carlo study (results/{exp}/table1.json, ctpo.reports.table1) beside the paper's
-  qualitative table.
+  qualitative table, rebuilt from its prose (its body is missing from our copy).
 The paper's reported averages (experiment.paper_reference) appear in their own column, labelled as the
 paper's; non-paper labels (toy, synthetic) are carried in every caption and header.
 """
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ctpo import grading
 from ctpo.eval.metrics import CI_LEVEL, aggregate_seeds, bootstrap_ci, bootstrap_means, paired_bootstrap
 from ctpo.io import write_json, write_text
-from ctpo.reports.load import Results, label_tag, run_title
+from ctpo.reports.load import ReportInputError, Results, label_tag, run_title
 from ctpo.reports.table1 import ESTIMATORS
 
 N_BOOT = 2000  # bootstrap resamples for table CIs (the eval sidecars carry 10k-resample CIs per checkpoint)
@@ -89,13 +90,45 @@ def _seed_note(seeds: list[int]) -> str:
     return ""
 
 
+def table_grader(results: Results, runs: list[str], seeds: list[int], step: int, benches: list[str],
+                 table: str = "Table 2") -> str:
+    """The one grader whose verdicts the compared evaluations count (their sidecars'); mixed or unknown fails."""
+    found = {results.eval_grader(r, s, step, b) for r in runs for s in seeds for b in benches}
+    if len(found) != 1 or None in found:
+        raise ReportInputError(f"{table}: evaluations at step {step} name graders {sorted(map(str, found))}; "
+                               f"expected one (rerun the evaluations with ctpo.eval)")
+    return found.pop()
+
+
+def grader_note(grader: str, other: str) -> str:
+    return (f" Grader: {grader} ({grading.DESCRIPTIONS[grader]}). 'Average ({other} grader)' = the same samples "
+            f"graded by the {other} grader ({grading.DESCRIPTIONS[other]}), mean only.")
+
+
+def fixed_dual_clip_note(exp: dict, fixed_run: str) -> str:
+    """Table 3: the fixed-clip run's dual clip is our assumption; the caption names it and the alternative."""
+    from ctpo.config import method_loss
+
+    cfg = method_loss(exp["runs"][fixed_run]["method"])
+    if cfg.method != "ctpo_fixed":
+        return ""
+    lo, hi = cfg.fixed_bounds
+    return (f" Assumption (ours; the paper does not state the ablation's dual clip): {fixed_run} caps the loss of "
+            f"A < 0 tokens at -A x {cfg.fixed_dual_clip:g} at every position (configs/methods/ctpo_fixed.yaml). "
+            f"Alternative reading of the release: its non-adaptive cum-token-cumprod loss with bounds [{lo:g}, {hi:g}] "
+            f"and verl's default dual clip 3.")
+
+
 def table2(exp: dict, results: Results) -> Table:
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     runs, benches = ev["table2_runs"], ev["table2_benchmarks"]
     step = results.final_step(runs, seeds)
     ref = exp["paper_reference"].get("table2_average", {})
     tag = label_tag(exp)
-    cols = ["Model / method", *benches, f"Average ({tag})"] + (["Average (paper, reported)"] if ref else [])
+    grader = table_grader(results, runs, seeds, step, benches)
+    other = grading.other(grader)
+    cols = (["Model / method", *benches, f"Average ({tag})", f"Average ({other} grader)"]
+            + (["Average (paper, reported)"] if ref else []))
     rows, data, k = [], [], None
     for run in runs:
         per_bench = [results.seed_scores(run, seeds, step, b) for b in benches]
@@ -103,12 +136,17 @@ def table2(exp: dict, results: Results) -> Table:
         s = score_summary(per_bench)
         row = [run_title(exp, run), *(_cell(b["mean"], b["ci95"]) for b in s["bench"])]
         row.append(_cell(s["average"]["mean"], s["average"]["ci95"]))
+        other_avg = float(np.mean([results.seed_scores(run, seeds, step, b, grading.correct_column(other)).mean()
+                                   for b in benches]))
+        row.append(_pct(other_avg))
         if ref:
             row.append(f"{ref[run]:.1f}" if run in ref else "n/a")
         rows.append(row)
         data.append({"run": run, "step": step, "k": k, "benchmarks": dict(zip(benches, s["bench"])),
-                     "average": s["average"], "paper_average": ref.get(run)})
+                     "average": s["average"], "grader": grader, "average_by_grader": {other: other_avg},
+                     "paper_average": ref.get(run)})
     caption = (f"Table 2 [{tag}]: avg@{k} (%) at step {step}, 95% CI ({_ci_kind(seeds)}), seeds {seeds}."
+               + grader_note(grader, other)
                + (" 'paper, reported' = the paper's Table 2 averages, not our runs." if ref else "")
                + _seed_note(seeds) + assumptions_note(exp))
     return Table("table2", caption, cols, rows, data)
@@ -151,7 +189,9 @@ def table3(exp: dict, results: Results) -> Table:
     caption = (f"Table 3 [{tag}]: position-adaptive vs fixed clipping, avg@{k} (%) at step {step}, 95% CI "
                f"({_ci_kind(seeds)}); last row: {a_run} - {f_run}, paired bootstrap over problems "
                f"(P(diff <= 0) for the average = {avg['frac_le_0']:.3f})."
+               + f" Grader: {table_grader(results, runs, seeds, step, benches, 'Table 3')}."
                + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else "")
+               + fixed_dual_clip_note(exp, f_run)
                + _seed_note(seeds) + assumptions_note(exp))
     return Table("table3", caption, cols, rows, data)
 
@@ -178,7 +218,8 @@ def table1(study: dict) -> Table:
     ]
     caption = (f"Table 1 (measured; Monte-Carlo study, not a training run): tabular policy pair V={c['vocab']}, "
                f"H={c['horizon']}, behaviour logits perturbed by {c['perturb']}, {c['n_samples']} samples; "
-               f"|grad J| = {study['true_grad_norm']:.3g}. 'Paper' columns = the paper's qualitative Table 1.")
+               f"|grad J| = {study['true_grad_norm']:.3g}. 'Paper' columns = the paper's qualitative Table 1 rebuilt from its prose (Sec. 3.2; the table's "
+               "body is missing from our copy of the paper).")
     return Table("table1", caption, cols, rows, [study["estimators"]], notes)
 
 

@@ -116,7 +116,7 @@ def rl_step(model, optimizer, tokenizer, cfg: RunConfig, questions, truths, indi
     qs = [questions[i] for i in indices for _ in range(r.n)]  # rows i*n .. i*n+n-1 share a prompt
     gts = [truths[i] for i in indices for _ in range(r.n)]
     episodes = sample_episodes(model, tokenizer, cfg, qs, step, sandbox)
-    rewards = score_episodes(episodes, gts)
+    rewards = score_episodes(episodes, gts, cfg.reward.grader)
     batch, keep = pack_kept(episodes, tokenizer.pad_token_id)
     mask = batch.response_mask  # (B, T)
     adv = step_advantages(rewards, episodes, mask, r.n, t.norm_adv_by_std)  # (B, T)
@@ -141,10 +141,11 @@ def sample_episodes(model, tokenizer, cfg: RunConfig, questions: list[str], step
     return run_episodes(HFGenerator(model, tokenizer), tokenizer, questions, r, params, sandbox=sandbox)
 
 
-def score_episodes(episodes, truths: list[str]) -> torch.Tensor:
-    """(B,) float32 rewards (`ctpo.reward.score` of each response against its ground truth)."""
-    from ctpo.reward import score
+def score_episodes(episodes, truths: list[str], grader: str) -> torch.Tensor:
+    """(B,) float32 rewards: `reward.grader`'s score (ctpo.grading) of each response against its ground truth."""
+    from ctpo.grading import score_fn
 
+    score = score_fn(grader)
     return torch.tensor([score(e.graded_text, gt).score for e, gt in zip(episodes, truths)], dtype=torch.float32)
 
 
@@ -194,8 +195,11 @@ def update_policy(model, optimizer, batch, old_log_prob, adv, is_w, cfg: RunConf
         rows = slice(start, start + mb)
         log_prob, entropy = response_log_probs(model, batch.select(rows), r.temperature, with_entropy=True)
         m = mask[rows]
+        # seq-mean modes average over every response of the mini-batch, one without model tokens included (as
+        # verl 0.9.1's global_batch_size and the release's 1/accumulation do)
         loss, metrics = compute_policy_loss(old_log_prob[rows], log_prob, adv[rows], m, cfg.loss,
-                                            rollout_is_weights=None if is_w is None else is_w[rows])
+                                            rollout_is_weights=None if is_w is None else is_w[rows],
+                                            global_batch_size=m.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)))
@@ -239,8 +243,9 @@ def validate(model, tokenizer, cfg: RunConfig, step: int, sandbox) -> dict:
     (capped at eval.max_problems problems), with a seed that does not touch the training RNG stream."""
     from ctpo.agent import HFGenerator, SamplingParams, run_episodes
     from ctpo.data.problems import read_questions
-    from ctpo.reward import score
+    from ctpo.grading import score_fn
 
+    score = score_fn(cfg.reward.grader)
     out = {}
     for path in cfg.data.val:
         questions, truths = read_questions(path)

@@ -117,9 +117,10 @@ def measure_accuracy(model, tokenizer, cfg: RunConfig, questions: list[str], tru
     """Fraction of `questions` answered correctly by one episode each through the real agent loop and
     sandbox, sampled at the rollout temperature (what RL starts from)."""
     from ctpo.agent import HFGenerator, SamplingParams, run_episodes
-    from ctpo.reward import score
+    from ctpo.grading import score_fn
     from ctpo.sandbox import SandboxPool
 
+    score = score_fn(cfg.reward.grader)
     params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     with SandboxPool.for_rollout(cfg.rollout) as pool:
         episodes = run_episodes(HFGenerator(model, tokenizer), tokenizer, questions, cfg.rollout, params, sandbox=pool)

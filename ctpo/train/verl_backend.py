@@ -54,9 +54,16 @@ PLUGIN_MODULE = "ctpo.verl_plugin"
 AGENT_LOOP_NAME = "ctpo_tir"  # registered in configs/verl/agent_loop.yaml (rollout.protocol ctpo_tir)
 AGENT_LOOP_CONFIG = REPO_ROOT / "configs" / "verl" / "agent_loop.yaml"  # template; each run gets a copy
 # a package path, not a file: verl loads a file path without registering the module in sys.modules, so
-# the @dataclass in ctpo/reward.py fails at import and every reward worker dies
-REWARD_MODULE = "pkg://ctpo.reward"
+# the @dataclass in ctpo/reward.py fails at import and every reward worker dies. The module is reward.grader's
+# (ctpo.grading): pkg://ctpo.release_reward for the paper experiment, pkg://ctpo.reward for the strict grader.
 REWARD_FN = "compute_score"
+
+
+def reward_module(grader: str) -> str:
+    """verl's reward.custom_reward_function.path for `reward.grader`."""
+    from ctpo import grading
+
+    return f"pkg://{grading.module(grader)}"
 HYDRA_DIR = "hydra"  # <workdir>/hydra: Hydra's run dir for verl's main_ppo (its .hydra/ config and log)
 _RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
 
@@ -202,8 +209,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"{ro}.multi_turn.max_tool_response_length={r.max_obs_tokens}",
         # tool protocol (rollout.protocol): agent loop, tool parser, tool config (ctpo.agent.protocols)
         *verl_protocol_overrides(r.protocol, agent_loop_path(workdir), ro),
-        # reward: math-verify based scorer
-        f"reward.custom_reward_function.path={REWARD_MODULE}",
+        # reward: reward.grader's scorer (ctpo.grading), for training and validation alike
+        f"reward.custom_reward_function.path={reward_module(cfg.reward.grader)}",
         f"reward.custom_reward_function.name={REWARD_FN}",
         # trainer: 1 node x 8 GPUs, 305 steps, save + validate every 20, resume from our workdir
         f"trainer.nnodes={t.n_nodes}",
