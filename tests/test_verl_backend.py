@@ -261,6 +261,7 @@ def test_every_verl_setting_is_a_config_key_in_the_run_identity_and_the_command(
 
 def test_verl_settings_have_no_defaults_and_fail_in_one_line(tmp_path, capsys):
     from ctpo.config import ConfigError
+    from ctpo.exitcodes import EXIT_PERMANENT  # a config error: the workflow does not resubmit it
 
     d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
     del d["train"]["verl"]["gpu_memory_utilization"]
@@ -268,7 +269,7 @@ def test_verl_settings_have_no_defaults_and_fail_in_one_line(tmp_path, capsys):
         load_run_config(d)
     d["train"]["verl"] = None
     (tmp_path / "c.json").write_text(json.dumps(d))
-    assert vb.cli(["command", "--config", str(tmp_path / "c.json"), "--results", "r", "--workdir", "w"]) == 1
+    assert vb.cli(["command", "--config", str(tmp_path / "c.json"), "--results", "r", "--workdir", "w"]) == EXIT_PERMANENT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.verl (the verl launcher's settings" in err[0] and "required" in err[0]
 
