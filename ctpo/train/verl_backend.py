@@ -254,6 +254,24 @@ def device_profile(cfg: RunConfig) -> tuple[dict[str, str], dict[str, str]]:
     return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes), verl_cpu.env()
 
 
+def require_cuda(cfg: RunConfig) -> None:
+    """`train.verl_device: gpu` needs n_gpus CUDA devices on this node: otherwise one line and EXIT_PERMANENT,
+    before Ray or verl start (verl would fail minutes later, deep in a worker, and the job be resubmitted)."""
+    if cfg.train.verl_device != "gpu":
+        return
+    import torch
+
+    from ctpo.exitcodes import fail_permanent
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen < cfg.train.n_gpus:
+        fail_permanent(
+            f"error: train.verl_device gpu with train.n_gpus {cfg.train.n_gpus}: {seen} CUDA device(s) visible to "
+            f"{sys.executable} (torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run it in the GPU environment on a GPU node, or use "
+            f"train.verl_device cpu for a CPU rehearsal")
+
+
 def apply_profile(overrides: list[str], profile: dict[str, str]) -> list[str]:
     """`overrides` with the profile's keys replaced in place (others appended): one value per key."""
     bare = {k.lstrip("+"): (k, v) for k, v in profile.items()}
@@ -429,6 +447,8 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
     if print_command:
         sys.stdout.write(format_command(argv))
         return 0
+    if command is None:
+        require_cuda(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     claim(workdir, dataclasses.asdict(cfg))  # a changed config sets old checkpoints aside (verl would resume them)
     if latest_step(workdir) < cfg.train.total_steps:

@@ -9,7 +9,16 @@ from snakemake.utils import validate
 from ctpo import layout
 from ctpo.config import canonical_json
 from ctpo.tracking import resolve_mode
-from ctpo.configure import check_experiment, check_schema, eval_targets, resolve_runs, warmstart_config
+from ctpo.configure import (
+    check_experiment,
+    check_schema,
+    eval_backend,
+    eval_targets,
+    keep_steps,
+    on_gpu,
+    resolve_runs,
+    warmstart_config,
+)
 from ctpo.diagnostics.run import band_methods
 from ctpo.slurm import check_request, query_sinfo
 
