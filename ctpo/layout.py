@@ -108,6 +108,7 @@ WORKDIR_FILES = {
     "save_request": "verl/save_request",  # verl: the launcher asks verl's driver to save (ctpo.train.verl_preempt)
     "run_identity": "run_identity",  # ctpo.workdir
     "superseded": "superseded",  # ctpo.workdir: state of an earlier config
+    "writer_lock": "writer.lock",  # ctpo.runlock: the one trainer writing this run (host, pid, SLURM job)
 }
 # relative to the repository root
 DATA_FILES = {

@@ -45,7 +45,7 @@ from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, hydra_quote, load_run_config
 from ctpo.exitcodes import EXIT_PERMANENT
-from ctpo.train import verl_preempt
+from ctpo.train import retention, verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
 
@@ -431,9 +431,10 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
 
 
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
-         init: str | Path | None = None, command: list[str] | None = None) -> int:
+         init: str | Path | None = None, command: list[str] | None = None, keep: list[int] | None = None) -> int:
     """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs.
-    `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model)."""
+    `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model).
+    `keep`: the checkpoint steps evaluation reads (`ctpo.train.retention`; None keeps every checkpoint)."""
     from ctpo.hub import MissingLocalFiles, require_model, set_offline
 
     workdir = Path(workdir)
@@ -455,6 +456,7 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
         env = set_offline(run_env(cfg, workdir, attempt))
+        env.update(retention.env_value(keep))
         write_text(layout.workdir(workdir).path("verl_cmd", attempt=attempt), format_command(argv))
         print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)
         end, source = verl_preempt.job_end_time()

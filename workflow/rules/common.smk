@@ -175,6 +175,14 @@ def get_init_arg(wildcards):
     return ["--init", P["sft_policy"].format(seed=wildcards.seed)] if needs_warmstart(wildcards) else []
 
 
+def get_keep_arg(wildcards):
+    """verl: [--keep-steps, STEP, ...] = the steps evaluation reads (the trainer deletes other checkpoints as it
+    goes), else [] (a list: `{params.keep:q}` quotes each item)."""
+    if is_local(wildcards):
+        return []
+    return ["--keep-steps", *(str(s) for s in keep_steps(EVALS, wildcards.run, int(wildcards.seed)))]
+
+
 def get_checkpoint_dir(wildcards):
     """Local: the trainer's policy dir; verl: the HF dir written by the merge rule."""
     return P["policy" if is_local(wildcards) else "hf"].format(run=wildcards.run, seed=wildcards.seed, step=wildcards.step)
