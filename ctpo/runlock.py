@@ -100,6 +100,15 @@ def _read(path: Path) -> dict | None:
         return {"host": "?", "pid": "?", "since": "?", "unreadable": True}
 
 
+def live_holder(workdir: str | Path) -> dict | None:
+    """The holder of the run's lock when it is (or may be) alive, else None: what a restarted controller asks
+    before submitting the run's training again."""
+    holder = _read(lock_path(workdir))
+    if holder is None or holder.get("unreadable"):
+        return None
+    return holder if stale_reason(holder, me()) is None else None
+
+
 def acquire(workdir: str | Path, log=print) -> dict:
     """Take the run's lock (creating `workdir`); returns our holder record. Raises RunLocked."""
     path = lock_path(workdir)

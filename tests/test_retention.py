@@ -1,13 +1,10 @@
 """Checkpoints that fit (issue 19, item 6): verl's driver prunes after every save, keeping the latest whole (resume)
-and the model of each evaluated step (the merge), deleting the rest; the DAG hands each run its evaluated steps."""
+and the model of each evaluated step (the merge), deleting the rest; the DAG hands each run its evaluated steps (tests/test_cluster_dag.py)."""
 from __future__ import annotations
-
-import re
 
 from omegaconf import OmegaConf
 
 from ctpo.train import retention
-from test_dag import copy_workflow, snakemake
 
 W = 2  # FSDP world size of the synthetic checkpoints
 SIZES = {"model": 400, "optim": 800, "extra": 8}  # bytes per rank: fp32 weights, AdamW state, RNG + scheduler
@@ -68,24 +65,3 @@ def test_prune_counts_what_it_freed_and_leaves_later_partial_saves(tmp_path):
     assert (root / "global_step_20" / "actor").is_dir() and files(root, 15) is not None
     assert retention.prune(root, latest=15, keep={10}) == {"deleted": [], "slimmed": [], "freed_bytes": 0}
     assert retention.keep_from_env({}) is None and retention.keep_from_env({retention.ENV_KEEP: ""}) == set()
-
-
-def test_paper_dag_passes_each_run_its_evaluated_steps(tmp_path):
-    import yaml
-
-    from test_dag import REPO
-
-    exp = yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())
-    total, freq = exp["defaults"]["train"]["total_steps"], exp["defaults"]["train"]["save_freq"]
-    wf = copy_workflow(tmp_path / "wf")
-    proc = snakemake(wf, "-n", "-p", "--configfile", "configs/experiments/paper.yaml")
-    keep = {}
-    for line in proc.stdout.splitlines():
-        m = re.search(r"python -m ctpo\.train --config \S+/configs/(\w+)/seed0\.json .*--keep-steps ([\d ]+)>", line)
-        if m:
-            keep[m.group(1)] = [int(s) for s in m.group(2).split()]
-    assert set(keep) == set(exp["runs"])
-    curve = list(range(freq, total + 1, freq)) + ([total] if total % freq else [])
-    for run in exp["runs"]:
-        want = curve if run in exp["evaluation"]["figure2_runs"] else [total]
-        assert keep[run] == want, run

@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from ctpo.exitcodes import fail_permanent
     from ctpo.runlock import RunLocked, writer_lock
 
+    if cfg.train.backend == "verl":  # takes the lock itself, after its model and CUDA checks
+        from ctpo.train import verl_backend
+
+        return verl_backend.main(cfg, args.results, args.workdir, init=args.init, keep=args.keep_steps)
     try:
         with writer_lock(args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True)):
-            if cfg.train.backend == "verl":
-                from ctpo.train import verl_backend
-
-                return verl_backend.main(cfg, args.results, args.workdir, init=args.init, keep=args.keep_steps)
             from ctpo.train import local
 
             return local.main(cfg, args.results, args.workdir, args.init)

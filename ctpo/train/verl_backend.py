@@ -45,7 +45,7 @@ from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, hydra_quote, load_run_config
 from ctpo.exitcodes import EXIT_PERMANENT
-from ctpo.train import retention, verl_preempt
+from ctpo.train import ray_cluster, retention, verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
 
@@ -218,7 +218,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"trainer.project_name={hydra_quote(cfg.wandb.project)}",
         f"trainer.experiment_name={hydra_quote(experiment_name(cfg))}",
         f"trainer.logger={_loggers(cfg)}",
-        # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash)
+        # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash); with
+        # train.n_nodes > 1 the job's own cluster instead (ctpo.train.ray_cluster, which drops these two)
         f"+ray_kwargs.ray_init._temp_dir={_q(ray_temp_dir(workdir))}",
         "+ray_kwargs.ray_init.include_dashboard=false",
         # Hydra: its run dir (.hydra/ composed config, main_ppo.log) in the workdir, not ./outputs/<date> in the cwd
@@ -294,8 +295,10 @@ def build_command(cfg: RunConfig, results_dir: str | Path, workdir: str | Path,
     from ctpo.verl_plugin import verl_overrides
 
     del results_dir  # verl writes nothing into results/; we convert after the run (`finalize`)
-    argv = [*paper_overrides(cfg, workdir, init), *verl_overrides(cfg.loss)]
-    return [sys.executable, "-m", VERL_MAIN, *apply_profile(argv, device_profile(cfg)[0])]
+    argv = apply_profile([*paper_overrides(cfg, workdir, init), *verl_overrides(cfg.loss)], device_profile(cfg)[0])
+    if cfg.train.n_nodes > 1:  # verl joins the job's Ray cluster (ctpo.train.ray_cluster), which has these set
+        argv = ray_cluster.drop_cluster_keys(argv)
+    return [sys.executable, "-m", VERL_MAIN, *argv]
 
 
 def format_command(argv: list[str]) -> str:
@@ -450,6 +453,20 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         return 0
     if command is None:
         require_cuda(cfg)
+    from ctpo.exitcodes import fail_permanent
+    from ctpo.runlock import RunLocked, writer_lock
+
+    try:
+        with writer_lock(workdir, log=lambda m: print(m, file=sys.stderr, flush=True)):
+            return _train(cfg, results_dir, workdir, argv, keep)
+    except RunLocked as e:
+        fail_permanent(f"error: {e}")
+
+
+def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None) -> int:
+    """main's body under the run's writer lock: claim, run or resume verl, convert."""
+    from ctpo.hub import set_offline
+
     workdir.mkdir(parents=True, exist_ok=True)
     claim(workdir, dataclasses.asdict(cfg))  # a changed config sets old checkpoints aside (verl would resume them)
     if latest_step(workdir) < cfg.train.total_steps:
@@ -465,7 +482,15 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         saves = verl_preempt.SaveController(
             verl_preempt.request_path(workdir), end_time=end, logs_dir=layout.workdir(workdir).path("verl_logs"),
             current_log=Path(env["VERL_FILE_LOGGER_PATH"]))
-        rc = run_verl(argv, env, saves=saves)
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        try:
+            with ray_cluster.for_run(cfg, ray_temp_dir(workdir), env, log=log) as address:
+                if address:  # n_nodes > 1: the head here, workers on the other nodes through srun
+                    env.update(ray_cluster.driver_env(address))
+                rc = run_verl(argv, env, saves=saves)
+        except ray_cluster.ClusterError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         if saves.reason is not None and latest_step(workdir) < cfg.train.total_steps:
             step = latest_step(workdir)
             saved = f"saved step {step}" if saves.saved_step == step else f"no new checkpoint (last saved step {step})"

@@ -1,6 +1,7 @@
 # Shared parse-time state: config validation, the resolved run configs, path templates,
 # wildcard constraints and the get_<x>(wildcards) input functions. Plans come from ctpo.configure.
 import re
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,6 +9,7 @@ from snakemake.utils import validate
 
 from ctpo import layout
 from ctpo.config import canonical_json
+from ctpo.runlock import describe as describe_holder, live_holder
 from ctpo.tracking import resolve_mode
 from ctpo.configure import (
     check_experiment,
@@ -74,6 +76,7 @@ wildcard_constraints:
     step=r"\d+",
     bench="|".join(re.escape(b) for b in config["data"]["benchmarks"]),
     model="|".join(re.escape(m) for m in HUB_MODELS) or "(?!x)x",
+    partition=r"[A-Za-z0-9_.+-]+",
 
 
 def get_resources(group):
@@ -167,6 +170,7 @@ def get_train_inputs(wildcards):
     model = run_cfg(wildcards)["model"]
     if model["kind"] == "hf":
         inputs["model"] = P["data_model"].format(model=hub_key(model["name"]))
+    inputs["preflight"] = get_preflight_marker("train")(wildcards)  # GPU runs: the GPU node checks (preflight.smk)
     return inputs
 
 
@@ -196,6 +200,7 @@ def get_eval_inputs(wildcards):
     }
     if not is_local(wildcards):
         inputs["merged"] = P["merged"].format(**wildcards)
+    inputs["preflight"] = get_preflight_marker("eval")(wildcards)
     return inputs
 
 
@@ -263,7 +268,27 @@ def get_figures_inputs(wildcards):
     }
 
 
+def still_training():
+    """{run: holder} of the runs whose training holds its writer lock in a live job (ctpo.runlock): after a
+    controller restart, a training still running in SLURM is not submitted again (the SLURM executor plugin
+    tracks jobs by its per-invocation run id only, so a new controller cannot see the old one's jobs)."""
+    out = {}
+    for (run, seed), cfg in sorted(RESOLVED.items()):
+        wd = P["workdir"].format(run=run, seed=seed)
+        holder = live_holder(wd) if not Path(P["train_done"].format(run=run, seed=seed)).exists() else None
+        if holder:
+            out[run] = holder
+            print(f"ctpo: {run} seed {seed} is still training as {describe_holder(holder)} ({wd}/writer.lock); "
+                  f"not submitted again, nor what needs it: rerun snakemake after that job ends", file=sys.stderr)
+    return out
+
+
 def get_final_outputs():
     tables, figures = layout.report_files(EXP)
     wandb = [P["wandb"]] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
+    busy = still_training()
+    if busy:  # everything that does not need a running training: other trainings, their evaluations, diagnostics
+        free = [r for r in RUNS if r not in busy]
+        diag = diag_files() if config["diagnostics"]["run"] in free else []
+        return train_done_files(free) + eval_files(lambda run, step, bench: run in free) + diag
     return tables + figures + train_done_files(RUNS) + wandb
