@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # files whose tests use `toy_warmstart`: one xdist unit, so one worker builds it once
 WARMSTART_UNIT = "toy_warmstart"
-WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_verl_e2e_methods.py"})
+WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_verl_e2e_methods.py",
+                             "test_multinode_verl.py"})
 # the longest units first, measured one after the other at idle (2 cores, 564 tests in 602 s): the warm-start
 # unit 294 s (CTPO through verl 142 s, the SFT warm start 55 s), tiny toy DAG 103 s, reward pool 34 s, verl
 # preempt 25 s, DAG dry runs 25 s, sandbox integrity 18 s, verl backend 16 s, reports 13 s; every other file

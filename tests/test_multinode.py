@@ -2,8 +2,9 @@
 plugin's sbatch line against recording stand-ins) and starts a Ray cluster across them inside the job: the head on
 the first node, workers through `srun`, which verl joins through RAY_ADDRESS. Here the "nodes" are one machine:
 a recording `scontrol` names two, a recording `srun` runs the worker's `ray start` locally, so a head and a second
-raylet really form one Ray cluster (cpu device profile resources). Unexercised here: srun placing the worker on
-another host, GPUs per node, NCCL across hosts, verl's training across the two raylets (see the report)."""
+raylet really form one Ray cluster (cpu device profile resources). verl training across the two raylets:
+tests/test_multinode_verl.py (variant). Unexercised here: srun placing the worker on another host, GPUs per node,
+NCCL across hosts."""
 from __future__ import annotations
 
 import os
@@ -91,15 +92,15 @@ def test_cluster_refuses_outside_a_multinode_job(tmp_path):
 
 def test_verl_command_joins_the_cluster_and_one_node_is_unchanged(tmp_path):
     multi = two_node_cfg()
-    argv = vb.build_command(multi, tmp_path / "r", tmp_path / "w")
+    argv = vb.build_command(multi, tmp_path / "r", tmp_path / "w", init=tmp_path / "policy")
     keys = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv[3:]}
     assert keys["trainer.nnodes"] == "2" and keys["trainer.n_gpus_per_node"] == "1"
     assert not set(ray_cluster.CLUSTER_KEYS) & set(keys)  # ray.init refuses them when it connects
     single = load_run_config(resolve_run(load_experiment(REPO / "configs/experiments/toy_verl.yaml"),
                                          multi.run, 0))
-    keys1 = {a.split("=", 1)[0].lstrip("+") for a in vb.build_command(single, tmp_path / "r", tmp_path / "w")[3:]}
+    keys1 = {a.split("=", 1)[0].lstrip("+")
+             for a in vb.build_command(single, tmp_path / "r", tmp_path / "w", init=tmp_path / "policy")[3:]}
     assert set(ray_cluster.CLUSTER_KEYS) <= keys1  # one node: verl's own private Ray, as before
-    assert isinstance(ray_cluster.for_run(single, tmp_path, {}), type(ray_cluster.for_run(single, tmp_path, {})))
     with ray_cluster.for_run(single, tmp_path / "ray", {}) as address:
         assert address is None
 
@@ -126,3 +127,4 @@ def test_sbatch_asks_for_the_nodes_gpus_per_node_and_a_task_per_node(tmp_path):
     assert not any(a.startswith("--gpus") for a in two) and "--cpus-per-gpu=12" in two
     assert "--nodes=1" in one and "--gpus=h100:8" in one and not any(a.startswith("--gres") for a in one)
     assert "--ntasks-per-node=1" not in one
+
