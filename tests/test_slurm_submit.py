@@ -202,12 +202,11 @@ def test_training_evaluation_and_merge_sbatch_lines(tmp_path):
         f"{R}/merged/qwen3_14b_gspo/seed0/step{step}.json",
         f"{R}/eval/{eval_run}/seed0/step{step}/{bench}.parquet",
     ]
-    stage = [
-        f"{R}/configs/{train_run}/seed0.json", f"{R}/data/deepscaler.json",  # the training's inputs
-        f"{R}/data/model_qwen3_14b.json",  # (`prepare_model` ran on the login node)
-        *PREFLIGHT_INPUTS, f"{R}/preflight/gpu.json",  # the GPU preflight passed, after its inputs
+    stage = [  # in DAG order (a file newer than what was made from it would be made again)
+        f"{R}/data/deepscaler.json", *PREFLIGHT_INPUTS,  # every run's config, both models (`prepare_model` ran)
+        f"{R}/preflight/gpu.json",  # the GPU preflight passed
         f"{R}/train/qwen3_14b_gspo/seed0/done.json",  # the merge's
-        f"{R}/configs/{eval_run}/seed0.json", f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
+        f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
         f"{R}/data/benchmarks.json", f"{R}/merged/{eval_run}/seed0/step{step}.json",
     ]
     argvs, wf = submit(tmp_path, targets, stage, n_calls=3)
