@@ -77,4 +77,4 @@ rule preflight:
     resources:
         **preflight_resources(),
     shell:
-        "python -m ctpo.preflight --plan {params.plan:q} --runs-dir {params.runs_dir} --out {output} > {log} 2>&1"
+        "python -m ctpo.preflight --plan {params.plan:q} --runs-dir {params.runs_dir:q} --out {output:q} > {log:q} 2>&1"
