@@ -269,7 +269,7 @@ def get_figures_inputs(wildcards):
 
 
 def still_training():
-    """{run: holder} of the runs whose training holds its writer lock in a live job (ctpo.runlock): after a
+    """run -> holder, for the runs whose training holds its writer lock in a live job (ctpo.runlock): after a
     controller restart, a training still running in SLURM is not submitted again (the SLURM executor plugin
     tracks jobs by its per-invocation run id only, so a new controller cannot see the old one's jobs)."""
     out = {}
