@@ -29,7 +29,7 @@ def n_nodes(wildcards):
 
 
 def train_resources():
-    """The experiment's `resources.train`, per run: one node as given; `train.n_nodes` > 1 asks SLURM for that
+    """The experiment's `resources.train` for each run. One node as given; `train.n_nodes` > 1 asks SLURM for that
     many nodes with the GPUs per node as `--gres` (the plugin's `--gpus` is a job total) and one task per node
     (the Ray workers' `srun` step, ctpo.train.ray_cluster)."""
     res = dict(get_resources("train"))
