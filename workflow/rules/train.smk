@@ -24,29 +24,6 @@ rule warmstart:
         "--done {output:q} > {log:q} 2>&1"
 
 
-def n_nodes(wildcards):
-    return int(run_cfg(wildcards)["train"]["n_nodes"])
-
-
-def train_resources():
-    """The experiment's `resources.train` for each run. One node as given; `train.n_nodes` > 1 asks SLURM for that
-    many nodes with the GPUs per node as `--gres` (the plugin's `--gpus` is a job total) and one task per node
-    (the Ray workers' `srun` step, ctpo.train.ray_cluster)."""
-    res = dict(get_resources("train"))
-    gpu, model = res.pop("gpu", None), res.pop("gpu_model", None)
-    res.pop("nodes", None)
-    multi = lambda value, single: (lambda wc: value if n_nodes(wc) > 1 else single)
-    res["nodes"] = n_nodes
-    if gpu is not None:
-        gres = f"gpu:{model}:{gpu}" if model else f"gpu:{gpu}"
-        res["gpu"] = multi(None, gpu)
-        res["gres"] = multi(gres, None)
-        if model:
-            res["gpu_model"] = multi(None, model)
-        res["slurm_extra"] = multi("--ntasks-per-node=1", None)
-    return res
-
-
 rule train:
     input:
         unpack(get_train_inputs),
