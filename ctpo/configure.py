@@ -8,6 +8,7 @@ Snakemake, so the plan is testable on its own:
 - `check_experiment(experiment)`    cross-key checks the JSON schema cannot express (names, steps)
 - `eval_targets(experiment, runs)`  the (run, seed, step, benchmark) evaluations the tables and figures need
 - `warmstart_config(experiment, seed)`  the toy SFT's config, independent of any method's loss
+- `on_gpu(run)`, `eval_backend(run)`, `keep_steps(...)`  what a run's GPU jobs need and what its training keeps
 
 CLI (atomic writes through `ctpo.io`):
 
@@ -124,6 +125,24 @@ def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> lis
             for step in saved_steps(train["total_steps"], train["save_freq"]):
                 out.add((run, seed, step, ev["figure2_benchmark"]))
     return sorted(out)
+
+
+def on_gpu(run_cfg: dict) -> bool:
+    """A run whose jobs need the GPU stack: verl on the `gpu` device (the paper), not the toy's CPU profiles."""
+    train = run_cfg["train"]
+    return train["backend"] == "verl" and train["verl_device"] == "gpu"
+
+
+def eval_backend(run_cfg: dict) -> str:
+    """`python -m ctpo.eval --backend` for a run: `vllm` for a GPU run (required: no silent HF fallback inside a
+    GPU job), `auto` for the toy (HF generate on CPU)."""
+    return "vllm" if on_gpu(run_cfg) else "auto"
+
+
+def keep_steps(targets: list[tuple[str, int, int, str]], run: str, seed: int) -> list[int]:
+    """The checkpoint steps evaluation reads for (run, seed) (`eval_targets`): training keeps these (and the
+    latest, for resume) and deletes the rest as it goes (`ctpo.train.retention`)."""
+    return sorted({step for r, s, step, _ in targets if r == run and s == seed})
 
 
 def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR) -> dict:

@@ -9,6 +9,9 @@ the cache (`HF_HOME`, or `--cache-dir`).
 
     python -m ctpo.hub fetch --model Qwen/Qwen3-4B [--revision <commit>] [--out marker.json]   (network)
     python -m ctpo.hub check --model Qwen/Qwen3-4B [--revision <commit>]   (anywhere, never the network)
+
+`check` (and the GPU preflight, ctpo.preflight) also requires the snapshot to be complete (`incomplete`): config,
+tokenizer, and every weight shard its index names.
 """
 from __future__ import annotations
 
@@ -82,6 +85,58 @@ def require_model(path: str, revision: str | None = None) -> Path:
         ) from None
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def incomplete(snapshot: str | Path) -> list[str]:
+    """What is missing from a model directory (an HF cache snapshot or a save_pretrained dir), one phrase each;
+    [] when complete: config.json, tokenizer_config.json and a tokenizer file, the weights (every shard the
+    weight index names, or the single weights file), and no file that is a dangling link or empty (an
+    interrupted download)."""
+    import json
+
+    d = Path(snapshot)
+    if not d.is_dir():
+        return [f"{d} is not a directory"]
+    problems = []
+    for f in sorted(d.rglob("*")):
+        if f.is_symlink() and not f.exists():
+            problems.append(f"{f.relative_to(d)} is a dangling link (its blob is missing)")
+        elif f.is_file() and f.stat().st_size == 0:
+            problems.append(f"{f.relative_to(d)} is empty")
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (d / name).is_file():
+            problems.append(f"no {name}")
+    if not any((d / t).is_file() for t in TOKENIZER_FILES):
+        problems.append(f"no tokenizer file ({' / '.join(TOKENIZER_FILES)})")
+    index = next((d / i for i in WEIGHT_INDEXES if (d / i).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            return problems + [f"{index.name} is not a weight index ({type(e).__name__})"]
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            problems.append(f"{len(missing)} of {len(shards)} weight shards named in {index.name} are missing "
+                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    elif not any((d / w).is_file() for w in SINGLE_WEIGHTS):
+        problems.append(f"no weights ({' / '.join(WEIGHT_INDEXES + SINGLE_WEIGHTS)})")
+    return problems
+
+
+def require_complete(path: str, revision: str | None = None) -> Path:
+    """`require_model`, then `incomplete`: raises MissingLocalFiles naming what is missing and how to fetch it."""
+    local = require_model(path, revision)
+    problems = incomplete(local)
+    if problems:
+        fetch = f"python -m ctpo.hub fetch --model {path}" + (f" --revision {revision}" if revision else "")
+        raise MissingLocalFiles(f"model {path} at {local} is incomplete: {'; '.join(problems)}; fetch it again "
+                                f"where the network is: {fetch}")
+    return local
+
+
 def fetch_model(path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -99,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         local = fetch_model(args.model, args.revision, args.cache_dir)
         print(f"hub: {args.model} -> {local}")
+        problems = incomplete(local)
+        if problems:
+            print(f"error: model {args.model} at {local} is incomplete after the download: {'; '.join(problems)}",
+                  file=sys.stderr)
+            return 2
         if not (args.revision and args.revision == local.name):  # a branch or nothing: the result can move
             print(f"hub: warning: {args.model} is not pinned (revision {args.revision or 'main'} -> commit "
                   f"{local.name}); set model.revision: {local.name} in its configs/models/ file", file=sys.stderr)
@@ -111,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     set_offline()
     try:
-        print(f"hub: {args.model} is on disk at {require_model(args.model, args.revision)}")
+        print(f"hub: {args.model} is complete on disk at {require_complete(args.model, args.revision)}")
     except MissingLocalFiles as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

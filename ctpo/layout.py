@@ -3,7 +3,8 @@
 `P` from `templates(exp)` (workflow/rules/common.smk), and tests/test_layout.py checks that they agree.
 
 Templates are relative to the repository root (names below are the keys of `TEMPLATES`, and of `P`);
-wildcards: {exp} experiment, {run}, {seed}, {step}, {bench} benchmark, {model} hub model key, {attempt}
+wildcards: {exp} experiment, {run}, {seed}, {step}, {bench} benchmark, {model} hub model key, {partition}
+(a GPU partition key of the preflight), {attempt}
 (a verl launch, 1-based).
 
 results/{exp}/  (Snakemake outputs; copied between machines, enough for every table and figure)
@@ -13,6 +14,7 @@ results/{exp}/  (Snakemake outputs; copied between machines, enough for every ta
   configs/data.json                            data_config       the experiment's data section
   data/toy.json | deepscaler.json | benchmarks.json   data_*     checksum manifests of the data/ files
   data/model_{model}.json                      data_model        hub model fetched (rule prepare_model)
+  preflight/{partition}.json                   preflight         GPU node checks passed (ctpo.preflight)
   sft/seed{seed}/done.json                     sft_done          warm start marker (ctpo.train.sft)
   train/{run}/seed{seed}/                      train_dir         TRAIN_FILES: metrics.jsonl (schema.TRAIN_KEYS),
                                                                  provenance.json, done.json (TrainDone)
@@ -59,6 +61,7 @@ RESULTS_FILES = {
     "data_deepscaler": "data/deepscaler.json",
     "data_benchmarks": "data/benchmarks.json",
     "data_model": "data/model_{model}.json",
+    "preflight": "preflight/{partition}.json",  # ctpo.preflight's report (GPU stack, driver, sandbox, model, disk)
     "sft_done": "sft/seed{seed}/done.json",
     "train_dir": "train/{run}/seed{seed}",
     "merged": "merged/{run}/seed{seed}/step{step}.json",
@@ -108,6 +111,7 @@ WORKDIR_FILES = {
     "save_request": "verl/save_request",  # verl: the launcher asks verl's driver to save (ctpo.train.verl_preempt)
     "run_identity": "run_identity",  # ctpo.workdir
     "superseded": "superseded",  # ctpo.workdir: state of an earlier config
+    "writer_lock": "writer.lock",  # ctpo.runlock: the one trainer writing this run (host, pid, SLURM job)
 }
 # relative to the repository root
 DATA_FILES = {
@@ -205,6 +209,7 @@ JOB_KEYS = {
     "step": "{run}/seed{seed}/step{step}",
     "bench": "{run}/seed{seed}/step{step}/{bench}",
     "model": "{model}",
+    "partition": "{partition}",
 }
 
 

@@ -21,6 +21,7 @@ from ctpo.layout import WORKDIR_FILES
 SCHEDULE_KEYS = ("total_steps", "save_freq", "test_freq", "dump_steps")  # train.* keys a resume may change
 IDENTITY_FILE = WORKDIR_FILES["run_identity"]
 SUPERSEDED_DIR = WORKDIR_FILES["superseded"]
+LOCK_FILE = WORKDIR_FILES["writer_lock"]  # the claimant's own lock (ctpo.runlock) stays in place
 
 
 def run_identity(cfg_dict: dict) -> tuple[str, dict]:
@@ -35,7 +36,8 @@ def run_identity(cfg_dict: dict) -> tuple[str, dict]:
 def claim(workdir: str | Path, cfg_dict: dict) -> str | None:
     """Make `workdir` belong to this config's identity; returns where older state was moved, else None.
 
-    Everything in the directory except `superseded/` is moved when the stored identity differs.
+    Everything in the directory except `superseded/` and the writer's lock is moved when the stored identity
+    differs.
     """
     workdir = Path(workdir)
     identity, _ = run_identity(cfg_dict)
@@ -47,7 +49,7 @@ def claim(workdir: str | Path, cfg_dict: dict) -> str | None:
             dest = workdir / SUPERSEDED_DIR / f"{old}-{time.strftime('%Y%m%d-%H%M%S')}"
             dest.mkdir(parents=True)
             for entry in sorted(workdir.iterdir()):
-                if entry.name != SUPERSEDED_DIR:
+                if entry.name not in (SUPERSEDED_DIR, LOCK_FILE):
                     shutil.move(str(entry), str(dest / entry.name))
             moved = str(dest)
             print(f"run config changed (identity {old} -> {identity}): previous checkpoints, dumps and W&B id "

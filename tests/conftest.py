@@ -25,20 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 # files whose tests use `toy_warmstart`: one xdist unit, so one worker builds it once
 WARMSTART_UNIT = "toy_warmstart"
-WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_verl_e2e_methods.py"})
+WARMSTART_FILES = frozenset({"test_train_local.py", "test_verl_e2e.py", "test_verl_e2e_methods.py",
+                             "test_multinode_verl.py"})
 # the longest units first, measured one after the other at idle (2 cores, 564 tests in 602 s): the warm-start
 # unit 294 s (CTPO through verl 142 s, the SFT warm start 55 s), tiny toy DAG 103 s, reward pool 34 s, verl
 # preempt 25 s, DAG dry runs 25 s, sandbox integrity 18 s, verl backend 16 s, reports 13 s; every other file
 # < 10 s. Measured under load (load average 8-10), not at idle: config injections 57 s (real snakemake runs,
 # verl compose), relation guard + reward-worker limits 21 s, observation text 43-75 s (reward workers), sandbox
 # without a cgroup 30-50 s; the fake-SLURM cluster run 141 s (mostly waiting on the executor's status polls,
-# little CPU), the sbatch lines and profile installer 55 s, the band-input dry runs 26 s. xdist gives a worker its
-# next unit once 2 or fewer of its tests are pending, so a unit ends with short tests: the verl test (one long
-# test) runs first in the warm-start unit, not last.
+# little CPU), the sbatch lines and profile installer 55 s, the band-input dry runs 26 s. Issue 19's files at load
+# average ~33: test_multinode ~180 s (two Ray nodes 105-113 s), test_preflight ~70 s, test_controller_restart
+# ~45 s, test_cluster_dag ~40 s. xdist gives a worker its next unit once 2 or fewer of its tests are pending, so
+# a unit ends with short tests: the verl test (one long test) runs first in the warm-start unit, not last.
 LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_local.py", "test_slurm_envs.py",
-                 "test_workflow_toy.py", "test_reward.py", "test_config_data.py", "test_observation_text.py",
-                 "test_slurm_submit.py", "test_sandbox_nocgroup.py", "test_verl_preempt.py", "test_diag_band_inputs.py",
-                 "test_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py", "test_verl_backend.py",
+                 "test_workflow_toy.py", "test_multinode.py", "test_reward.py", "test_preflight.py",
+                 "test_config_data.py", "test_observation_text.py", "test_slurm_submit.py", "test_sandbox_nocgroup.py",
+                 "test_verl_preempt.py", "test_diag_band_inputs.py", "test_dag.py", "test_controller_restart.py",
+                 "test_cluster_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py", "test_verl_backend.py",
                  "test_reports.py", "test_release_objective.py", "test_release_reward.py")
 
 

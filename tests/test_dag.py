@@ -117,7 +117,7 @@ def test_paper_dryrun_job_counts_and_gpu_resources(wf):
         res = kv(j.get("resources", ""))
         if j["rule"] == "train":
             assert res["gpu"] == "8" and res["nodes"] == "1"  # GPU type, CPUs, memory, time: the slurm profile's
-        elif j["rule"] == "eval":
+        elif j["rule"] in ("eval", "preflight"):
             assert res["gpu"] == "1" and res["nodes"] == "1"
         else:
             assert "gpu" not in res, f"{j['rule']} asks for a GPU"

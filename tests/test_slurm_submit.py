@@ -146,9 +146,19 @@ def test_make_slurm_profile_from_two_checkouts_runs_each_checkouts_config(tmp_pa
         assert f"results/{name}/train/qwen3_4b_ctpo/seed0/done.json" in proc.stdout
 
 
-def submit(tmp_path: Path, targets: list[str], stage: list[str], n_calls: int) -> tuple[list[list[str]], Path]:
-    """Run `snakemake --profile slurm TARGETS` with fake SLURM until sbatch was called n_calls times."""
+# what the paper's GPU preflight reads (every run's config, both hub models): staged before its marker
+PREFLIGHT_INPUTS = [f"results/paper/configs/{r}/seed0.json" for r in
+                    yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())["runs"]] + [
+                    f"results/paper/data/model_{m}.json" for m in ("qwen3_4b", "qwen3_14b")]
+
+
+def submit(tmp_path: Path, targets: list[str], stage: list[str], n_calls: int,
+           prepare=None) -> tuple[list[list[str]], Path]:
+    """Run `snakemake --profile slurm TARGETS` with fake SLURM until sbatch was called n_calls times;
+    `prepare(workflow_dir)` may edit the copied workflow first."""
     wf = copy_workflow(tmp_path / "repo")
+    if prepare is not None:
+        prepare(wf)
     xdg, log_dir = tmp_path / "xdg", tmp_path / "slurm_log"
     log_dir.mkdir()
     install_fakes(tmp_path / "bin")
@@ -192,11 +202,11 @@ def test_training_evaluation_and_merge_sbatch_lines(tmp_path):
         f"{R}/merged/qwen3_14b_gspo/seed0/step{step}.json",
         f"{R}/eval/{eval_run}/seed0/step{step}/{bench}.parquet",
     ]
-    stage = [
-        f"{R}/configs/{train_run}/seed0.json", f"{R}/data/deepscaler.json",  # the training's inputs
-        f"{R}/data/model_qwen3_14b.json",  # (`prepare_model` ran on the login node)
+    stage = [  # in DAG order (a file newer than what was made from it would be made again)
+        f"{R}/data/deepscaler.json", *PREFLIGHT_INPUTS,  # every run's config, both models (`prepare_model` ran)
+        f"{R}/preflight/gpu.json",  # the GPU preflight passed
         f"{R}/train/qwen3_14b_gspo/seed0/done.json",  # the merge's
-        f"{R}/configs/{eval_run}/seed0.json", f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
+        f"{R}/train/{eval_run}/seed0/done.json",  # the evaluation's
         f"{R}/data/benchmarks.json", f"{R}/merged/{eval_run}/seed0/step{step}.json",
     ]
     argvs, wf = submit(tmp_path, targets, stage, n_calls=3)

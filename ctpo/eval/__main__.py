@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ctpo.config import ConfigError, config_hash, load_run_config
-from ctpo.exitcodes import EXIT_PERMANENT
+from ctpo.exitcodes import EXIT_PERMANENT, fail_permanent
 from ctpo.eval import backend as B
 from ctpo.eval import metrics, runner
 from ctpo.io import sha256_file, write_json, write_parquet
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except MissingLocalFiles as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PERMANENT  # the checkpoint (or the model at its revision) is not on disk: a rerun cannot fix it
+    try:  # before loading anything: a GPU job without its GPU stack stops here (exit 78, never retried)
+        backend = B.resolve_backend(args.backend)
+    except ValueError as e:
+        fail_permanent(f"error: {e}")
     cfg_dict = asdict(cfg)
     out = Path(args.out)
     bench = Path(args.benchmark).stem
@@ -110,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     problems = runner.load_benchmark(args.benchmark, cfg.eval.max_problems)
-    backend = B.resolve_backend(args.backend)
     benchmark_sha = sha256_file(args.benchmark)
     prov = eval_provenance(cfg, cfg_dict, args, backend, benchmark_sha)
     fp = runner.fingerprint({

@@ -1,13 +1,17 @@
 """Generation backends for evaluation and what identifies them in provenance.
 
 `hf`: transformers on CPU (or one GPU) through `ctpo.agent.HFGenerator`; `vllm`: `ctpo.agent`'s
-VLLMGenerator (imported lazily, GPU only). `auto` picks vllm when CUDA and vllm are both available.
+VLLMGenerator (imported lazily, GPU only). `auto` picks vllm when CUDA and vllm are both available (the toy);
+the paper's evaluation asks for `vllm` (`ctpo.configure.eval_backend`) and fails in one line without it, never
+falling back to HF generate inside a GPU job.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 from ctpo.io import sha256_file
@@ -30,9 +34,14 @@ def resolve_backend(requested: str) -> str:
     if requested == "auto":
         return "vllm" if has_vllm and cuda_available() else "hf"
     if requested == "vllm" and not has_vllm:
-        raise ValueError("--backend vllm: the vllm package is not installed (GPU environment: pip install '.[gpu]')")
+        raise ValueError(f"--backend vllm: the vllm package is not installed in {sys.executable} (the GPU "
+                         f"environment: pip install '.[gpu]'); not falling back to HF generate")
     if requested == "vllm" and not cuda_available():
-        raise ValueError("--backend vllm: no CUDA device is available")
+        import torch
+
+        raise ValueError(f"--backend vllm: no CUDA device is visible (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                         f"not falling back to HF generate")
     return requested
 
 

@@ -45,7 +45,7 @@ from ctpo import layout
 from ctpo.agent.protocols import verl_protocol_overrides
 from ctpo.config import REPO_ROOT, RunConfig, hydra_quote, load_run_config
 from ctpo.exitcodes import EXIT_PERMANENT
-from ctpo.train import verl_preempt
+from ctpo.train import ray_cluster, retention, verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
 
@@ -225,7 +225,8 @@ def paper_overrides(cfg: RunConfig, workdir: str | Path, init: str | Path | None
         f"trainer.project_name={hydra_quote(cfg.wandb.project)}",
         f"trainer.experiment_name={hydra_quote(experiment_name(cfg))}",
         f"trainer.logger={_loggers(cfg)}",
-        # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash)
+        # Ray: a private local cluster per job (own temp dir, dynamic ports, no dashboard port clash); with
+        # train.n_nodes > 1 the job's own cluster instead (ctpo.train.ray_cluster, which drops these two)
         f"+ray_kwargs.ray_init._temp_dir={_q(ray_temp_dir(workdir))}",
         "+ray_kwargs.ray_init.include_dashboard=false",
         # Hydra: its run dir (.hydra/ composed config, main_ppo.log) in the workdir, not ./outputs/<date> in the cwd
@@ -261,6 +262,24 @@ def device_profile(cfg: RunConfig) -> tuple[dict[str, str], dict[str, str]]:
     return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes), verl_cpu.env()
 
 
+def require_cuda(cfg: RunConfig) -> None:
+    """`train.verl_device: gpu` needs n_gpus CUDA devices on this node: otherwise one line and EXIT_PERMANENT,
+    before Ray or verl start (verl would fail minutes later, deep in a worker, and the job be resubmitted)."""
+    if cfg.train.verl_device != "gpu":
+        return
+    import torch
+
+    from ctpo.exitcodes import fail_permanent
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen < cfg.train.n_gpus:
+        fail_permanent(
+            f"error: train.verl_device gpu with train.n_gpus {cfg.train.n_gpus}: {seen} CUDA device(s) visible to "
+            f"{sys.executable} (torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run it in the GPU environment on a GPU node, or use "
+            f"train.verl_device cpu for a CPU rehearsal")
+
+
 def apply_profile(overrides: list[str], profile: dict[str, str]) -> list[str]:
     """`overrides` with the profile's keys replaced in place (others appended): one value per key."""
     bare = {k.lstrip("+"): (k, v) for k, v in profile.items()}
@@ -283,8 +302,10 @@ def build_command(cfg: RunConfig, results_dir: str | Path, workdir: str | Path,
     from ctpo.verl_plugin import verl_overrides
 
     del results_dir  # verl writes nothing into results/; we convert after the run (`finalize`)
-    argv = [*paper_overrides(cfg, workdir, init), *verl_overrides(cfg.loss)]
-    return [sys.executable, "-m", VERL_MAIN, *apply_profile(argv, device_profile(cfg)[0])]
+    argv = apply_profile([*paper_overrides(cfg, workdir, init), *verl_overrides(cfg.loss)], device_profile(cfg)[0])
+    if cfg.train.n_nodes > 1:  # verl joins the job's Ray cluster (ctpo.train.ray_cluster), which has these set
+        argv = ray_cluster.drop_cluster_keys(argv)
+    return [sys.executable, "-m", VERL_MAIN, *argv]
 
 
 def format_command(argv: list[str]) -> str:
@@ -420,9 +441,10 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
 
 
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
-         init: str | Path | None = None, command: list[str] | None = None) -> int:
+         init: str | Path | None = None, command: list[str] | None = None, keep: list[int] | None = None) -> int:
     """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs.
-    `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model)."""
+    `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model).
+    `keep`: the checkpoint steps evaluation reads (`ctpo.train.retention`; None keeps every checkpoint)."""
     from ctpo.hub import MissingLocalFiles, require_model, set_offline
 
     workdir = Path(workdir)
@@ -436,12 +458,29 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
     if print_command:
         sys.stdout.write(format_command(argv))
         return 0
+    if command is None:
+        require_cuda(cfg)
+    from ctpo.exitcodes import fail_permanent
+    from ctpo.runlock import RunLocked, writer_lock
+
+    try:
+        with writer_lock(workdir, log=lambda m: print(m, file=sys.stderr, flush=True)):
+            return _train(cfg, results_dir, workdir, argv, keep)
+    except RunLocked as e:
+        fail_permanent(f"error: {e}")
+
+
+def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None) -> int:
+    """main's body under the run's writer lock: claim, run or resume verl, convert."""
+    from ctpo.hub import set_offline
+
     workdir.mkdir(parents=True, exist_ok=True)
     claim(workdir, dataclasses.asdict(cfg))  # a changed config sets old checkpoints aside (verl would resume them)
     if latest_step(workdir) < cfg.train.total_steps:
         write_agent_loop_config(cfg, workdir)
         attempt = next_attempt(workdir)
         env = set_offline(run_env(cfg, workdir, attempt))
+        env.update(retention.env_value(keep))
         write_text(layout.workdir(workdir).path("verl_cmd", attempt=attempt), format_command(argv))
         print(f"[ctpo] verl attempt {attempt}, resuming after step {latest_step(workdir)}", flush=True)
         end, source = verl_preempt.job_end_time()
@@ -450,7 +489,15 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
         saves = verl_preempt.SaveController(
             verl_preempt.request_path(workdir), end_time=end, logs_dir=layout.workdir(workdir).path("verl_logs"),
             current_log=Path(env["VERL_FILE_LOGGER_PATH"]))
-        rc = run_verl(argv, env, saves=saves)
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        try:
+            with ray_cluster.for_run(cfg, ray_temp_dir(workdir), env, log=log) as address:
+                if address:  # n_nodes > 1: the head here, workers on the other nodes through srun
+                    env.update(ray_cluster.driver_env(address))
+                rc = run_verl(argv, env, saves=saves)
+        except ray_cluster.ClusterError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         if saves.reason is not None and latest_step(workdir) < cfg.train.total_steps:
             step = latest_step(workdir)
             saved = f"saved step {step}" if saves.saved_step == step else f"no new checkpoint (last saved step {step})"

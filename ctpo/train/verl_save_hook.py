@@ -14,6 +14,8 @@ This callback acts on it:
   2. `on_save` (called after `latest_checkpointed_iteration.txt` is written) restores `save_freq`, writes
      `<request>.done` = {"step": N, ...} (atomically) and sets the trainer's `total_training_steps` to N, so
      the loop logs step N's metrics and ends; verl exits cleanly and the next launch resumes from N.
+Retention: after every durable save, `on_save` deletes the checkpoints neither evaluation nor a resume needs
+(`ctpo.train.retention.prune`, env CTPO_KEEP_STEPS; unset keeps everything).
 Fault injection, as in the local trainer: with CTPO_PAUSE_AFTER_STEP=N, `on_save` of step N writes
 `W/verl/paused_after_stepN` and waits for the launcher's save request (a signal), then stops after step N;
 tests signal the launcher at a known step instead of racing a poll against verl.
@@ -84,8 +86,18 @@ class SaveOnRequest(CheckpointCallback):
             time.sleep(0.2)
         self.arm()
 
+    def prune(self, global_step: int) -> None:
+        from ctpo.train import retention
+
+        keep = retention.keep_from_env()
+        if keep is None or self.config is None:
+            return
+        result = retention.prune(self.config.trainer.default_local_dir, int(global_step), keep)
+        print(retention.summary_line(result, int(global_step)), flush=True)
+
     def on_save(self, trainer, global_step: int, checkpoint_dir: str, async_save: bool = False, **kwargs) -> None:
         if not async_save:
+            self.prune(global_step)  # the new save is complete (latest_checkpointed_iteration.txt written)
             self.pause_after_step(global_step)
         if not self.armed.is_set() or async_save:  # an async save is not durable yet: keep going
             return

@@ -1,6 +1,7 @@
 # Shared parse-time state: config validation, the resolved run configs, path templates,
 # wildcard constraints and the get_<x>(wildcards) input functions. Plans come from ctpo.configure.
 import re
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,8 +9,18 @@ from snakemake.utils import validate
 
 from ctpo import layout
 from ctpo.config import canonical_json
+from ctpo.runlock import describe as describe_holder, live_holder
 from ctpo.tracking import resolve_mode
-from ctpo.configure import check_experiment, check_schema, eval_targets, resolve_runs, warmstart_config
+from ctpo.configure import (
+    check_experiment,
+    check_schema,
+    eval_backend,
+    eval_targets,
+    keep_steps,
+    on_gpu,
+    resolve_runs,
+    warmstart_config,
+)
 from ctpo.diagnostics.run import band_methods
 from ctpo.slurm import check_request, query_sinfo
 
@@ -65,6 +76,7 @@ wildcard_constraints:
     step=r"\d+",
     bench="|".join(re.escape(b) for b in config["data"]["benchmarks"]),
     model="|".join(re.escape(m) for m in HUB_MODELS) or "(?!x)x",
+    partition=r"[A-Za-z0-9_.+-]+",
 
 
 def get_resources(group):
@@ -115,6 +127,29 @@ def run_cfg(wildcards):
     return RESOLVED[(wildcards.run, int(wildcards.seed))]
 
 
+def n_nodes(wildcards):
+    return int(run_cfg(wildcards)["train"]["n_nodes"])
+
+
+def train_resources():
+    """The experiment's `resources.train` for each run. One node as given; `train.n_nodes` > 1 asks SLURM for that
+    many nodes with the GPUs per node as `--gres` (the plugin's `--gpus` is a job total) and one task per node
+    (the Ray workers' `srun` step, ctpo.train.ray_cluster)."""
+    res = dict(get_resources("train"))
+    gpu, model = res.pop("gpu", None), res.pop("gpu_model", None)
+    res.pop("nodes", None)
+    multi = lambda value, single: (lambda wc: value if n_nodes(wc) > 1 else single)
+    res["nodes"] = n_nodes
+    if gpu is not None:
+        gres = f"gpu:{model}:{gpu}" if model else f"gpu:{gpu}"
+        res["gpu"] = multi(None, gpu)
+        res["gres"] = multi(gres, None)
+        if model:
+            res["gpu_model"] = multi(None, model)
+        res["slurm_extra"] = multi("--ntasks-per-node=1", None)
+    return res
+
+
 def is_local(wildcards):
     return run_cfg(wildcards)["train"]["backend"] == "local"
 
@@ -158,12 +193,21 @@ def get_train_inputs(wildcards):
     model = run_cfg(wildcards)["model"]
     if model["kind"] == "hf":
         inputs["model"] = P["data_model"].format(model=hub_key(model["name"]))
+    inputs["preflight"] = get_preflight_marker("train")(wildcards)  # GPU runs: the GPU node checks (preflight.smk)
     return inputs
 
 
 def get_init_arg(wildcards):
     """[--init, POLICY_DIR] for a toy-model run, else [] (a list: `{params.init:q}` quotes each item)."""
     return ["--init", P["sft_policy"].format(seed=wildcards.seed)] if needs_warmstart(wildcards) else []
+
+
+def get_keep_arg(wildcards):
+    """verl: [--keep-steps, STEP, ...] = the steps evaluation reads (the trainer deletes other checkpoints as it
+    goes), else [] (a list: `{params.keep:q}` quotes each item)."""
+    if is_local(wildcards):
+        return []
+    return ["--keep-steps", *(str(s) for s in keep_steps(EVALS, wildcards.run, int(wildcards.seed)))]
 
 
 def get_checkpoint_dir(wildcards):
@@ -179,6 +223,7 @@ def get_eval_inputs(wildcards):
     }
     if not is_local(wildcards):
         inputs["merged"] = P["merged"].format(**wildcards)
+    inputs["preflight"] = get_preflight_marker("eval")(wildcards)
     return inputs
 
 
@@ -246,7 +291,27 @@ def get_figures_inputs(wildcards):
     }
 
 
+def still_training():
+    """run -> holder, for the runs whose training holds its writer lock in a live job (ctpo.runlock): after a
+    controller restart, a training still running in SLURM is not submitted again (the SLURM executor plugin
+    tracks jobs by its per-invocation run id only, so a new controller cannot see the old one's jobs)."""
+    out = {}
+    for (run, seed), cfg in sorted(RESOLVED.items()):
+        wd = P["workdir"].format(run=run, seed=seed)
+        holder = live_holder(wd) if not Path(P["train_done"].format(run=run, seed=seed)).exists() else None
+        if holder:
+            out[run] = holder
+            print(f"ctpo: {run} seed {seed} is still training as {describe_holder(holder)} ({wd}/writer.lock); "
+                  f"not submitted again, nor what needs it: rerun snakemake after that job ends", file=sys.stderr)
+    return out
+
+
 def get_final_outputs():
     tables, figures = layout.report_files(EXP)
     wandb = [P["wandb"]] if WANDB_ONLINE else []  # `python -m ctpo.reports wandb` when online
+    busy = still_training()
+    if busy:  # everything that does not need a running training: other trainings, their evaluations, diagnostics
+        free = [r for r in RUNS if r not in busy]
+        diag = diag_files() if config["diagnostics"]["run"] in free else []
+        return train_done_files(free) + eval_files(lambda run, step, bench: run in free) + diag
     return tables + figures + train_done_files(RUNS) + wandb

@@ -11,6 +11,7 @@ rule eval:
     params:
         checkpoint=get_checkpoint_dir,
         benchmark=lambda wc: benchmark_file(wc.bench),
+        backend=lambda wc: eval_backend(run_cfg(wc)),  # vllm for a GPU run (required), auto for the toy
     log:
         LOG("eval", "bench"),
     benchmark:
@@ -21,7 +22,8 @@ rule eval:
         **get_resources("eval"),
     shell:
         "OMP_NUM_THREADS={threads} python -m ctpo.eval --config {input.config:q} --checkpoint {params.checkpoint:q} "
-        "--benchmark {params.benchmark:q} --step {wildcards.step:q} --out {output.records:q} > {log:q} 2>&1"
+        "--benchmark {params.benchmark:q} --step {wildcards.step:q} --backend {params.backend:q} "
+        "--out {output.records:q} > {log:q} 2>&1"
 
 
 rule table2:

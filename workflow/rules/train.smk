@@ -33,6 +33,7 @@ rule train:
         results=P["train_dir"],
         workdir=P["workdir"],
         init=get_init_arg,
+        keep=get_keep_arg,
     log:
         LOG("train", "run"),
     benchmark:
@@ -40,10 +41,10 @@ rule train:
     conda:
         ENV_ACCEL
     resources:
-        **get_resources("train"),
+        **train_resources(),
     shell:
         "OMP_NUM_THREADS={threads} python -m ctpo.train --config {input.config:q} --results {params.results:q} "
-        "--workdir {params.workdir:q} {params.init:q} > {log:q} 2>&1"
+        "--workdir {params.workdir:q} {params.init:q} {params.keep:q} > {log:q} 2>&1"
 
 
 rule merge:
