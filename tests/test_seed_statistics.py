@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctpo import layout, schema
+from ctpo import grading, layout, schema
 from ctpo.config import load_experiment
 from ctpo.eval import metrics as M
 from ctpo.io import write_json, write_text
@@ -146,10 +146,12 @@ def _write_tree(root: Path, exp: dict, scores: dict[tuple[str, int], dict[str, n
             correct = np.concatenate([[True] * ci + [False] * (K - ci) for ci in c])
             df = pd.DataFrame({"problem_id": np.repeat([f"{bench}-{i:03d}" for i in range(c.size)], K),
                                "sample_index": np.tile(np.arange(K), c.size).astype(np.int64), "correct": correct})
+            for g in grading.GRADERS:  # both graders agree here
+                df[grading.correct_column(g)] = correct
             path = tree.path("eval", **where)
             path.parent.mkdir(parents=True, exist_ok=True)
             df.to_parquet(path)
-            write_json(tree.path("eval_json", **where), {"k": K})
+            write_json(tree.path("eval_json", **where), {"k": K, "grader": grading.GRADERS[0]})
         reward = rewards.get((run, seed), 0.25)
         rows = [{schema.STEP: i, schema.REWARD_MEAN: reward if reward in (0.0, 1.0) else reward + 0.01 * (i % 3)}
                 for i in range(1, STEP + 1)]
