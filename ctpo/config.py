@@ -119,6 +119,9 @@ class SFTConfig:
     # imperfect teacher: each digit of a demonstration's boxed answer is replaced by another digit with
     # this probability, so the warm start makes copy errors at a known rate (sets its starting accuracy)
     answer_digit_noise: float = 0.0
+    # [lo, hi]: the held-out accuracy a warm start must land in; outside it the warm start fails (exit 78,
+    # naming the seed and the accuracy) instead of handing RL a policy that cannot earn a reward. [0, 1]: any.
+    accuracy_band: List[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass
@@ -388,6 +391,9 @@ def validate_run_config(cfg: dict, source: str = "run config") -> None:
     if revision is not None and not re.search(_revision_pattern(), str(revision)):
         raise ConfigError(f"{source}: model.revision: {revision!r} is not a hub revision (commit hash, tag or "
                           f"branch: letters, digits, '_', '-', '.' and '/', no '..'; {SCHEMA.name} $defs.revision)")
+    band = cfg["sft"]["accuracy_band"]
+    if len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0:
+        raise ConfigError(f"{source}: sft.accuracy_band must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}")
     total = rollout["max_prompt_tokens"] + rollout["max_response_tokens"]
     if total > model["context_length"]:
         raise ConfigError(

@@ -4,7 +4,8 @@
 
 `--seeds` overrides the experiment's `seeds` (Snakemake `--config seeds=[...]`): the same runs are trained
 once per seed (seed0's results are reused), and Tables 2-3 and Figure 2 then show the across-seed mean with
-a Student-t 95% CI over seeds instead of the one-seed bootstrap over problems (`make demo-seeds`).
+a 95% CI from a two-level bootstrap (seeds, then problems) instead of the one-seed bootstrap over problems
+(`make demo-seeds`).
 
 Runs `snakemake --cores JOBS --configfile EXPERIMENT` as a subprocess (the library never imports
 Snakemake; its own progress output is shown as it goes), then `snakemake --report` for the HTML report,

@@ -276,6 +276,7 @@ class TrainDone:
     wandb_mode: str | None = None
     attempts: int | None = None  # verl: launches, resumes included
     final: dict = field(default_factory=dict)  # the last metrics.jsonl row
+    degenerate: str | None = None  # ctpo.run_health.degenerate_reward: e.g. "reward 0 at every step (30 steps)"
 
 
 # keys of older done.json files, read as today's (results trees written before the shapes were unified)
@@ -299,5 +300,5 @@ def read_done(file: str | Path) -> TrainDone:
     known = {k: v for k, v in raw.items() if k in names}
     defaults = {"experiment": None, "run": None, "seed": None, "backend": None, "total_steps": None,
                 "saved_steps": [], "dump_steps": [], "metrics_rows": None, "wandb_run_id": None,
-                "config_hash": None, "checkpoints": None}
+                "config_hash": None, "checkpoints": None, "degenerate": None}
     return TrainDone(**{**defaults, **known})

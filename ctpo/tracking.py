@@ -181,6 +181,15 @@ class Tracker:
         except Exception as e:  # never let tracking stop training
             warnings.warn(f"wandb: log failed at step {step}: {e}")
 
+    def summarize(self, values: dict) -> None:
+        """Set keys of the run's W&B summary (shown beside the run in the W&B UI and its offline files)."""
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(values)
+        except Exception as e:  # never let tracking stop training
+            warnings.warn(f"wandb: summary update failed: {e}")
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return

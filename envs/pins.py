@@ -162,7 +162,7 @@ def resolve(pip: str | None, out_dir: Path) -> dict:
         for label, (args, report) in installs.items():
             took = _dry_run(pip, args, report, ROOT)
             got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-            key = {k: got.get(k) for k in ("torch", "transformers", "vllm", "verl", "ray", "numpy", "flash-attn")}
+            key = {k: got.get(k) for k in ("torch", "transformers", "vllm", "verl", "ray", "numpy", "scipy", "flash-attn")}
             summary[label] = {"seconds": round(took, 1), "packages": len(got), **key}
             print(f"{label}: resolved in {took:.1f} s, {len(got)} packages; " +
                   ", ".join(f"{k} {v}" for k, v in key.items() if v), flush=True)

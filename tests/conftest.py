@@ -42,7 +42,7 @@ LONGEST_FIRST = ("test_verl_e2e.py", "test_verl_e2e_methods.py", "test_train_loc
                  "test_config_data.py", "test_observation_text.py", "test_slurm_submit.py", "test_sandbox_nocgroup.py",
                  "test_verl_preempt.py", "test_diag_band_inputs.py", "test_dag.py", "test_controller_restart.py",
                  "test_cluster_dag.py", "test_reward_guard.py", "test_sandbox_integrity.py", "test_verl_backend.py",
-                 "test_reports.py", "test_release_objective.py", "test_release_reward.py")
+                 "test_reports.py", "test_release_objective.py", "test_release_reward.py", "test_warmstart_band.py")
 
 
 def unit_of(nodeid: str) -> str:

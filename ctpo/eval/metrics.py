@@ -1,4 +1,4 @@
-"""Evaluation metrics over per-sample records (numpy + pandas only; reports import this, so no torch).
+"""Evaluation metrics over per-sample records (numpy, pandas, scipy; reports import this, so no torch).
 
 Records are rows of `ctpo.schema.EVAL_COLUMNS`: one row per (problem_id, sample_index). With k samples
 per problem and c_i of them correct for problem i (P problems):
@@ -7,9 +7,11 @@ per problem and c_i of them correct for problem i (P problems):
     pass_at_k(n, c, k) = 1 - C(n - c, k) / C(n, k)                               (Chen et al. 2021, unbiased)
                        = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)                 (stable product form)
 
-Uncertainty is over problems: a percentile bootstrap that resamples problems with replacement
-(`bootstrap_ci`), a paired bootstrap of the difference of two methods on the same problems
-(`paired_bootstrap`), and a Student-t interval across training seeds (`aggregate_seeds`).
+Uncertainty (scipy.stats for the library parts): a percentile bootstrap over problems (`bootstrap_ci`,
+scipy.stats.bootstrap); over several training seeds a two-level bootstrap, seeds then problems
+(`hierarchical_bootstrap`, ours: no library resamples two crossed levels), whose interval stays inside the
+metric's range; the paired difference of two methods, by seed then by problem (`paired_bootstrap`); and
+a Student-t interval (scipy.stats.t) for unbounded per-seed quantities (`aggregate_seeds`).
 """
 from __future__ import annotations
 
@@ -20,9 +22,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 CI_LEVEL = 0.95
 N_BOOT = 10_000
+# resample means are rounded to this many decimals before taking percentiles, so that two summation orders of the
+# same numbers (scipy's mean, our weighted sums) give the same interval to the last digit
+ROUND_DECIMALS = 12
 
 
 class EvalDataError(ValueError):
@@ -98,55 +104,104 @@ def pass_at_k_ladder(k: int) -> list[int]:
     return out + [k]
 
 
-# ----------------------------------------------------------------------------- bootstrap over problems
+# ----------------------------------------------------------------------------- bootstrap: problems, seeds
 
 
-def bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot,) means of `values` (P,) resampled with replacement.
+def _as_seed_rows(scores: np.ndarray | Sequence[float], source: str) -> np.ndarray:
+    """(S, P) float array: a (P,) vector is one seed."""
+    a = np.asarray(scores, dtype=np.float64)
+    a = a[None, :] if a.ndim == 1 else a
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise EvalDataError(f"{source}: expected per-problem scores of shape (P,) or (S, P) with P > 0, got {a.shape}")
+    return a
 
-    Resample b uses the b-th row of `default_rng(seed).integers(0, P, size=(n_boot, P))`, i.e. the same
-    draws as calling `rng.integers(0, P, size=P)` n_boot times in a loop.
+
+def _resample_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n) weights of n items drawn with replacement: count / n. Row b comes from the b-th row of
+    `rng.integers(0, n, size=(n_boot, n))`, the draw scipy.stats.bootstrap makes for one sample."""
+    idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n)
+    flat = (idx + n * np.arange(n_boot)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n) / n
+
+
+def hierarchical_bootstrap(per_bench: Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = 0,
+                           level: float = CI_LEVEL) -> dict:
+    """Percentile bootstrap of the mean score over benchmarks, seeds and problems.
+
+    `per_bench`: B arrays of per-problem scores, each (S, P_b) (or (P_b,) for one seed), every one with the
+    same S seeds in the same order. Statistic: mean over benchmarks of the mean over seeds and problems
+    (the Average column; one benchmark: its cell). Scores in [0, 1] give an interval inside [0, 1]
+    (differences in [-1, 1]: inside [-1, 1]): every resample is a mean of observed scores.
+
+    One seed: `scipy.stats.bootstrap` over problems, each benchmark resampled on its own.
+    S > 1 seeds (no library resamples two crossed levels): each resample draws S seeds with replacement (one
+    draw for every benchmark: a seed is one trained policy), then, per benchmark, P_b problems with
+    replacement (one draw for every seed: all seeds answered the same problems), and averages. The seed level
+    carries the run-to-run variation, the problem level the sampling of problems. Problem draws come from
+    `default_rng(seed)` in scipy's order and seed draws from a second stream, so S identical seeds give
+    exactly the one-seed interval.
+
+    Returns {mean, ci95 [lo, hi], frac_le_0 (fraction of resamples <= 0: a one-sided bootstrap p-value for a
+    difference > 0), seed_means (S,) (per-seed statistic), n_seeds, n_problems [P_b], n_boot, resampled}.
     """
-    values = np.asarray(values, dtype=np.float64)
-    p = values.size
-    if p == 0:
-        raise EvalDataError("bootstrap: no problems")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, p, size=(n_boot, p))  # (n_boot, P)
-    return values[idx].mean(axis=1)
-
-
-def _percentile_ci(samples: np.ndarray, level: float) -> list[float]:
-    alpha = 1.0 - level
-    lo, hi = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
-    return [float(lo), float(hi)]
+    rows = [_as_seed_rows(s, "hierarchical_bootstrap") for s in per_bench]
+    if not rows:
+        raise EvalDataError("hierarchical_bootstrap: no benchmarks")
+    n_seeds = rows[0].shape[0]
+    if any(r.shape[0] != n_seeds for r in rows):
+        raise EvalDataError(f"hierarchical_bootstrap: benchmarks have different seed counts {[r.shape[0] for r in rows]}")
+    seed_means = np.mean([r.mean(axis=1) for r in rows], axis=0)  # (S,)
+    if n_seeds == 1:
+        res = stats.bootstrap(
+            tuple(r[0] for r in rows), lambda *xs, axis: np.mean([x.mean(axis=axis) for x in xs], axis=0),
+            n_resamples=n_boot, confidence_level=level, method="percentile", vectorized=True,
+            rng=np.random.default_rng(seed),
+        )
+        dist = res.bootstrap_distribution
+        resampled = "problems"
+    else:
+        problem_rng, seed_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+        w_seed = _resample_weights(seed_rng, n_seeds, n_boot)  # (n_boot, S), shared by every benchmark
+        dist = np.mean([np.einsum("bs,sp,bp->b", w_seed, r, _resample_weights(problem_rng, r.shape[1], n_boot))
+                        for r in rows], axis=0)  # (n_boot,)
+        resampled = "seeds, then problems"
+    dist = np.round(dist, ROUND_DECIMALS)
+    ci = [float(x) for x in stats.quantile(dist, [(1 - level) / 2, (1 + level) / 2])]  # scipy's percentile interval
+    return {
+        "mean": float(seed_means.mean()),
+        "ci95": ci,
+        "frac_le_0": float(np.mean(dist <= 0.0)),
+        "seed_means": seed_means.tolist(),
+        "n_seeds": int(n_seeds),
+        "n_problems": [int(r.shape[1]) for r in rows],
+        "n_boot": int(n_boot),
+        "resampled": resampled,
+    }
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0, level: float = CI_LEVEL) -> list[float]:
-    """Percentile bootstrap CI [lo, hi] of the mean of per-problem scores `values` (P,)."""
-    return _percentile_ci(bootstrap_means(np.asarray(values), n_boot, seed), level)
+    """Percentile bootstrap CI [lo, hi] of the mean of per-problem scores `values` (P,) (scipy.stats.bootstrap)."""
+    return hierarchical_bootstrap([np.asarray(values, dtype=np.float64)], n_boot, seed, level)["ci95"]
 
 
 def paired_bootstrap(
-    a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT, seed: int = 0, level: float = CI_LEVEL
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
+    level: float = CI_LEVEL,
 ) -> dict:
-    """Difference of two methods scored on the same problems, `a` and `b` (P,) aligned by problem.
+    """Difference of two methods scored on the same problems (and, for (S, P) inputs, the same seeds: seed s
+    of each method starts from the same warm start), paired by seed, then by problem: the hierarchical
+    bootstrap of a - b. `a`, `b`: (P,) or (S, P), aligned.
 
-    Resamples problems (the same resample for both methods) and returns
-    {mean_diff: mean(a - b), ci95: [lo, hi] of the resampled mean differences,
-     frac_le_0: fraction of resamples whose mean difference is <= 0 (a one-sided bootstrap p-value for a > b)}.
+    Returns {mean_diff, ci95 [lo, hi], frac_le_0 (one-sided bootstrap p-value for a > b), seed_diffs (S,),
+    n_seeds, n_problems, n_boot, resampled}.
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = _as_seed_rows(a, "paired_bootstrap"), _as_seed_rows(b, "paired_bootstrap")
     if a.shape != b.shape:
-        raise EvalDataError(f"paired_bootstrap: methods cover different problem sets ({a.size} vs {b.size})")
-    diffs = bootstrap_means(a - b, n_boot, seed)
-    return {
-        "mean_diff": float(np.mean(a - b)),
-        "ci95": _percentile_ci(diffs, level),
-        "frac_le_0": float(np.mean(diffs <= 0.0)),
-        "n_problems": int(a.size),
-        "n_boot": int(n_boot),
-    }
+        raise EvalDataError(f"paired_bootstrap: methods cover different problem sets or seeds ({a.shape} vs {b.shape})")
+    out = hierarchical_bootstrap([a - b], n_boot, seed, level)
+    return {"mean_diff": out["mean"], "ci95": out["ci95"], "frac_le_0": out["frac_le_0"],
+            "seed_diffs": out["seed_means"], "n_seeds": out["n_seeds"], "n_problems": out["n_problems"][0],
+            "n_boot": out["n_boot"], "resampled": out["resampled"]}
 
 
 def paired_records(a: pd.DataFrame, b: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,38 +217,18 @@ def paired_records(a: pd.DataFrame, b: pd.DataFrame, k: int) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- across seeds
 
 
-def _student_t_cdf(x: float, dof: int) -> float:
-    """P(T <= x) for Student's t with `dof` degrees of freedom, by Simpson integration of the density."""
-    if x < 0:
-        return 1.0 - _student_t_cdf(-x, dof)
-    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
-    m = 4000  # even number of Simpson intervals on [0, x]
-    # substitute x = tan(u) so the heavy tail stays well-resolved for large x
-    u = np.linspace(0.0, math.atan(x), m + 1)
-    t = np.tan(u)
-    f = np.exp(log_norm - (dof + 1) / 2 * np.log1p(t * t / dof)) / np.cos(u) ** 2
-    h = (u[-1] - u[0]) / m
-    integral = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    return 0.5 + float(integral)
-
-
 def student_t_quantile(p: float, dof: int) -> float:
-    """The p-quantile of Student's t (0.5 < p < 1), by bisection on `_student_t_cdf`."""
+    """The p-quantile of Student's t (0.5 < p < 1), scipy.stats.t."""
     if not 0.5 < p < 1 or dof < 1:
         raise ValueError(f"student_t_quantile: need 0.5 < p < 1 and dof >= 1, got p={p}, dof={dof}")
-    lo, hi = 0.0, 1.0
-    while _student_t_cdf(hi, dof) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _student_t_cdf(mid, dof) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(stats.t.ppf(p, dof))
 
 
 def aggregate_seeds(values: Sequence[float], level: float = CI_LEVEL) -> dict:
-    """Mean and Student-t CI across training seeds: mean +- t_{(1+level)/2, S-1} * std / sqrt(S).
+    """Mean, standard deviation and Student-t CI across seeds: mean +- t_{(1+level)/2, S-1} * std / sqrt(S).
 
-    `values`: (S,) one score per seed (e.g. avg@k of each seed). With a single seed the CI is None.
+    `values`: (S,) one number per seed. For an unbounded quantity (a loss, a time); a bounded metric
+    (accuracy) takes `hierarchical_bootstrap`, whose interval respects the bounds. One seed: std and CI None.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:

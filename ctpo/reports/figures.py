@@ -6,8 +6,8 @@ Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, firs
   band, and (grey, right axis) the tokens in each bin. Only bins holding >= diagnostics.min_bin_tokens tokens
   are drawn (the fit uses the same bins).
 Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs, four panels. (a) avg@k on
-  figure2_benchmark at every evaluated checkpoint with a 95% CI band (bootstrap over problems, or Student-t over
-  seeds); (b) the clip-active fraction per step (ctpo.schema.CLIP_FRAC_ACTIVE): what the release logs as
+  figure2_benchmark at every evaluated checkpoint with a 95% CI band (bootstrap over problems, or over seeds
+  then problems); (b) the clip-active fraction per step (ctpo.schema.CLIP_FRAC_ACTIVE): what the release logs as
   actor/pg_clipfrac for every method, CTPO included (the clipped branch of the surrogate is active: A > 0 above
   the range or A < 0 below it), the paper's "clip fraction"; (c) the out-of-band fraction (ctpo.schema.CLIP_FRAC:
   the method-specific ratio outside its range, either advantage sign); (d) mean response length per step.

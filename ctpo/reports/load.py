@@ -16,9 +16,13 @@ from ctpo import layout, methods
 from ctpo.config import ConfigError, load_experiment
 from ctpo.eval.metrics import EvalDataError, check_k_samples, correct_counts
 from ctpo.io import read_json, read_jsonl
+from ctpo.run_health import degenerate_reward
 
 MODEL_NAMES = {"qwen3_4b": "Qwen3-4B", "qwen3_14b": "Qwen3-14B", "toy": "toy-qwen3"}
 REQUIRED_SECTIONS = ("experiment", "label", "seeds", "runs", "evaluation", "diagnostics")
+# evaluation.exclude_degenerate (optional, default false): leave runs that learned nothing (reward 0, or 1, at
+# every step; ctpo.run_health) out of the tables' means and intervals. Flagged in the captions either way.
+EXCLUDE_DEGENERATE = "exclude_degenerate"
 EVALUATION_KEYS = ("table2_benchmarks", "table2_runs", "table3_runs", "figure2_benchmark", "figure2_runs")
 
 
@@ -47,7 +51,16 @@ def read_experiment(path: str | Path) -> dict:
             raise ReportInputError(f"{path}: run '{run}' is used by evaluation/diagnostics but not under 'runs'")
     exp.setdefault("paper_reference", {})
     exp.setdefault("assumptions", {})
+    exclude_degenerate(exp, str(path))
     return exp
+
+
+def exclude_degenerate(exp: dict, source: str = "experiment") -> bool:
+    """evaluation.exclude_degenerate: optional, false when absent (workflow/schemas/config.schema.yaml)."""
+    value = exp["evaluation"].get(EXCLUDE_DEGENERATE, False)
+    if not isinstance(value, bool):
+        raise ReportInputError(f"{source}: evaluation.{EXCLUDE_DEGENERATE} must be true or false, got {value!r}")
+    return value
 
 
 def is_toy(exp: dict) -> bool:
@@ -144,6 +157,11 @@ class Results:
             raise ReportInputError(f"{path}: rows lack the 'step' key")
         df.attrs["source"] = str(path)
         return df.sort_values("step")
+
+    def degenerate(self, run: str, seed: int) -> str | None:
+        """Why (run, seed) learned nothing (ctpo.run_health: reward 0, or 1, at every step), from its
+        metrics.jsonl; None when its reward moved."""
+        return degenerate_reward(read_jsonl(self._need(self.tree.path("metrics", run=run, seed=seed))))
 
     def diagnostics(self, run: str, seed: int, step: int) -> tuple[pd.DataFrame, dict]:
         where = dict(run=run, seed=seed, step=step)

@@ -1,11 +1,15 @@
 """Tables 1-3 from results/ as Markdown and LaTeX (booktabs), plus tables.json (numbers, for W&B).
 
 Table 2: rows = experiment.evaluation.table2_runs (model x method), columns = table2_benchmarks + Average;
-  cell = avg@k in % with a 95% CI. One seed: percentile bootstrap over problems (the Average's CI
-  resamples problems within every benchmark and averages). Several seeds: mean over seeds and a Student-t
-  CI across seeds (ctpo.eval.metrics.aggregate_seeds). Step = the last step every compared run evaluated.
-Table 3: experiment.evaluation.table3_runs (adaptive CTPO, fixed-clip CTPO) and a row with their paired-
-  bootstrap difference (same problem resamples for both; per-problem scores averaged over seeds).
+  cell = avg@k in % with a 95% CI (ctpo.eval.metrics.hierarchical_bootstrap). One seed: percentile
+  bootstrap over problems (the Average's CI resamples problems within every benchmark and averages).
+  Several seeds: mean over seeds and problems, with a two-level bootstrap (seeds, then problems) whose
+  interval stays inside [0, 100]; the notes list each seed's value. Step = the last step every compared
+  run evaluated.
+Table 3: experiment.evaluation.table3_runs (adaptive CTPO, fixed-clip CTPO) and a row with their difference,
+  paired by seed (seed s of both starts from the same warm start), then by problem.
+Runs that learned nothing (ctpo.run_health: reward 0, or 1, at every step) are flagged in the caption;
+  evaluation.exclude_degenerate: true leaves them out of the means and intervals, and the caption says so.
 Table 1: the Monte-Carlo study (results/{exp}/table1.json, ctpo.reports.table1) beside the paper's
   qualitative table, rebuilt from its prose (its body is missing from our copy).
 The paper's reported averages (experiment.paper_reference) appear in their own column, labelled as the
@@ -19,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ctpo import grading
-from ctpo.eval.metrics import CI_LEVEL, aggregate_seeds, bootstrap_ci, bootstrap_means, paired_bootstrap
+from ctpo.eval.metrics import hierarchical_bootstrap, paired_bootstrap
 from ctpo.io import write_json, write_text
-from ctpo.reports.load import ReportInputError, Results, label_tag, run_title
+from ctpo.reports.load import (EXCLUDE_DEGENERATE, ReportInputError, Results, exclude_degenerate, label_tag,
+                               run_title)
 from ctpo.reports.table1 import ESTIMATORS
 
 N_BOOT = 2000  # bootstrap resamples for table CIs (the eval sidecars carry 10k-resample CIs per checkpoint)
@@ -45,32 +50,33 @@ def _cell(mean: float, ci: list[float] | None) -> str:
     return _pct(mean) if ci is None else f"{_pct(mean)} [{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
-def _quantile_ci(samples: np.ndarray) -> list[float]:
-    a = 1 - CI_LEVEL
-    return [float(x) for x in np.quantile(samples, [a / 2, 1 - a / 2])]
-
-
-def score_summary(per_bench: list[np.ndarray], seed: int = 0) -> dict:
-    """Per-benchmark and average avg@k with 95% CIs from per-bench (S, P) score arrays."""
-    out = {"bench": []}
-    n_seeds = per_bench[0].shape[0]
-    for i, s in enumerate(per_bench):
-        if n_seeds == 1:
-            out["bench"].append({"mean": float(s[0].mean()), "ci95": bootstrap_ci(s[0], N_BOOT, seed + i)})
-        else:
-            agg = aggregate_seeds(s.mean(axis=1))
-            out["bench"].append({"mean": agg["mean"], "ci95": agg["ci95"]})
-    if n_seeds == 1:
-        boots = np.mean([bootstrap_means(s[0], N_BOOT, seed + i) for i, s in enumerate(per_bench)], axis=0)
-        out["average"] = {"mean": float(np.mean([s[0].mean() for s in per_bench])), "ci95": _quantile_ci(boots)}
-    else:
-        agg = aggregate_seeds(np.mean([s.mean(axis=1) for s in per_bench], axis=0))
-        out["average"] = {"mean": agg["mean"], "ci95": agg["ci95"]}
+def _interval(boot: dict) -> dict:
+    out = {"mean": boot["mean"], "ci95": boot["ci95"], "resampled": boot["resampled"]}
+    if boot["n_seeds"] > 1:
+        out["seed_values"] = boot["seed_means"]
     return out
 
 
-def _ci_kind(seeds: list[int]) -> str:
-    return "bootstrap over problems" if len(seeds) == 1 else f"Student-t over {len(seeds)} seeds"
+def score_summary(per_bench: list[np.ndarray], seed: int = 0) -> dict:
+    """Per-benchmark and average avg@k with 95% CIs from per-bench (S, P) score arrays
+    (ctpo.eval.metrics.hierarchical_bootstrap: problems for one seed; seeds, then problems for several)."""
+    return {
+        "bench": [_interval(hierarchical_bootstrap([s], N_BOOT, seed + i)) for i, s in enumerate(per_bench)],
+        "average": _interval(hierarchical_bootstrap(per_bench, N_BOOT, seed)),
+    }
+
+
+def _ci_kind(n_seeds: int) -> str:
+    if n_seeds == 1:
+        return "bootstrap over problems"
+    return (f"two-level bootstrap over {n_seeds} seeds, then problems: every resample averages observed "
+            "accuracies, so the interval stays inside [0, 100], where a Student-t interval over a few seeds "
+            "does not; with few seeds it still understates the seed-to-seed spread")
+
+
+def _seed_counts(per_run_seeds: dict[str, list[int]]) -> int:
+    """The seed count the caption names (the most any run kept)."""
+    return max((len(s) for s in per_run_seeds.values()), default=0)
 
 
 def assumptions_note(exp: dict) -> str:
@@ -119,6 +125,42 @@ def fixed_dual_clip_note(exp: dict, fixed_run: str) -> str:
             f"and verl's default dual clip 3.")
 
 
+def degenerate_runs(results: Results, runs: list[str], seeds: list[int]) -> dict[tuple[str, int], str]:
+    """{(run, seed): why} for the runs that learned nothing (ctpo.run_health), from their metrics.jsonl."""
+    out = {}
+    for run in runs:
+        for s in seeds:
+            why = results.degenerate(run, s)
+            if why:
+                out[(run, s)] = why
+    return out
+
+
+def kept_seeds(exp: dict, runs: list[str], seeds: list[int], flagged: dict) -> dict[str, list[int]]:
+    """Seeds each run is averaged over: all of them, unless evaluation.exclude_degenerate leaves out flagged ones."""
+    if not exclude_degenerate(exp):
+        return {r: list(seeds) for r in runs}
+    return {r: [s for s in seeds if (r, s) not in flagged] for r in runs}
+
+
+def degenerate_note(exp: dict, flagged: dict) -> str:
+    """The caption's flag: which (run, seed) learned nothing, and whether the table includes them."""
+    if not flagged:
+        return ""
+    listed = "; ".join(f"{run} seed {s}: {why}" for (run, s), why in sorted(flagged.items()))
+    if exclude_degenerate(exp):
+        return (f" EXCLUDED, learned nothing ({listed}): left out of every mean and interval, as the experiment's "
+                f"evaluation.{EXCLUDE_DEGENERATE}: true says.")
+    return (f" WARNING, learned nothing ({listed}): included in the means and intervals above (set "
+            f"evaluation.{EXCLUDE_DEGENERATE}: true in the experiment file to leave them out, stated here).")
+
+
+def _seed_values_note(exp: dict, run: str, summary: dict) -> str | None:
+    if "seed_values" not in summary["average"]:
+        return None
+    return f"{run_title(exp, run)} Average per seed: " + ", ".join(_pct(v) for v in summary["average"]["seed_values"])
+
+
 def table2(exp: dict, results: Results) -> Table:
     ev, seeds = exp["evaluation"], list(exp["seeds"])
     runs, benches = ev["table2_runs"], ev["table2_benchmarks"]
@@ -129,27 +171,36 @@ def table2(exp: dict, results: Results) -> Table:
     other = grading.other(grader)
     cols = (["Model / method", *benches, f"Average ({tag})", f"Average ({other} grader)"]
             + (["Average (paper, reported)"] if ref else []))
-    rows, data, k = [], [], None
+    flagged = degenerate_runs(results, runs, seeds)
+    use = kept_seeds(exp, runs, seeds, flagged)
+    k = results.eval_result(runs[0], seeds[0], step, benches[0]).k
+    rows, data, notes = [], [], []
     for run in runs:
-        per_bench = [results.seed_scores(run, seeds, step, b) for b in benches]
-        k = results.eval_result(run, seeds[0], step, benches[0]).k
+        if not use[run]:
+            rows.append([run_title(exp, run), *["excluded"] * (len(benches) + 2)] + (["n/a"] * bool(ref)))
+            data.append({"run": run, "step": step, "k": k, "seeds": [], "excluded": True})
+            continue
+        per_bench = [results.seed_scores(run, use[run], step, b) for b in benches]
         s = score_summary(per_bench)
         row = [run_title(exp, run), *(_cell(b["mean"], b["ci95"]) for b in s["bench"])]
         row.append(_cell(s["average"]["mean"], s["average"]["ci95"]))
-        other_avg = float(np.mean([results.seed_scores(run, seeds, step, b, grading.correct_column(other)).mean()
+        other_avg = float(np.mean([results.seed_scores(run, use[run], step, b, grading.correct_column(other)).mean()
                                    for b in benches]))
         row.append(_pct(other_avg))
         if ref:
             row.append(f"{ref[run]:.1f}" if run in ref else "n/a")
         rows.append(row)
-        data.append({"run": run, "step": step, "k": k, "benchmarks": dict(zip(benches, s["bench"])),
+        data.append({"run": run, "step": step, "k": k, "seeds": use[run], "benchmarks": dict(zip(benches, s["bench"])),
                      "average": s["average"], "grader": grader, "average_by_grader": {other: other_avg},
-                     "paper_average": ref.get(run)})
-    caption = (f"Table 2 [{tag}]: avg@{k} (%) at step {step}, 95% CI ({_ci_kind(seeds)}), seeds {seeds}."
+                     "paper_average": ref.get(run),
+                     "degenerate": {str(sd): flagged[(run, sd)] for sd in seeds if (run, sd) in flagged}})
+        notes += [n for n in [_seed_values_note(exp, run, s)] if n]
+    n_seeds = _seed_counts(use)
+    caption = (f"Table 2 [{tag}]: avg@{k} (%) at step {step}, 95% CI ({_ci_kind(n_seeds)}), seeds {seeds}."
                + grader_note(grader, other)
                + (" 'paper, reported' = the paper's Table 2 averages, not our runs." if ref else "")
-               + _seed_note(seeds) + assumptions_note(exp))
-    return Table("table2", caption, cols, rows, data)
+               + _seed_note(seeds) + degenerate_note(exp, flagged) + assumptions_note(exp))
+    return Table("table2", caption, cols, rows, data, notes)
 
 
 def table3(exp: dict, results: Results) -> Table:
@@ -161,39 +212,56 @@ def table3(exp: dict, results: Results) -> Table:
     ref = exp["paper_reference"].get("table3_average", {})
     tag = label_tag(exp)
     cols = ["Clipping", *benches, f"Average ({tag})"] + (["Average (paper, reported)"] if ref else [])
-    scores = {r: [results.seed_scores(r, seeds, step, b) for b in benches] for r in runs}
+    flagged = degenerate_runs(results, runs, seeds)
+    use = kept_seeds(exp, runs, seeds, flagged)
     k = results.eval_result(runs[0], seeds[0], step, benches[0]).k
-    rows, data = [], []
+    rows, data, notes = [], [], []
     for run in runs:
-        s = score_summary(scores[run])
+        if not use[run]:
+            rows.append([run_title(exp, run), *["excluded"] * (len(benches) + 1)] + (["n/a"] * bool(ref)))
+            data.append({"run": run, "step": step, "seeds": [], "excluded": True})
+            continue
+        s = score_summary([results.seed_scores(run, use[run], step, b) for b in benches])
         row = [run_title(exp, run), *(_cell(b["mean"], b["ci95"]) for b in s["bench"]),
                _cell(s["average"]["mean"], s["average"]["ci95"])]
         if ref:
             row.append(f"{ref[run]:.1f}" if run in ref else "n/a")
         rows.append(row)
-        data.append({"run": run, "step": step, "benchmarks": dict(zip(benches, s["bench"])), "average": s["average"]})
+        data.append({"run": run, "step": step, "seeds": use[run], "benchmarks": dict(zip(benches, s["bench"])),
+                     "average": s["average"],
+                     "degenerate": {str(sd): flagged[(run, sd)] for sd in seeds if (run, sd) in flagged}})
+        notes += [n for n in [_seed_values_note(exp, run, s)] if n]
     a_run, f_run = runs
-    diffs, boots = [], []
-    for i, b in enumerate(benches):
-        a, f = scores[a_run][i].mean(axis=0), scores[f_run][i].mean(axis=0)  # (P,) averaged over seeds
-        diffs.append(paired_bootstrap(a, f, n_boot=N_BOOT, seed=i))
-        boots.append(bootstrap_means(a - f, N_BOOT, i))
-    avg_boot = np.mean(boots, axis=0)
-    avg = {"mean_diff": float(np.mean([d["mean_diff"] for d in diffs])), "ci95": _quantile_ci(avg_boot),
-           "frac_le_0": float(np.mean(avg_boot <= 0))}
-    row = ["Difference (paired bootstrap)", *(_cell(d["mean_diff"], d["ci95"]) for d in [*diffs, avg])]
+    pair = [sd for sd in use[a_run] if sd in use[f_run]]  # paired by seed: both runs kept
+    if pair:
+        a_f = [(results.seed_scores(a_run, pair, step, b), results.seed_scores(f_run, pair, step, b)) for b in benches]
+        diffs = [paired_bootstrap(a, f, n_boot=N_BOOT, seed=i) for i, (a, f) in enumerate(a_f)]
+        avg_boot = hierarchical_bootstrap([a - f for a, f in a_f], N_BOOT, len(benches))  # B x (S, P) differences
+        avg = {"mean_diff": avg_boot["mean"], "ci95": avg_boot["ci95"], "frac_le_0": avg_boot["frac_le_0"],
+               "seed_diffs": avg_boot["seed_means"], "n_seeds": avg_boot["n_seeds"], "resampled": avg_boot["resampled"]}
+        row = [f"Difference (paired bootstrap{' by seed, then problem' if len(pair) > 1 else ''})",
+               *(_cell(d["mean_diff"], d["ci95"]) for d in [*diffs, avg])]
+        if len(pair) > 1:
+            notes.append(f"Difference Average per seed {pair}: " + ", ".join(_pct(v) for v in avg["seed_diffs"]))
+    else:
+        diffs, avg = [], {"mean_diff": None, "ci95": None, "frac_le_0": None}
+        row = ["Difference: no seed left to pair", *["excluded"] * (len(benches) + 1)]
     if ref:
         row.append(f"{ref[a_run] - ref[f_run]:.1f}" if a_run in ref and f_run in ref else "n/a")
     rows.append(row)
-    data.append({"difference": f"{a_run} - {f_run}", "benchmarks": dict(zip(benches, diffs)), "average": avg})
+    data.append({"difference": f"{a_run} - {f_run}", "seeds": pair, "benchmarks": dict(zip(benches, diffs)),
+                 "average": avg})
+    how = ("paired bootstrap over seeds (each seed's two runs start from its warm start), then problems"
+           if len(pair) > 1 else "paired bootstrap over problems")
+    p_le_0 = f"{avg['frac_le_0']:.3f}" if avg["frac_le_0"] is not None else "n/a"
     caption = (f"Table 3 [{tag}]: position-adaptive vs fixed clipping, avg@{k} (%) at step {step}, 95% CI "
-               f"({_ci_kind(seeds)}); last row: {a_run} - {f_run}, paired bootstrap over problems "
-               f"(P(diff <= 0) for the average = {avg['frac_le_0']:.3f})."
+               f"({_ci_kind(_seed_counts(use))}); last row: {a_run} - {f_run}, {how} "
+               f"(P(diff <= 0) for the average = {p_le_0})."
                + f" Grader: {table_grader(results, runs, seeds, step, benches, 'Table 3')}."
                + (" 'paper, reported' = the paper's Table 3 averages, not our runs." if ref else "")
                + fixed_dual_clip_note(exp, f_run)
-               + _seed_note(seeds) + assumptions_note(exp))
-    return Table("table3", caption, cols, rows, data)
+               + _seed_note(seeds) + degenerate_note(exp, flagged) + assumptions_note(exp))
+    return Table("table3", caption, cols, rows, data, notes)
 
 
 def table1(study: dict) -> Table:

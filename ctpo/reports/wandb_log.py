@@ -27,7 +27,7 @@ def summary_metrics(exp: dict, results: Results, tables: dict) -> dict:
         if t["name"] not in ("table2", "table3"):
             continue
         for rec in t["data"]:
-            if "run" not in rec:
+            if "run" not in rec or rec.get("excluded"):  # the difference row; a run whose every seed was excluded
                 continue
             for bench, b in rec["benchmarks"].items():
                 out[f"eval/{rec['run']}/{bench}/avg_at_k"] = b["mean"]

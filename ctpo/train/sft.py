@@ -8,8 +8,10 @@ tokens are exactly what a rollout of the same behaviour would hold: prompt, a mo
 expression in a fenced Python block, the sandbox observation (mask 0, never trained on), and a model
 turn with the boxed answer and EOS. Loss: cross-entropy on model tokens only. The warm start is then
 scored through the real agent loop and sandbox at the rollout temperature on the held-out set
-(`data.val[0]`); that accuracy goes into the done marker, which is written last. Idempotent: if the
-done marker exists, exit at once.
+(`data.val[0]`); that accuracy goes into the done marker, which is written last. A warm start whose
+accuracy lands outside `sft.accuracy_band` writes no done marker and exits EXIT_PERMANENT (78) with one line
+naming the seed and the accuracy, so a seed that did not learn never reaches RL. Idempotent: if the done
+marker exists, exit at once.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ctpo import layout
 from ctpo.config import RunConfig, load_run_config
 from ctpo.data.problems import read_questions
 from ctpo.data.toy_task import Problem, demo_turns, sample_problems
+from ctpo.exitcodes import PermanentError, fail_permanent
 from ctpo.io import read_json, write_json
 from ctpo.seeding import seed_everything
 
@@ -156,7 +159,7 @@ def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
         "policy": str(out / layout.POLICY),
         "seed": cfg.seed,
         "sft": {"steps": cfg.sft.steps, "batch_size": cfg.sft.batch_size, "lr": cfg.sft.lr, "n_demos": cfg.sft.n_demos,
-                "answer_digit_noise": cfg.sft.answer_digit_noise},
+                "answer_digit_noise": cfg.sft.answer_digit_noise, "accuracy_band": list(cfg.sft.accuracy_band)},
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "accuracy": accuracy,
@@ -167,8 +170,22 @@ def run_sft(cfg: RunConfig, out: Path, done: Path) -> dict:
         "total_seconds": round(time.time() - t0, 2),
         "n_params": sum(p.numel() for p in model.parameters()),
     }
+    check_band(record, cfg)
     write_json(done, record)  # last: the marker means everything above exists
     return record
+
+
+def check_band(record: dict, cfg: RunConfig) -> None:
+    """Raise PermanentError (one line: seed, accuracy, band) when the warm start's accuracy is outside
+    `sft.accuracy_band`; the policy stays on disk for inspection, the done marker is not written."""
+    lo, hi = cfg.sft.accuracy_band
+    acc, n = record["accuracy"], record["accuracy_n"]
+    if not lo <= acc <= hi:
+        raise PermanentError(
+            f"sft: warm start seed {cfg.seed} reached held-out accuracy {acc:.3f} ({round(acc * n)}/{n}, loss "
+            f"{record['loss_last']:.3f}), outside sft.accuracy_band [{lo:g}, {hi:g}] of experiment "
+            f"'{cfg.experiment}': this seed's warm start did not land where RL can learn from it"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(args.config)
     if cfg.model.kind != "toy":
         raise SystemExit(f"{args.config}: the SFT warm start is for model.kind=toy (either train.backend)")
-    rec = run_sft(cfg, out, done)
+    try:
+        rec = run_sft(cfg, out, done)
+    except PermanentError as e:
+        fail_permanent(str(e))
     print(f"sft: {cfg.sft.steps} steps, loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f}, "
           f"warm-start accuracy {rec['accuracy']:.3f} on {rec['accuracy_n']} held-out problems "
           f"(T={rec['accuracy_temperature']}), {rec['total_seconds']:.0f}s")

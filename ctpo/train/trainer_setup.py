@@ -10,6 +10,7 @@ import torch
 from ctpo import layout
 from ctpo.config import ConfigError, RunConfig, config_hash, effective_batch_sizes
 from ctpo.io import append_jsonl, write_json, write_text
+from ctpo.run_health import DEGENERATE_KEY, degenerate_reward
 from ctpo.train import checkpoint as ckpt
 from ctpo.seeding import seed_everything
 from ctpo.workdir import claim, run_identity
@@ -174,8 +175,11 @@ class Run:
             dump_steps=layout.dumped_steps(self.workdir), metrics_rows=len(self.rows),
             wandb_run_id=self.tracker.run_id, config_hash=config_hash(self.cfg_dict),
             checkpoints=str(wd.path("checkpoints")), wandb_mode=self.tracker.mode,
-            final=dict(self.rows[-1]) if self.rows else {},
+            final=dict(self.rows[-1]) if self.rows else {}, degenerate=degenerate_reward(self.rows),
         )
+        if record.degenerate:
+            print(f"train: WARNING {c.run} seed {c.seed} learned nothing: {record.degenerate}", flush=True)
+            self.tracker.summarize({DEGENERATE_KEY: record.degenerate})
         self.close()
         layout.write_done(done_path, record)
 

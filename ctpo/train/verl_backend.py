@@ -48,6 +48,7 @@ from ctpo.exitcodes import EXIT_PERMANENT
 from ctpo.train import ray_cluster, retention, verl_preempt
 from ctpo.workdir import claim
 from ctpo.io import read_jsonl, write_json, write_text
+from ctpo.run_health import degenerate_reward
 
 VERL_MAIN = "verl.trainer.main_ppo"
 PLUGIN_MODULE = "ctpo.verl_plugin"
@@ -435,8 +436,10 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
         total_steps=cfg.train.total_steps, saved_steps=list_checkpoints(workdir),
         dump_steps=layout.dumped_steps(workdir), metrics_rows=n_rows, wandb_run_id=wandb_run_id(cfg_dict, workdir),
         config_hash=prov["config_hash"], checkpoints=str(checkpoint_dir(workdir)),
-        attempts=next_attempt(workdir) - 1, final=rows[-1] if rows else {},
+        attempts=next_attempt(workdir) - 1, final=rows[-1] if rows else {}, degenerate=degenerate_reward(rows),
     )
+    if done.degenerate:
+        print(f"train: WARNING {cfg.run} seed {cfg.seed} learned nothing: {done.degenerate}", flush=True)
     return layout.write_done(rd.path("train_done"), done)
 
 
