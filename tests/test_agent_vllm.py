@@ -74,7 +74,7 @@ def test_vllm_outputs_map_to_genoutputs(fake_vllm):
 def test_on_cuda_the_engine_keeps_vllms_defaults(fake_vllm, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     VLLMGenerator("some/model")
-    assert "enable_chunked_prefill" not in _FakeLLM.instances[0].kwargs
+    assert not {"enable_chunked_prefill", "enforce_eager"} & _FakeLLM.instances[0].kwargs.keys()
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
 
 
@@ -85,7 +85,8 @@ def test_on_vllms_cpu_platform_prefills_are_whole_and_the_kv_cache_is_small(fake
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the caller's setting wins over the default
     VLLMGenerator("some/model", dtype="float32")
-    assert _FakeLLM.instances[0].kwargs["enable_chunked_prefill"] is False
+    kwargs = _FakeLLM.instances[0].kwargs
+    assert kwargs["enable_chunked_prefill"] is False and kwargs["enforce_eager"] is True
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == vllm_generator.CPU_ENV["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 

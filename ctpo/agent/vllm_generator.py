@@ -27,9 +27,10 @@ def cpu_platform() -> bool:
 
 
 def cpu_engine_args() -> dict:
-    """Engine arguments vLLM needs on its CPU platform: whole prefills (a seeded request whose prefill is
-    split fails in vLLM 0.24's CPU sampler: "CPU Generator does not use offset")."""
-    return {"enable_chunked_prefill": False}
+    """Engine arguments for vLLM's CPU platform: whole prefills (a seeded request whose prefill is split
+    fails in vLLM 0.24's CPU sampler: "CPU Generator does not use offset"), and eager execution (its
+    torch.compile warm-up took 60 s for the toy on the 2-core machine, longer than the toy's evaluation)."""
+    return {"enable_chunked_prefill": False, "enforce_eager": True}
 
 
 class VLLMGenerator:
