@@ -71,6 +71,29 @@ def warmstart(tmp_path_factory):
     return root / "data", root / "sft" / "policy"
 
 
+def test_the_environment_is_the_gpu_set_with_vllms_cpu_build():
+    """What `make venv-vllm` built: every pin of the GPU set (core + `gpu` extra) at its version, vllm as its
+    CPU build of the pinned version, and pip's own consistency check clean."""
+    import importlib.util
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    spec = importlib.util.spec_from_file_location("pins", REPO / "envs" / "pins.py")
+    pins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pins)
+    wrong = {}
+    for line in pins.pin_list(("gpu",)):
+        r = Requirement(line)
+        want = next(s.version for s in r.specifier if s.operator == "==")
+        got = metadata.version(r.name)
+        if got != (want + "+cpu" if r.name == "vllm" else want):
+            wrong[r.name] = (want, got)
+    assert wrong == {}
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=HANG_S)
+    assert check.returncode == 0, check.stdout
+
+
 def _eval_config(tmp_path: Path, data: Path, **eval_keys) -> Path:
     d = toy_vllm_run("toy_verl", "toy_ctpo")
     d["data"]["train"] = str(data / "train.parquet")
@@ -222,3 +245,82 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     print("vllm verl e2e:", json.dumps({**{k: round(v, 1) for k, v in timings.items()},
                                         **{f"log_ppl_abs_diff_step{s}": per_step[s]["rollout_corr/log_ppl_abs_diff"]
                                            for s in (1, 2, 3)}}))
+
+
+def test_release_protocol_one_step_through_verls_tool_agent_loop_on_the_vllm_server(tmp_path):
+    """(c) `rollout.protocol: release` (verl's ToolAgentLoop, Hermes parser with the fenced-code fallback,
+    the release's system prompt and code_interpreter tool) for one training step on verl's vLLM server.
+    The policy speaks through tests/qwen3_tokenizer.py (Qwen3's chat template on an offline byte-level
+    vocabulary) and is freshly initialised: the step exercises the plumbing (prompt rendering with tools,
+    token-in / token-out generation on vLLM, weight sync, the update), not the protocol's answers."""
+    from qwen3_tokenizer import qwen3_style_tokenizer
+
+    from ctpo.data.toy_task import write_toy_data
+    from ctpo.config import ModelConfig
+    from ctpo.tokenizer import HFTokenizer
+    from ctpo.train.toy_model import build_toy_model, save_policy
+    from ctpo.train.verl_metrics import read_verl_log
+    from test_verl_e2e import _launch
+
+    qwen3_style_tokenizer().save_pretrained(tmp_path / "tok")
+    tok = HFTokenizer(str(tmp_path / "tok"))
+    d = toy_vllm_run("toy_verl", "toy_ctpo")
+    d["model"].update(max_position_embeddings=4096, context_length=4096)  # byte-level: the tools prompt is long
+    mcfg = ModelConfig(**d["model"])
+    policy = tmp_path / "policy"
+    save_policy(build_toy_model(mcfg, tok, seed=0), tok, policy)
+    write_toy_data(tmp_path / "data", n_train=8, n_test=2, seed=7)
+    d["train"]["verl_cpu_rollout"] = "vllm"
+    d["data"]["train"] = str(tmp_path / "data" / "train.parquet")
+    d["data"]["val"] = [str(tmp_path / "data" / "toy_arith.parquet")]
+    d["rollout"].update(protocol="release", n=2, max_prompt_tokens=3000, max_response_tokens=48, max_turns=2)
+    d["eval"].update(k=1, max_problems=1)
+    d["train"].update(prompts_per_step=2, mini_batch_prompts=2, micro_batch_size_per_gpu=2, total_steps=1,
+                      save_freq=1, test_freq=100, dump_steps=[])
+    cfg_path = tmp_path / "release.json"
+    cfg_path.write_text(json.dumps(d))
+    wd, res, log = tmp_path / "runs" / "release" / "seed0", tmp_path / "results", tmp_path / "verl.log"
+    proc = _launch(cfg_path, res, wd, policy, log)
+    assert proc.wait(timeout=HANG_S) == 0, log.read_text()[-6000:]
+    command = layout.workdir(wd).path("verl_cmd", attempt=1).read_text()
+    assert "default_agent_loop=ctpo_release" in command and "multi_turn.format=" in command
+    assert read_json(res / "done.json")["final_step"] == 1
+    (step1,) = read_verl_log(layout.workdir(wd).path("verl_log", attempt=1)).values()
+    # vLLM started on dummy weights: its log-probs equal the trainer's only if the policy was synced into it
+    assert step1["rollout_corr/log_ppl_abs_diff"] < LOGPROB_ATOL, step1
+    assert _ray_processes(str(vb.ray_temp_dir(wd))) == []
+    print("vllm release step:", json.dumps({k: v for k, v in step1.items()
+                                            if k.startswith(("rollout_corr/log_ppl", "num_turns", "response_length/mean"))}))
+
+
+def test_a_failed_weight_sync_inside_vllm_ends_the_launch_with_its_error(warmstart, tmp_path, capsys):
+    """The trial's defect, reproduced with verl's stock worker extension (vLLM's oneDNN prepacking on): the
+    first weight sync fails inside vLLM's worker and verl 0.9.1's trainer waits forever. The launcher ends
+    the whole tree after `error_grace_s` without a step, fails in one line naming the error, and leaves no
+    Ray / vLLM process and no /dev/shm segment behind."""
+    from ctpo.config import load_run_config
+    from ctpo.train import verl_cpu
+
+    data, policy = warmstart
+    d = toy_vllm_run("toy_verl", "toy_ctpo")
+    d["train"]["verl_cpu_rollout"] = "vllm"
+    d["data"]["train"] = str(data / "train.parquet")
+    d["data"]["val"] = [str(data / "toy_arith.parquet")]
+    d["rollout"].update(n=2)
+    d["train"].update(prompts_per_step=2, mini_batch_prompts=2, micro_batch_size_per_gpu=2, total_steps=1,
+                      save_freq=1, test_freq=100, dump_steps=[])
+    cfg = load_run_config(d)
+    wd, res = tmp_path / "runs" / "fail" / "seed0", tmp_path / "results"
+    stock = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
+    argv = [a.replace(verl_cpu.VLLM_WORKER_EXTENSION, stock) for a in vb.build_command(cfg, res, wd, init=policy)]
+    assert any(a.endswith("worker_extension_cls=" + stock) for a in argv)
+    shm_before = _shm()
+    rc = vb.main(cfg, res, wd, command=argv, error_grace_s=120.0)
+    captured = capsys.readouterr()
+    assert rc != 0 and not (res / "done.json").exists()
+    failed = [line for line in captured.err.splitlines() if line.startswith("[ctpo] verl failed")]
+    assert len(failed) == 1 and "first error: " in failed[0], captured.err[-3000:]
+    assert "Attempted to load weight" in failed[0], failed[0]
+    assert _ray_processes(str(vb.ray_temp_dir(wd))) == []
+    assert _shm() - shm_before == set()
+    print("vllm failed launch:", failed[0])
