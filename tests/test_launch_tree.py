@@ -77,6 +77,21 @@ def test_a_worker_error_with_a_hung_driver_ends_the_whole_tree_and_names_the_err
     assert ERROR in capsys.readouterr().out  # verl's output still reaches the log, line by line
 
 
+def test_an_error_verl_survives_never_ends_a_launch_that_keeps_making_steps(tree):
+    out, pids = tree
+    polls = []
+
+    def progress() -> int:  # a new step at every poll; after 20 polls (2 s, 4x the grace) the driver may exit
+        polls.append(1)
+        if len(polls) == 20:
+            (out / "go").touch()
+        return len(polls)
+
+    launch = vb.run_verl(_argv("benign", out), env=dict(os.environ), progress=progress, error_grace_s=0.5)
+    assert launch.rc == 0 and launch.killed_for is None and launch.first_error == "ValueError: recovered from"
+    assert len(polls) >= 20 and not _alive(pids()["worker"])
+
+
 def test_the_launcher_reports_the_first_error_in_one_line(tree, capsys, monkeypatch):
     from test_verl_preempt import small_cfg
 
