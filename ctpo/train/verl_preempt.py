@@ -38,6 +38,7 @@ SAVE_S_UNSEEN = 600.0  # a save's duration before one was measured (14B FSDP mod
 EXIT_GRACE_S = 900.0  # after verl saved on request, how long it may take to log, validate and exit
 POLL_S = 10.0
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TREE_SCAN_S = 5.0  # how often the launch's process tree is walked for its shared-memory segments
 STOP_GRACE_S = 60.0  # after a forwarded stop signal, how long verl may take before its tree is killed
 # after a traceback in verl's output, how long without a new step before verl is taken to hang on a dead
 # worker (verl 0.9.1 waits forever on a rollout server whose weight sync failed); a step of the paper's
@@ -284,6 +285,7 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
         while early:
             forward(early.pop(0))
         steps_at_error: tuple[float, int] | None = None
+        scanned = float("-inf")
         while True:
             try:
                 result.rc = proc.wait(timeout=poll_s)
@@ -292,7 +294,9 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
                 break
             except subprocess.TimeoutExpired:
                 pass
-            ledger.note(launch_tree.descendants(exclude=others))
+            if time.monotonic() - scanned >= TREE_SCAN_S:  # /proc walk: not at every (test-short) poll
+                ledger.note(launch_tree.descendants(exclude=others))
+                scanned = time.monotonic()
             if ctl is not None and ctl.tick():
                 result.killed_for = "verl saved but did not exit"
             elif stop_at and time.monotonic() - stop_at[0] > STOP_GRACE_S:
