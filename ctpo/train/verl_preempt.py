@@ -284,7 +284,8 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
             tee.start()
         while early:
             forward(early.pop(0))
-        steps_at_error: tuple[float, int] | None = None
+        watch: tuple[float, int] | None = None  # (time of the error being watched, steps logged then)
+        survived = float("-inf")  # errors seen up to this time were followed by a step
         scanned = float("-inf")
         while True:
             try:
@@ -301,10 +302,12 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
                 result.killed_for = "verl saved but did not exit"
             elif stop_at and time.monotonic() - stop_at[0] > STOP_GRACE_S:
                 result.killed_for = f"verl did not stop within {STOP_GRACE_S:.0f} s of the signal"
-            elif errors:
+            elif errors and errors[-1] > survived:
                 done = progress() if progress is not None else 0
-                if steps_at_error is None or steps_at_error[0] != errors[-1] or steps_at_error[1] != done:
-                    steps_at_error = (errors[-1], done)  # the latest error, and the steps logged when seen
+                if watch is None or watch[0] != errors[-1]:
+                    watch = (errors[-1], done)  # the latest error, and the steps logged when it was seen
+                elif done != watch[1]:
+                    survived, watch = errors[-1], None  # a step after it: verl survived that error
                 elif time.monotonic() - errors[-1] > error_grace_s:
                     result.killed_for = (f"verl logged an error and made no progress for {error_grace_s:.0f} s "
                                          f"(a dead worker)")
