@@ -159,3 +159,15 @@ def test_error_scanner_keeps_the_first_exception_of_a_traceback():
              "KeyError: 'second'"]
     assert [s.feed(line) for line in lines] == [False, False, False, False, False, True, False, True]
     assert s.first == "ray.exceptions.ActorDiedError: The actor died"
+
+
+def test_error_scanner_reads_a_traceback_vllms_worker_logged_through_ray():
+    """The lines verl's driver printed when vLLM's worker failed a weight sync (the trial's defect, recorded
+    from a real run: Ray's prefix for the server actor, vLLM's for its worker, vLLM's logger header)."""
+    head = "\x1b[36m(vLLMHttpServer pid=24988)\x1b[0m (Worker pid=25884) ERROR 12-07 14:58:05 [multiproc_executor.py:1000] "
+    lines = ["Traceback (most recent call last):", '  File "vllm/model_executor/model_loader/weight_utils.py", line 1',
+             "    assert param.size() == loaded_weight.size(), (",
+             "AssertionError: Attempted to load weight (torch.Size([64, 64])) into parameter (torch.Size([0]))", ""]
+    s = launch_tree.ErrorScanner()
+    assert [s.feed(head + line) for line in lines] == [False, False, False, True, False]
+    assert s.first == "AssertionError: Attempted to load weight (torch.Size([64, 64])) into parameter (torch.Size([0]))"

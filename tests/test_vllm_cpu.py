@@ -9,7 +9,9 @@ vLLM's CPU attention needs; the main toy keeps head_dim 16):
   (b) verl's own trainer with verl's vLLM rollout server (`train.verl_cpu_rollout: vllm`): the CTPO e2e path
       (SIGTERM after a saved step, resume, merge, eval through vLLM) with vLLM's log-probs equal to the
       trainer's at every step after an update (vLLM starts on dummy weights: only verl's weight sync puts the
-      policy there), no process and no /dev/shm segment of the launches left behind.
+      policy there), no process and no /dev/shm segment of the launches left behind;
+  (c) with verl's stock worker extension (oneDNN prepacking on) the first weight sync fails inside vLLM:
+      the launcher ends the hung launch and names that error in one line.
 """
 from __future__ import annotations
 
@@ -245,52 +247,6 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     print("vllm verl e2e:", json.dumps({**{k: round(v, 1) for k, v in timings.items()},
                                         **{f"log_ppl_abs_diff_step{s}": per_step[s]["rollout_corr/log_ppl_abs_diff"]
                                            for s in (1, 2, 3)}}))
-
-
-def test_release_protocol_one_step_through_verls_tool_agent_loop_on_the_vllm_server(tmp_path):
-    """(c) `rollout.protocol: release` (verl's ToolAgentLoop, Hermes parser with the fenced-code fallback,
-    the release's system prompt and code_interpreter tool) for one training step on verl's vLLM server.
-    The policy speaks through tests/qwen3_tokenizer.py (Qwen3's chat template on an offline byte-level
-    vocabulary) and is freshly initialised: the step exercises the plumbing (prompt rendering with tools,
-    token-in / token-out generation on vLLM, weight sync, the update), not the protocol's answers."""
-    from qwen3_tokenizer import qwen3_style_tokenizer
-
-    from ctpo.data.toy_task import write_toy_data
-    from ctpo.config import ModelConfig
-    from ctpo.tokenizer import HFTokenizer
-    from ctpo.train.toy_model import build_toy_model, save_policy
-    from ctpo.train.verl_metrics import read_verl_log
-    from test_verl_e2e import _launch
-
-    qwen3_style_tokenizer().save_pretrained(tmp_path / "tok")
-    tok = HFTokenizer(str(tmp_path / "tok"))
-    d = toy_vllm_run("toy_verl", "toy_ctpo")
-    d["model"].update(max_position_embeddings=4096, context_length=4096)  # byte-level: the tools prompt is long
-    mcfg = ModelConfig(**d["model"])
-    policy = tmp_path / "policy"
-    save_policy(build_toy_model(mcfg, tok, seed=0), tok, policy)
-    write_toy_data(tmp_path / "data", n_train=8, n_test=2, seed=7)
-    d["train"]["verl_cpu_rollout"] = "vllm"
-    d["data"]["train"] = str(tmp_path / "data" / "train.parquet")
-    d["data"]["val"] = [str(tmp_path / "data" / "toy_arith.parquet")]
-    d["rollout"].update(protocol="release", n=2, max_prompt_tokens=3000, max_response_tokens=48, max_turns=2)
-    d["eval"].update(k=1, max_problems=1)
-    d["train"].update(prompts_per_step=2, mini_batch_prompts=2, micro_batch_size_per_gpu=2, total_steps=1,
-                      save_freq=1, test_freq=100, dump_steps=[])
-    cfg_path = tmp_path / "release.json"
-    cfg_path.write_text(json.dumps(d))
-    wd, res, log = tmp_path / "runs" / "release" / "seed0", tmp_path / "results", tmp_path / "verl.log"
-    proc = _launch(cfg_path, res, wd, policy, log)
-    assert proc.wait(timeout=HANG_S) == 0, log.read_text()[-6000:]
-    command = layout.workdir(wd).path("verl_cmd", attempt=1).read_text()
-    assert "default_agent_loop=ctpo_release" in command and "multi_turn.format=" in command
-    assert read_json(res / "done.json")["final_step"] == 1
-    (step1,) = read_verl_log(layout.workdir(wd).path("verl_log", attempt=1)).values()
-    # vLLM started on dummy weights: its log-probs equal the trainer's only if the policy was synced into it
-    assert step1["rollout_corr/log_ppl_abs_diff"] < LOGPROB_ATOL, step1
-    assert _ray_processes(str(vb.ray_temp_dir(wd))) == []
-    print("vllm release step:", json.dumps({k: v for k, v in step1.items()
-                                            if k.startswith(("rollout_corr/log_ppl", "num_turns", "response_length/mean"))}))
 
 
 def test_a_failed_weight_sync_inside_vllm_ends_the_launch_with_its_error(warmstart, tmp_path, capsys):

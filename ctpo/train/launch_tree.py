@@ -169,7 +169,10 @@ class ShmLedger:
 # ----------------------------------------------------------------------------- the first error
 
 
-_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^)]*pid=\d+[^)]*\)\s*(?:\x1b\[[0-9;]*m)*\s?")  # Ray's "(Actor pid=N) "
+# what precedes a traceback line in verl's output: Ray's "(Actor pid=N) " per process hop (colored), and the
+# header of a logger that logs the traceback, as vLLM's workers do: "ERROR 12-07 14:58:05 [file.py:1000] "
+_PREFIX = re.compile(r"^(?:\s*(?:\x1b\[[0-9;]*m)*\([^)]*pid=\d+[^)]*\)(?:\x1b\[[0-9;]*m)*)*\s?"
+                     r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] )?")
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Dead|Died))(?::\s*(.*))?$")
 
 
