@@ -481,12 +481,13 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
 
     try:
         with writer_lock(workdir, log=lambda m: print(m, file=sys.stderr, flush=True)):
-            return _train(cfg, results_dir, workdir, argv, keep)
+            return _train(cfg, results_dir, workdir, argv, keep, error_grace_s)
     except RunLocked as e:
         fail_permanent(f"error: {e}")
 
 
-def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None) -> int:
+def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None,
+           error_grace_s: float) -> int:
     """main's body under the run's writer lock: claim, run or resume verl, convert."""
     from ctpo.hub import set_offline
 
