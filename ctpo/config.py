@@ -173,6 +173,10 @@ class TrainConfig:
     # verl backend only: gpu (the paper run) | cpu (ctpo.train.verl_cpu: verl's own trainer on a CPU-only
     # machine, n_gpus logical devices; the toy DAG's `toy_verl` experiment and config debugging)
     verl_device: str = "gpu"
+    # the rollout engine of the `cpu` device profile: hf (a transformers-generate server) | vllm (vLLM's own
+    # CPU build, the paper run's engine; needs the vLLM test environment, `make venv-vllm`). The gpu run
+    # always uses vLLM, so any other value with verl_device gpu is an error.
+    verl_cpu_rollout: str = "hf"
     verl: Optional[VerlConfig] = None  # required for backend verl (see VerlConfig)
 
 

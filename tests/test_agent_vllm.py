@@ -1,5 +1,6 @@
 """VLLMGenerator's mapping of vLLM outputs onto GenOutput, with a stand-in `vllm` module (no GPU here):
 token-id prompts, stop strings kept, per-row seeds, sampled-token log-probs, finish reasons."""
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -44,8 +45,12 @@ def fake_vllm(monkeypatch):
     vllm.SamplingParams = lambda **kw: kw
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: vllm.on_cpu)
+    vllm.on_cpu = False  # a CUDA build
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     _FakeLLM.instances.clear()
     return vllm
 
@@ -64,3 +69,35 @@ def test_vllm_outputs_map_to_genoutputs(fake_vllm):
     assert [sp["seed"] for sp in sps] == [10, 11, 12]
     assert sps[0]["stop"] == ["\n```\n"] and sps[0]["include_stop_str_in_output"] is True
     assert sps[0]["max_tokens"] == 64 and sps[0]["logprobs"] == 0 and sps[0]["temperature"] == 0.7
+
+
+def test_on_cuda_the_engine_keeps_vllms_defaults(fake_vllm, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    VLLMGenerator("some/model")
+    assert not {"enable_chunked_prefill", "enforce_eager"} & _FakeLLM.instances[0].kwargs.keys()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+
+
+def test_on_vllms_cpu_platform_prefills_are_whole_and_the_kv_cache_is_small(fake_vllm, monkeypatch):
+    from ctpo.agent import vllm_generator
+
+    fake_vllm.on_cpu = True
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the caller's setting wins over the default
+    VLLMGenerator("some/model", dtype="float32")
+    kwargs = _FakeLLM.instances[0].kwargs
+    assert kwargs["enable_chunked_prefill"] is False and kwargs["enforce_eager"] is True
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == vllm_generator.CPU_ENV["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_eval_backend_vllm_runs_on_vllms_cpu_platform_and_auto_stays_hf_there(fake_vllm, monkeypatch):
+    from ctpo.eval import backend
+
+    monkeypatch.setattr(backend, "cuda_available", lambda: False)
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(ValueError, match="not its CPU build"):
+        backend.resolve_backend("vllm")
+    fake_vllm.on_cpu = True
+    assert backend.resolve_backend("vllm") == "vllm"
+    assert backend.resolve_backend("auto") == "hf"  # a CPU machine keeps transformers unless asked

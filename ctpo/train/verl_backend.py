@@ -249,18 +249,25 @@ VERL_DEVICES = ("gpu", "cpu")
 
 def device_profile(cfg: RunConfig) -> tuple[dict[str, str], dict[str, str]]:
     """(Hydra key -> value, environment) that `train.verl_device` changes; empty for the paper's gpu."""
-    dev = cfg.train.verl_device
-    if dev not in VERL_DEVICES:
-        raise ValueError(f"run config: train.verl_device: expected one of {VERL_DEVICES}, got '{dev}'")
-    if dev == "gpu":
-        return {}, {}
     from ctpo.train import verl_cpu
 
+    dev, engine = cfg.train.verl_device, cfg.train.verl_cpu_rollout
+    if dev not in VERL_DEVICES:
+        raise ValueError(f"run config: train.verl_device: expected one of {VERL_DEVICES}, got '{dev}'")
+    if engine not in verl_cpu.ROLLOUTS:
+        raise ValueError(f"run config: train.verl_cpu_rollout: expected one of {verl_cpu.ROLLOUTS}, got '{engine}'")
+    if dev == "gpu":
+        if engine != verl_cpu.ROLLOUTS[0]:
+            raise ValueError(f"run config: train.verl_cpu_rollout '{engine}' applies to train.verl_device cpu only "
+                             "(the gpu run always uses vLLM)")
+        return {}, {}
     try:
         verl_cpu.check_verl_version()  # the profile reaches into verl internals
+        if engine == "vllm":
+            verl_cpu.check_vllm_cpu()
     except RuntimeError as e:
         raise VerlRunError(str(e)) from None
-    return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes), verl_cpu.env()
+    return verl_cpu.overrides(cfg.train.n_gpus * cfg.train.n_nodes, engine), verl_cpu.env(engine)
 
 
 def require_cuda(cfg: RunConfig) -> None:
@@ -391,20 +398,26 @@ def list_checkpoints(workdir: str | Path) -> list[int]:
 
 
 def run_verl(argv: list[str], env: dict, log_path: Path | None = None,
-             saves: verl_preempt.SaveController | None = None) -> int:
-    """Run verl in its own process group and return its exit code. SIGINT is forwarded to that group; so are
-    SIGTERM/SIGUSR1 without `saves`; with it, the first asks verl to save and stop (`verl_preempt`)."""
+             saves: verl_preempt.SaveController | None = None, progress=None,
+             error_grace_s: float = verl_preempt.ERROR_GRACE_S) -> verl_preempt.LaunchOutcome:
+    """Run verl in its own process group, its output copied to our stdout (or appended to `log_path`) and
+    scanned for errors, and supervise its whole process tree (`verl_preempt.run_with_saves`): SIGINT is
+    forwarded to that group; so are SIGTERM/SIGUSR1 without `saves`; with it, the first asks verl to save and
+    stop. Whatever way verl ends, nothing of its tree and none of its shared memory outlives the launch."""
 
     def start() -> subprocess.Popen:
-        out = open(log_path, "ab") if log_path is not None else None
-        try:
-            return subprocess.Popen(argv, env=env, start_new_session=True, stdout=out,
-                                    stderr=subprocess.STDOUT if out else None)
-        finally:
-            if out is not None:
-                out.close()
+        return subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
 
-    return verl_preempt.run_with_saves(start, saves)
+    outcome: list[verl_preempt.LaunchOutcome] = []
+    sink = open(log_path, "ab") if log_path is not None else None
+    try:
+        verl_preempt.run_with_saves(start, saves, progress=progress, error_grace_s=error_grace_s, sink=sink,
+                                    outcome=outcome)
+    finally:
+        if sink is not None:
+            sink.close()
+    return outcome[0]
 
 
 def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, command: list[str]) -> dict:
@@ -444,10 +457,13 @@ def finalize(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, comma
 
 
 def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_command: bool = False,
-         init: str | Path | None = None, command: list[str] | None = None, keep: list[int] | None = None) -> int:
+         init: str | Path | None = None, command: list[str] | None = None, keep: list[int] | None = None,
+         error_grace_s: float = verl_preempt.ERROR_GRACE_S) -> int:
     """Print the verl command, or run verl (resuming if checkpoints exist) and convert its outputs.
     `command` replaces verl's main_ppo (tests run a stand-in that follows its save protocol; it loads no model).
-    `keep`: the checkpoint steps evaluation reads (`ctpo.train.retention`; None keeps every checkpoint)."""
+    `keep`: the checkpoint steps evaluation reads (`ctpo.train.retention`; None keeps every checkpoint).
+    error_grace_s: after a traceback in verl's output, how long without a new step before the launch is ended
+    (a launcher setting: it changes no result)."""
     from ctpo.hub import MissingLocalFiles, require_model, set_offline
 
     workdir = Path(workdir)
@@ -468,12 +484,13 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, print_com
 
     try:
         with writer_lock(workdir, log=lambda m: print(m, file=sys.stderr, flush=True)):
-            return _train(cfg, results_dir, workdir, argv, keep)
+            return _train(cfg, results_dir, workdir, argv, keep, error_grace_s)
     except RunLocked as e:
         fail_permanent(f"error: {e}")
 
 
-def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None) -> int:
+def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], keep: list[int] | None,
+           error_grace_s: float) -> int:
     """main's body under the run's writer lock: claim, run or resume verl, convert."""
     from ctpo.hub import set_offline
 
@@ -493,14 +510,21 @@ def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], ke
             verl_preempt.request_path(workdir), end_time=end, logs_dir=layout.workdir(workdir).path("verl_logs"),
             current_log=Path(env["VERL_FILE_LOGGER_PATH"]))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        current = Path(env["VERL_FILE_LOGGER_PATH"])
         try:
             with ray_cluster.for_run(cfg, ray_temp_dir(workdir), env, log=log) as address:
                 if address:  # n_nodes > 1: the head here, workers on the other nodes through srun
                     env.update(ray_cluster.driver_env(address))
-                rc = run_verl(argv, env, saves=saves)
+                launch = run_verl(argv, env, saves=saves, progress=lambda: len(verl_preempt.steps_logged(current)),
+                                  error_grace_s=error_grace_s)
         except ray_cluster.ClusterError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
+        rc = launch.rc
+        if launch.shm_removed or launch.leftover_pids:
+            print(f"[ctpo] after verl: ended {len(launch.leftover_pids)} leftover processes, removed "
+                  f"{len(launch.shm_removed)} shared-memory segments ({', '.join(launch.shm_removed) or '-'})",
+                  file=sys.stderr, flush=True)
         if saves.reason is not None and latest_step(workdir) < cfg.train.total_steps:
             step = latest_step(workdir)
             saved = f"saved step {step}" if saves.saved_step == step else f"no new checkpoint (last saved step {step})"
@@ -508,7 +532,8 @@ def _train(cfg: RunConfig, results_dir: Path, workdir: Path, argv: list[str], ke
                   f"requeued or retried and resumes from step {step} in the same W&B run", file=sys.stderr, flush=True)
             return saves.exit_code()
         if rc != 0 and latest_step(workdir) < cfg.train.total_steps:
-            print(f"[ctpo] verl exited with {rc} at saved step {latest_step(workdir)}; rerun to resume", file=sys.stderr)
+            print(f"[ctpo] verl failed at saved step {latest_step(workdir)} (rerun to resume): {launch.error_line()}",
+                  file=sys.stderr, flush=True)
             return rc if rc > 0 else 128 - rc
     finalize(cfg, results_dir, workdir, argv)
     return 0
@@ -567,6 +592,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--results", required=True, help="results/{exp}/train/{run}/seed{seed}")
         s.add_argument("--workdir", required=True, help="runs/{exp}/{run}/seed{seed}")
         s.add_argument("--init", default=None, help="policy dir to start from (the toy's SFT warm start)")
+        s.add_argument("--error-grace-s", type=float, default=verl_preempt.ERROR_GRACE_S,
+                       help="after a traceback in verl's output, seconds without a new step before the launch's "
+                            "process tree is ended (default %(default)s)")
     m = sub.add_parser("merge", help="merge global_step_N/actor to <workdir>/hf/stepN, then write the marker")
     m.add_argument("--workdir", required=True)
     m.add_argument("--step", type=int, required=True)
@@ -584,7 +612,8 @@ def cli(args: list[str] | None = None) -> int:
             write_json(a.done, {"workdir": str(a.workdir), "step": a.step, "hf_dir": str(out)})
             return 0
         cfg = load_run_config(a.config)
-        return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"), init=a.init)
+        return main(cfg, a.results, a.workdir, print_command=(a.cmd == "command"), init=a.init,
+                    error_grace_s=a.error_grace_s)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PERMANENT

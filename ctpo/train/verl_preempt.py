@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ctpo import layout
 from ctpo.io import write_text
+from ctpo.train import launch_tree
 
 ENV_REQUEST = "CTPO_SAVE_REQUEST"  # the same name as ctpo.train.verl_save_hook.ENV_REQUEST (no verl import here)
 HOOK_CLASS = "ctpo.train.verl_save_hook.SaveOnRequest"
@@ -36,6 +38,12 @@ SAVE_S_UNSEEN = 600.0  # a save's duration before one was measured (14B FSDP mod
 EXIT_GRACE_S = 900.0  # after verl saved on request, how long it may take to log, validate and exit
 POLL_S = 10.0
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TREE_SCAN_S = 5.0  # how often the launch's process tree is walked for its shared-memory segments
+STOP_GRACE_S = 60.0  # after a forwarded stop signal, how long verl may take before its tree is killed
+# after a traceback in verl's output, how long without a new step before verl is taken to hang on a dead
+# worker (verl 0.9.1 waits forever on a rollout server whose weight sync failed); a step of the paper's
+# 14B run can take this long, so a logged-and-survived error never ends a healthy run
+ERROR_GRACE_S = 1800.0
 
 
 def request_path(workdir: str | Path) -> Path:
@@ -99,6 +107,11 @@ def _steps(path: Path) -> dict[int, dict]:
             continue  # a line cut by a kill, or not verl's
         per_step.setdefault(step, {}).update(data)
     return per_step
+
+
+def steps_logged(path: Path) -> dict[int, dict]:
+    """The steps verl's file logger has written to `path` so far (a launch's progress)."""
+    return _steps(path)
 
 
 def read_timings(logs: list[Path]) -> Timings:
@@ -192,18 +205,59 @@ class SaveController:
         return 128 + self.signum if self.signum else 75
 
 
-def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = None) -> int:
-    """Start verl (`start()` -> Popen in its own process group) and wait for it. SIGINT: forwarded at once.
-    SIGTERM/SIGUSR1: with a controller the first asks for a save and later ones are forwarded; without one,
-    forwarded at once. The handlers are in place before verl starts and removed after it ended."""
+@dataclass
+class LaunchOutcome:
+    """How a supervised verl launch ended (`run_with_saves`)."""
+
+    rc: int
+    first_error: str | None = None  # the first exception a traceback in verl's output ended with
+    killed_for: str | None = None  # why the launcher ended the tree itself (None: verl exited on its own)
+    leftover_pids: list[int] = field(default_factory=list)  # descendants still alive after verl's driver
+    shm_removed: list[str] = field(default_factory=list)  # /dev/shm segments of the launch it unlinked
+
+    def error_line(self) -> str:
+        """One line for the log: why the launch failed and the first error seen."""
+        why = self.killed_for or f"verl exited with {self.rc}"
+        return f"{why}; first error: {self.first_error}" if self.first_error else why
+
+
+def _tee(stream, sink, scanner: launch_tree.ErrorScanner, errors: list[float]) -> None:
+    """Copy verl's output line by line to `sink` (bytes), feeding each line to `scanner`."""
+    for raw in iter(stream.readline, b""):
+        try:
+            sink.write(raw)
+            sink.flush()
+        except (OSError, ValueError):
+            pass  # our own stdout is gone: keep draining so verl never blocks on a full pipe
+        if scanner.feed(raw.decode("utf-8", "replace")):  # a traceback ended: an exception was raised
+            errors.append(time.monotonic())
+    stream.close()
+
+
+def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = None, *,
+                   progress=None, error_grace_s: float = ERROR_GRACE_S, sink=None,
+                   outcome: list | None = None) -> int:
+    """Start verl (`start()` -> Popen in its own process group; with stdout=PIPE its output is copied to
+    `sink`, default our stdout, and scanned for errors) and supervise it until its whole process tree is gone.
+
+    Signals: SIGINT is forwarded at once; SIGTERM/SIGUSR1 with a controller: the first asks for a save,
+    later ones are forwarded; without one, forwarded at once. The handlers are in place before verl starts
+    and removed after it ended. A forwarded stop that verl does not obey within STOP_GRACE_S ends the tree.
+    Errors: when a traceback in verl's output was followed by no new step (`progress()`: steps logged so far)
+    for `error_grace_s`, verl is taken to hang on a dead worker and the tree is ended.
+    Always, once verl's driver is gone: what is left of the tree (Ray, vLLM processes, re-parented to this
+    process, a child subreaper meanwhile) is killed, and the launch's shared-memory segments are unlinked.
+    Returns verl's exit code (1 when the launcher ended it for an error); `outcome` receives a LaunchOutcome."""
     poll_s = POLL_S if poll_s is None else poll_s
     procs: list[subprocess.Popen] = []
     early: list[int] = []  # signals that came while verl was starting (before its pid was known)
+    stop_at: list[float] = []  # when a stop signal was forwarded
 
     def forward(signum: int) -> None:
         if not procs:
             early.append(signum)
             return
+        stop_at.append(time.monotonic())
         try:
             os.killpg(procs[0].pid, signum)
         except ProcessLookupError:
@@ -213,21 +267,69 @@ def run_with_saves(start, ctl: SaveController | None, poll_s: float | None = Non
         if ctl is None or signum not in SAVE_SIGNALS or not ctl.on_signal(signum):
             forward(signum)
 
+    scanner, errors = launch_tree.ErrorScanner(), []
+    ledger = launch_tree.ShmLedger()
+    was_reaper = launch_tree.is_subreaper()
+    launch_tree.set_subreaper(True)
+    others = launch_tree.descendants()  # our children that are not verl's (never touched)
     previous = {s: signal.signal(s, handler) for s in (*SAVE_SIGNALS, signal.SIGINT)}
+    result = LaunchOutcome(rc=-1)
+    tee = None
     try:
         procs.append(start())
+        proc = procs[0]
+        if proc.stdout is not None:
+            out = sink if sink is not None else getattr(sys.stdout, "buffer", sys.stdout)
+            tee = threading.Thread(target=_tee, args=(proc.stdout, out, scanner, errors), daemon=True)
+            tee.start()
         while early:
             forward(early.pop(0))
+        watch: tuple[float, int] | None = None  # (time of the error being watched, steps logged then)
+        survived = float("-inf")  # errors seen up to this time were followed by a step
+        scanned = float("-inf")
         while True:
             try:
-                rc = procs[0].wait(timeout=poll_s if ctl is not None else None)
+                result.rc = proc.wait(timeout=poll_s)
                 if ctl is not None:
                     ctl.tick()  # a save verl reported just before it exited
-                return rc
+                break
             except subprocess.TimeoutExpired:
-                if ctl.tick():
-                    print("[ctpo] verl saved but did not exit; stopping it", file=sys.stderr, flush=True)
-                    forward(signal.SIGTERM)
+                pass
+            if time.monotonic() - scanned >= TREE_SCAN_S:  # /proc walk: not at every (test-short) poll
+                ledger.note(launch_tree.descendants(exclude=others))
+                scanned = time.monotonic()
+            if ctl is not None and ctl.tick():
+                result.killed_for = "verl saved but did not exit"
+            elif stop_at and time.monotonic() - stop_at[0] > STOP_GRACE_S:
+                result.killed_for = f"verl did not stop within {STOP_GRACE_S:.0f} s of the signal"
+            elif errors and errors[-1] > survived:
+                done = progress() if progress is not None else 0
+                if watch is None or watch[0] != errors[-1]:
+                    watch = (errors[-1], done)  # the latest error, and the steps logged when it was seen
+                elif done != watch[1]:
+                    survived, watch = errors[-1], None  # a step after it: verl survived that error
+                elif time.monotonic() - errors[-1] > error_grace_s:
+                    result.killed_for = (f"verl logged an error and made no progress for {error_grace_s:.0f} s "
+                                         f"(a dead worker)")
+            if result.killed_for:
+                print(f"[ctpo] {result.killed_for}: ending its process tree", file=sys.stderr, flush=True)
+                tree = launch_tree.descendants(exclude=others)
+                ledger.note(tree)
+                launch_tree.kill_tree(tree)
+                proc.wait()
+                result.rc = 1
+                break
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        tree = launch_tree.descendants(exclude=others)
+        ledger.note(tree)
+        result.leftover_pids = sorted(launch_tree.kill_tree(tree))
+        if tee is not None:
+            tee.join(timeout=30)
+        result.shm_removed = ledger.remove()
+        launch_tree.set_subreaper(was_reaper)
+        result.first_error = scanner.first
+        if outcome is not None:
+            outcome.append(result)
+    return result.rc
