@@ -4,7 +4,7 @@
 
 Templates are relative to the repository root (names below are the keys of `TEMPLATES`, and of `P`);
 wildcards: {exp} experiment, {run}, {seed}, {step}, {bench} benchmark, {model} hub model key, {partition}
-(a GPU partition key of the preflight), {attempt}
+(the preflight's, always `gpu`: one preflight on the slurm profile's GPU partition), {attempt}
 (a verl launch, 1-based).
 
 results/{exp}/  (Snakemake outputs; copied between machines, enough for every table and figure)

@@ -1,6 +1,7 @@
-"""GPU preflight: one short job per GPU partition, before any training, in the GPU environment on a GPU node.
+"""GPU preflight: one short job on the slurm profile's GPU partition, before any training, in the GPU environment
+on a GPU node.
 
-    python -m ctpo.preflight --plan '<json>' --runs-dir runs/paper --out results/paper/preflight/<partition>.json
+    python -m ctpo.preflight --plan '<json>' --runs-dir runs/paper --out results/paper/preflight/gpu.json
 
 `--plan` (built by the workflow, ctpo.configure.preflight_plan): {"runs": [{"run", "seed", "config", "keep",
 "model_marker"}]}: each GPU run's resolved config, the checkpoint steps its evaluation reads, and its hub model's

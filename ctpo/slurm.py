@@ -91,7 +91,8 @@ def query_sinfo() -> dict[str, Partition] | None:
 
 def request(res: dict) -> dict:
     """What a job with Snakemake resources `res` asks each node for (as the SLURM executor plugin builds
-    sbatch: --gpus=<model>:<gpu> or --gres, --cpus-per-gpu / --cpus-per-task, --mem-per-cpu over --mem)."""
+    sbatch: --gpus=<model>:<gpu> or --gres, --cpus-per-gpu / --cpus-per-task, --mem-per-cpu over --mem; with
+    nodes > 1, `gpu` GPUs per node, as snakemake_executor_plugin_ctpo_slurm submits it)."""
     nodes = int(res.get("nodes") or 1)
     gpu, gpu_type = int(res.get("gpu") or 0), res.get("gpu_model") or None
     if res.get("gres"):
@@ -101,7 +102,9 @@ def request(res: dict) -> dict:
             gpu_type = gpu_type or None
     cpus = int(res.get("cpus_per_gpu") or 1) * gpu if gpu and res.get("cpus_per_gpu") else int(
         res.get("cpus_per_task") or 1)
-    per_node = lambda n: math.ceil(n / nodes)  # noqa: E731
+    # more than one node: `gpu` is per node (the ctpo-slurm executor's --gres=gpu:<model>:<gpu>), so are its CPUs
+    spread = 1 if gpu and not res.get("gres") else nodes
+    per_node = lambda n: math.ceil(n / spread)  # noqa: E731
     mem = int(res["mem_mb_per_cpu"]) * cpus if res.get("mem_mb_per_cpu") else int(res.get("mem_mb") or 0)
     return {"partition": res.get("slurm_partition"), "time_min": int(res.get("runtime") or 0), "nodes": nodes,
             "gpus": per_node(gpu), "gpu_type": gpu_type, "cpus": per_node(cpus), "mem_mb": per_node(mem)}

@@ -13,13 +13,22 @@ fails, and when Snakemake schedules that job's next attempt it reports the failu
 settings, under the `ctpo-slurm-` prefix) is the SLURM plugin's own. Preempted jobs are requeued by SLURM
 (--requeue); a TIMEOUT, an exit 75 (saved and stopped before the time limit) or any other failure is resubmitted
 as before and resumes from its checkpoint.
+
+More than one node: the plugin's `--gpus=<type>:<gpu>` is a total for the job, and SLURM may spread it over the
+nodes in any way. A job with `nodes` > 1 that asks for GPUs is submitted with `--gres=gpu:<type>:<gpu>` (`gpu`
+GPUs per node; the type is `gpu_model`, the slurm profile's) and `--ntasks-per-node=1` instead (the plugin's
+`set_gres_string`, which its `run_job` calls, is wrapped for this); a job with its own `gres` keeps the plugin's
+arguments (SLURM reads --gres per node) plus `--ntasks-per-node=1`. One node is unchanged.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import snakemake_executor_plugin_slurm as _slurm
 from snakemake_executor_plugin_slurm import Executor as SlurmExecutor
 from snakemake_executor_plugin_slurm import ExecutorSettings, common_settings  # noqa: F401 (the plugin's interface)
+from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 
 from ctpo.exitcodes import EXIT_PERMANENT, last_error_line, permanent_in_log
@@ -30,6 +39,31 @@ def _read(path) -> str:
         return Path(path).read_text(errors="replace")
     except (OSError, TypeError):
         return ""
+
+
+_plugin_gres_string = _slurm.set_gres_string
+
+
+def gres_string(job) -> str:
+    """The plugin's GPU arguments for one node; per node and one task per node for more than one."""
+    res = job.resources
+    nodes, gpu = res.get("nodes") or 1, res.get("gpu")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes <= 1:
+        return _plugin_gres_string(job)
+    if res.get("gres"):  # the experiment's own gres: SLURM's --gres is per node already
+        return _plugin_gres_string(job) + " --ntasks-per-node=1"
+    if not gpu:
+        return _plugin_gres_string(job)
+    model = res.get("gpu_model")
+    if model and not _GPU_MODEL.match(str(model)):
+        raise WorkflowError(f"Invalid GPU model format: {model}. Expected format: '<name>' (e.g., 'tesla')")
+    if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 1:
+        raise WorkflowError(f"rule {job.name}: gpu must be a positive integer (GPUs per node), not {gpu!r}")
+    return f" --gres=gpu:{model}:{gpu} --ntasks-per-node=1" if model else f" --gres=gpu:{gpu} --ntasks-per-node=1"
+
+
+_GPU_MODEL = re.compile(r"^[a-zA-Z0-9_\.]+$")  # the plugin's (utils.set_gres_string)
+_slurm.set_gres_string = gres_string  # the name the plugin's run_job / run_array_jobs call
 
 
 class Executor(SlurmExecutor):

@@ -1,5 +1,5 @@
 """The paper's dry-run DAG for the cluster (issue 19, items 2, 3, 6): GPU evaluations require vLLM (the toy stays
-`auto`); one preflight per GPU partition, one GPU for 30 minutes, that every GPU training depends on (none for the
+`auto`); one preflight on the profile's GPU partition, one GPU for 30 minutes, that every GPU training depends on (none for the
 toy DAGs); each training keeps the checkpoint steps its evaluations read (`--keep-steps`). One paper dry run with
 shell commands is shared by the checks."""
 from __future__ import annotations

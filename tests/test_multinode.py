@@ -105,9 +105,6 @@ def test_verl_command_joins_the_cluster_and_one_node_is_unchanged(tmp_path):
         assert address is None
 
 
-@pytest.mark.skip(reason="after rebasing onto issue 19 items 1/4/5/9 (GPU type and limits in the slurm profile's "
-                         "set-resources) the multi-node request must be reworked: snakemake exits with a usage error "
-                         "here, and the profile's train gpu_model would add --gpus=<type>:1 beside --gres")
 def test_sbatch_asks_for_the_nodes_gpus_per_node_and_a_task_per_node(tmp_path):
     from test_slurm_submit import PREFLIGHT_INPUTS, submit, value
 

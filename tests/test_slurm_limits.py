@@ -39,6 +39,9 @@ def test_request_per_node():
     # 16 GPUs over 2 nodes: 8 per node, 64 CPUs and 640000 MB per node
     r = request({"gres": "gpu:h100:16", "cpus_per_gpu": 8, "mem_mb_per_cpu": 10000, "nodes": 2})
     assert (r["gpus"], r["gpu_type"], r["cpus"], r["mem_mb"]) == (8, "h100", 64, 640000)
+    # `gpu` with more than one node is per node (the ctpo-slurm executor's --gres=gpu:<model>:<gpu>)
+    r = request({"gpu": 8, "gpu_model": "h100", "cpus_per_gpu": 12, "mem_mb_per_cpu": 10000, "nodes": 2})
+    assert (r["nodes"], r["gpus"], r["gpu_type"], r["cpus"], r["mem_mb"]) == (2, 8, "h100", 96, 960000)
     assert request({"cpus_per_task": 16, "mem_mb": 256000})["cpus"] == 16
 
 

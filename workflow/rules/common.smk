@@ -132,21 +132,13 @@ def n_nodes(wildcards):
 
 
 def train_resources():
-    """The experiment's `resources.train` for each run. One node as given; `train.n_nodes` > 1 asks SLURM for that
-    many nodes with the GPUs per node as `--gres` (the plugin's `--gpus` is a job total) and one task per node
-    (the Ray workers' `srun` step, ctpo.train.ray_cluster)."""
+    """The experiment's `resources.train` for each run, with `nodes` = `train.n_nodes`. `gpu` is the GPUs per node;
+    the GPU type is the slurm profile's (set-resources). One node is submitted as the SLURM plugin builds it
+    (`--nodes=1 --gpus=<type>:<gpu>`); more than one, the `ctpo-slurm` executor asks for `--nodes=N
+    --gres=gpu:<type>:<gpu> --ntasks-per-node=1` (GPUs per node, one task per node for the Ray workers' `srun`
+    step, ctpo.train.ray_cluster) instead of the plugin's `--gpus`, which is a job total."""
     res = dict(get_resources("train"))
-    gpu, model = res.pop("gpu", None), res.pop("gpu_model", None)
-    res.pop("nodes", None)
-    multi = lambda value, single: (lambda wc: value if n_nodes(wc) > 1 else single)
     res["nodes"] = n_nodes
-    if gpu is not None:
-        gres = f"gpu:{model}:{gpu}" if model else f"gpu:{gpu}"
-        res["gpu"] = multi(None, gpu)
-        res["gres"] = multi(gres, None)
-        if model:
-            res["gpu_model"] = multi(None, model)
-        res["slurm_extra"] = multi("--ntasks-per-node=1", None)
     return res
 
 

@@ -1,48 +1,35 @@
-# GPU preflight: one short job per GPU partition, before any training (ctpo.preflight): the GPU stack imports,
-# the driver fits torch's CUDA build, the sandbox isolates, the pinned models are complete, runs/ has room.
-# Every GPU run's training (and evaluation) depends on the preflight of its partition, so a node that cannot
-# run them stops the DAG once, in one line (exit 78), before the trainings queue.
+# GPU preflight: one short job on the slurm profile's GPU partition (its `set-resources` for preflight, as for
+# train and eval), before any training (ctpo.preflight): the GPU stack imports, the driver fits torch's CUDA build,
+# the sandbox isolates, the pinned models are complete, runs/ has room. Every GPU run's training (and evaluation)
+# depends on it, so a node that cannot run them stops the DAG once, in one line (exit 78), before the trainings
+# queue. Its files keep the layout's `{partition}` name `gpu`.
 
-
-def gpu_partition_key(group):
-    """The partition a GPU resource group runs on: `resources.<group>.slurm_partition` of the experiment when
-    stated, else `gpu` (the slurm profile's GPU partition, its `set-resources` for train, eval and preflight)."""
-    return get_resources(group).get("slurm_partition") or "gpu"
-
-
+PREFLIGHT = {"partition": "gpu"}
 GPU_RUNS = sorted({r for (r, s), c in RESOLVED.items() if on_gpu(c)})
-PREFLIGHT_KEYS = sorted({gpu_partition_key(g) for g in ("train", "eval")}) if GPU_RUNS else []
-PARTITIONS_STATED = any(get_resources(g).get("slurm_partition") for g in ("train", "eval"))
 
 
 def get_preflight_marker(group):
-    """[the preflight marker of the group's partition] for a GPU run, else []."""
+    """[the preflight marker] for a GPU run, else [] (`group`: train or eval, the rule that asks)."""
 
     def inner(wildcards):
-        if not on_gpu(run_cfg(wildcards)):
-            return []
-        return [P["preflight"].format(partition=gpu_partition_key(group))]
+        return [P["preflight"].format(**PREFLIGHT)] if on_gpu(run_cfg(wildcards)) else []
 
     return inner
 
 
-def preflight_runs(partition):
-    groups = [g for g in ("train", "eval") if gpu_partition_key(g) == partition]
-    return [(r, s) for r in GPU_RUNS for s in SEEDS] if groups else []
-
-
-def preflight_plan(partition):
+def preflight_plan():
     """--plan of `python -m ctpo.preflight`: each GPU run's config and the steps its evaluation reads."""
     return {
         "runs": [
             {"config": P["run_config"].format(run=r, seed=s), "keep": keep_steps(EVALS, r, s)}
-            for r, s in preflight_runs(partition)
+            for r in GPU_RUNS
+            for s in SEEDS
         ]
     }
 
 
 def get_preflight_inputs(wildcards):
-    runs = preflight_runs(wildcards.partition)
+    runs = [(r, s) for r in GPU_RUNS for s in SEEDS]
     models = {hub_key(RESOLVED[(r, s)]["model"]["name"]) for r, s in runs if RESOLVED[(r, s)]["model"]["kind"] == "hf"}
     return {
         "configs": [P["run_config"].format(run=r, seed=s) for r, s in runs],
@@ -51,12 +38,11 @@ def get_preflight_inputs(wildcards):
 
 
 def preflight_resources():
-    """One GPU of the training's node type for 30 minutes (train's gpu_model, CPUs per GPU, memory up to 64 GB)."""
+    """One GPU for 30 minutes (memory up to 64 GB; the experiment's train GPU type and CPUs per GPU when it gives
+    them); the slurm profile's set-resources for preflight (partition, GPU type, CPUs and memory per GPU) win."""
     train = get_resources("train")
     res = {"nodes": 1, "gpu": 1, "runtime": 30, "mem_mb": min(int(train.get("mem_mb", 64000)), 64000)}
-    res.update({k: train[k] for k in ("gpu_model", "cpus_per_gpu", "slurm_account") if k in train})
-    if PARTITIONS_STATED:
-        res["slurm_partition"] = lambda wc: wc.partition if wc.partition != "gpu" else get_resources("train").get("slurm_partition")
+    res.update({k: train[k] for k in ("gpu_model", "cpus_per_gpu") if k in train})
     return res
 
 
@@ -64,14 +50,14 @@ rule preflight:
     input:
         unpack(get_preflight_inputs),
     output:
-        P["preflight"],
+        P["preflight"].format(**PREFLIGHT),
     params:
-        plan=lambda wc: canonical_json(preflight_plan(wc.partition)),
+        plan=canonical_json(preflight_plan()),
         runs_dir=P["runs"],
     log:
-        LOG("preflight", "partition"),
+        LOG("preflight", "partition").format(**PREFLIGHT),
     benchmark:
-        BENCH("preflight", "partition")
+        BENCH("preflight", "partition").format(**PREFLIGHT)
     conda:
         ENV_ACCEL
     resources:
