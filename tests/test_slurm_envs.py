@@ -32,7 +32,7 @@ from ctpo.config import REPO_ROOT, load_experiment, resolve_run
 from fake_slurm import make_cluster, sbatch_calls, starts
 from hang import HANG_S
 from test_dag import VENV_BIN, copy_workflow
-from test_slurm_submit import ACCOUNT, CPU_PART, GPU_PART, SINFO, install
+from test_slurm_submit import ACCOUNT, CPU_PART, GPU_PART, PREFLIGHT_INPUTS, SINFO, install
 
 EXP = "paper"
 TRAIN, EVAL_RUN, MERGE_RUN, DIAG_RUN, STEP, BENCH = "qwen3_4b_grpo", "qwen3_14b_ctpo", "qwen3_14b_gspo", \
@@ -56,12 +56,16 @@ def cluster_run(tmp_path_factory):
     P = layout.templates(EXP)
     f = lambda name, **w: P[name].format(**w)  # noqa: E731
     exp = load_experiment(REPO_ROOT / "configs/experiments/paper.yaml")
-    for run in (EVAL_RUN, MERGE_RUN, DIAG_RUN):  # the resolved run configs, as the run_config rule writes them
+    for run in exp["runs"]:  # the resolved run configs, as the run_config rule writes them
         (wf / f("run_config", run=run, seed=0)).parent.mkdir(parents=True, exist_ok=True)
         (wf / f("run_config", run=run, seed=0)).write_text(json.dumps(resolve_run(exp, run, 0)))
     staged = [f("data_deepscaler"), f("data_model", model="qwen3_4b"), f("data_benchmarks"),
               f("train_done", run=EVAL_RUN, seed=0), f("merged", run=EVAL_RUN, seed=0, step=STEP),
               f("train_done", run=MERGE_RUN, seed=0), f("train_done", run=DIAG_RUN, seed=0)]
+    # first (older than what follows): the GPU preflight passed (its inputs: every run's config, both models; the
+    # resolved configs above are kept)
+    first = [rel for rel in PREFLIGHT_INPUTS if not (wf / rel).exists()]
+    staged = first + [f("preflight", partition="gpu")] + [rel for rel in staged if rel not in first]
     for rel in staged:  # as after the upstream jobs; no model, checkpoint or rollout dump on disk
         (wf / rel).parent.mkdir(parents=True, exist_ok=True)
         (wf / rel).write_text("{}\n")

@@ -156,4 +156,4 @@ def test_toy_verl_runs_start_from_the_shared_warm_start():
     ws = warmstart_config(exp, 0)
     assert ws["model"]["kind"] == "toy" and ws["train"]["backend"] == "verl"
     smk = (REPO / "workflow/rules/common.smk").read_text()
-    assert 'if needs_warmstart(wildcards) else ""' in smk and 'inputs["sft"]' in smk
+    assert 'if needs_warmstart(wildcards) else []' in smk and 'inputs["sft"]' in smk
