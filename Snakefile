@@ -35,6 +35,7 @@ localrules:
     experiment_config,
     data_config,
     run_config,
+    bands_config,
     sft_config,
     table2,
     table3_ablation,

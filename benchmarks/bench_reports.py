@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ctpo.config import load_experiment  # noqa: E402
-from ctpo.diagnostics.run import diagnose, reference_bands  # noqa: E402
+from ctpo.diagnostics.bands import clip_bands, plan_bands  # noqa: E402
+from ctpo.diagnostics.run import diagnose  # noqa: E402
 from ctpo.diagnostics.stream import PositionAccumulator  # noqa: E402
 from ctpo.reports.synthetic import write_synthetic  # noqa: E402
 
@@ -75,7 +76,7 @@ def _write_dump(path: Path, n: int, t: int, sigma: float, rng) -> None:
 
 
 def bench_diagnostics(n: int, t: int, chunk_rows: int) -> dict:
-    bands = reference_bands()  # configs/methods/{ctpo_fixed,ctpo}.yaml
+    bands = clip_bands(plan_bands(load_experiment(REPO / "configs/experiments/paper.yaml")))  # the paper's Figure 1 bands
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "step50.npz"

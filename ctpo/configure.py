@@ -23,8 +23,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, method_loss, resolve_run
-from ctpo.diagnostics.run import FIXED_METHOD  # Figure 1: the fixed band is the ablation's
+from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, resolve_run
+from ctpo.diagnostics.bands import experiment_bands
 from ctpo.io import sha256_file, write_json
 from ctpo.layout import saved_steps
 
@@ -72,8 +72,8 @@ def final_step(run_cfg: dict) -> int:
 
 
 def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict], config_dir: Path = CONFIG_DIR) -> None:
-    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training; the
-    ablation's runs use the fixed band of configs/methods/ctpo_fixed.yaml (Figure 1 reads it there)."""
+    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training; Figure 1's
+    bands resolve (`ctpo.diagnostics.bands.experiment_bands`)."""
     runs = set(experiment["runs"])
     benchmarks = set(experiment["data"]["benchmarks"])
     ev = experiment["evaluation"]
@@ -91,13 +91,7 @@ def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict], co
     diag = experiment["diagnostics"]
     if diag["run"] not in runs:
         raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
-    band = method_loss(FIXED_METHOD, config_dir).fixed_bounds
-    for (run, _), cfg in sorted(resolved.items()):
-        if cfg["loss"]["method"] == FIXED_METHOD and list(cfg["loss"]["fixed_bounds"]) != list(band):
-            raise ConfigError(
-                f"experiment runs.{run}: loss.fixed_bounds {cfg['loss']['fixed_bounds']} differs from "
-                f"configs/methods/{FIXED_METHOD}.yaml {band}, where Figure 1's fixed band comes from; edit the method file"
-            )
+    experiment_bands(experiment, resolved)
     for seed in experiment["seeds"]:
         dumped = set(resolved[(diag["run"], int(seed))]["train"]["dump_steps"])
         missing = sorted(set(diag["steps"]) - dumped)

@@ -12,6 +12,7 @@ results/{exp}/  (Snakemake outputs; copied between machines, enough for every ta
   configs/{run}/seed{seed}.json                run_config        resolved RunConfig
   configs/sft/seed{seed}.json                  sft_config        the toy warm start's config
   configs/data.json                            data_config       the experiment's data section
+  configs/figure1_bands.json                   bands_config      Figure 1's clip bands (ctpo.diagnostics.bands)
   data/toy.json | deepscaler.json | benchmarks.json   data_*     checksum manifests of the data/ files
   data/model_{model}.json                      data_model        hub model fetched (rule prepare_model)
   preflight/{partition}.json                   preflight         GPU node checks passed (ctpo.preflight)
@@ -30,7 +31,6 @@ logs/{exp}/<rule>/...log                       logs
 runs/{exp}/  (never Snakemake outputs, never committed: training must resume)
   {run}/seed{seed}/                            workdir           WORKDIR_FILES (checkpoints, rollouts, W&B id, ...)
   sft/seed{seed}/policy/                       sft_workdir, sft_policy
-configs/methods/{method}.yaml                  method_file       a method's knobs (the diagnostics read Figure 1's bands)
   reports/                                     reports_wandb     W&B dir of `python -m ctpo.reports wandb`
 data/  (inputs, never outputs)
   toy/train.parquet, toy/{bench}.parquet       toy_train, toy_bench
@@ -57,6 +57,7 @@ RESULTS_FILES = {
     "run_config": "configs/{run}/seed{seed}.json",
     "sft_config": "configs/sft/seed{seed}.json",
     "data_config": "configs/data.json",
+    "bands_config": "configs/figure1_bands.json",  # ctpo.diagnostics.bands.experiment_bands
     "data_toy": "data/toy.json",
     "data_deepscaler": "data/deepscaler.json",
     "data_benchmarks": "data/benchmarks.json",
@@ -122,9 +123,6 @@ DATA_FILES = {
     "benchmark_file": "data/benchmarks/{bench}.parquet",
 }
 
-# relative to the repository root: sources a rule reads besides results/ (the diagnostics read Figure 1's bands)
-CONFIG_FILES = {"method_file": "configs/methods/{method}.yaml"}
-
 
 def _build() -> dict[str, str]:
     t = {"results": RESULTS, "runs": RUNS, "logs": "logs/{exp}", "figures": "figures/{exp}",
@@ -134,8 +132,7 @@ def _build() -> dict[str, str]:
     t.update({k: f"{RUNS}/{v}" for k, v in RUNS_FILES.items()})
     t.update({k: f"{t['workdir']}/{v}" for k, v in WORKDIR_FILES.items()})
     t.update(DATA_FILES)
-    t.update(CONFIG_FILES)
-    n_names = 5 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES, CONFIG_FILES)))
+    n_names = 5 + sum(map(len, (RESULTS_FILES, TRAIN_FILES, RUNS_FILES, WORKDIR_FILES, DATA_FILES)))
     assert len(t) == n_names, "ctpo.layout: two tables use the same name"
     return t
 

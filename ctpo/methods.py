@@ -7,7 +7,6 @@ An entry (`Method`) says what a method *is*; its default knob values live in its
     ctpo.losses               policy_token_losses: calls `token_losses(...)` with the method's knobs as keywords
     ctpo.verl_plugin          registers `verl_loss_mode` in verl's POLICY_LOSS_REGISTRY (wrapping `verl_wraps`),
                               builds the verl overrides and reads the knobs back from verl's config
-    ctpo.diagnostics.run      Figure 1's bands: `band` ("adaptive" / "fixed") says which band the run's own loss sets
     ctpo.reports.load         `display_name` in every table and figure
     ctpo.tracking             the W&B config holds `method`, `loss_agg_mode` and the method's `knobs` only
 
@@ -26,8 +25,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-BANDS = ("adaptive", "fixed")  # Figure 1's two clip bands (ctpo.diagnostics.stream.ClipBands)
-BAND_KNOBS = {"adaptive": ("eps_low", "eps_high", "power"), "fixed": ("fixed_bounds",)}  # what a band is made of
 COMMON_KEYS = ("method", "loss_agg_mode")  # loss.* keys every method has
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # loss.loss_agg_mode (ctpo.losses.agg_loss)
 
@@ -43,14 +40,9 @@ class Method:
     optional: tuple[str, ...] = ()  # knobs that may be null (off); the others must be set
     verl_loss_mode: Optional[str] = None  # its name in verl's POLICY_LOSS_REGISTRY (None: `name`)
     verl_wraps: Optional[str] = None  # verl's own loss that gives value and gradient (we add the ctpo/* metrics)
-    band: Optional[str] = None  # "adaptive" | "fixed": its loss clips with Figure 1's band of that name
     check: Optional[Callable[[Mapping], None]] = None  # checks across its knobs; ValueError naming the key
 
     def __post_init__(self) -> None:
-        if self.band is not None and self.band not in BANDS:
-            raise ValueError(f"method {self.name}: band must be one of {BANDS} or None, got '{self.band}'")
-        if self.band is not None and not set(BAND_KNOBS[self.band]) <= set(self.knobs):
-            raise ValueError(f"method {self.name}: band '{self.band}' needs knobs {BAND_KNOBS[self.band]}")
         if not set(self.optional) <= set(self.knobs):
             raise ValueError(f"method {self.name}: optional {self.optional} must be among its knobs {self.knobs}")
 
@@ -100,11 +92,6 @@ def all_methods() -> tuple[Method, ...]:
 def display_name(name: str) -> str:
     """The name reports print (the raw name for a method this checkout does not know)."""
     return _REGISTRY[name].display if name in _REGISTRY else name
-
-
-def with_band(band: str) -> tuple[str, ...]:
-    """The methods whose loss clips with Figure 1's `band` ("adaptive" | "fixed")."""
-    return tuple(m.name for m in _REGISTRY.values() if m.band == band)
 
 
 def loss_keys(name: str) -> tuple[str, ...]:
@@ -179,9 +166,9 @@ register(Method("grpo", "GRPO", "ctpo.losses:token_ratio_token_losses", (*_RATIO
 register(Method("gspo", "GSPO", "ctpo.losses:gspo_token_losses", _RATIO, verl_loss_mode="verl_gspo",
                 verl_wraps="gspo"))
 register(Method("ctpo", "CTPO", "ctpo.losses:ctpo_token_losses", ("eps_low", "eps_high", "power", "dual_clip_c"),
-                optional=("dual_clip_c",), band="adaptive"))
+                optional=("dual_clip_c",)))
 register(Method("ctpo_fixed", "CTPO (fixed clip)", "ctpo.losses:ctpo_fixed_token_losses",
-                ("fixed_bounds", "fixed_dual_clip"), optional=("fixed_dual_clip",), band="fixed",
+                ("fixed_bounds", "fixed_dual_clip"), optional=("fixed_dual_clip",),
                 check=_check_fixed_ablation))
 register(Method("full_seq", "Full-seq ratio", "ctpo.losses:full_seq_token_losses", (*_RATIO, "clip_ratio_c"),
                 optional=("clip_ratio_c",)))

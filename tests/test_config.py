@@ -112,16 +112,6 @@ def test_fixed_ablation_config_is_fixed_at_every_position(paper):
         resolve_run(bad, "qwen3_14b_ctpo", 0)
 
 
-def test_figure1_fixed_band_and_the_ablation_cannot_disagree(paper):
-    from ctpo.configure import check_experiment, resolve_runs
-
-    exp = json.loads(json.dumps(paper))
-    exp["runs"]["qwen3_14b_ctpo_fixed"]["overrides"] = {"loss": {"fixed_bounds": [0.8, 1.25],
-                                                                  "fixed_dual_clip": 1.25}}
-    with pytest.raises(ConfigError, match="configs/methods/ctpo_fixed.yaml .* where Figure 1's fixed band comes from"):
-        check_experiment(exp, resolve_runs(exp))
-
-
 def test_the_papers_training_values_exist_once(paper, toy):
     """paper.yaml states the paper's train / verl values and ctpo/config.py does not repeat them: each key
     paper.yaml sets under train (and train.verl) has no default or a different one there; a toy experiment

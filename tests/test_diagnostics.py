@@ -13,6 +13,7 @@ import pytest
 
 from ctpo.config import load_experiment, resolve_run
 from ctpo.diagnostics import ClipBands, PositionAccumulator, cumulative_log_ratio_np, fit_sqrt_t
+from ctpo.diagnostics.bands import plan_bands
 from ctpo.diagnostics.run import diagnose
 from ctpo.io import write_json
 
@@ -213,6 +214,13 @@ def _run_config(tmp_path: Path, run: str) -> Path:
     return p
 
 
+def _bands_file(tmp_path: Path) -> Path:
+    """The toy experiment's Figure 1 bands, as the workflow's bands_config rule writes them."""
+    p = tmp_path / "figure1_bands.json"
+    write_json(p, plan_bands(load_experiment(REPO / "configs/experiments/toy.yaml")))
+    return p
+
+
 @pytest.mark.parametrize("run", ["toy_ctpo", "toy_grpo"])
 def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
     rng = np.random.default_rng(6)
@@ -220,7 +228,7 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
     _write_dump(dump, rng)
     out = tmp_path / "diag" / "step10.parquet"
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(dump), "--config", str(_run_config(tmp_path, run)),
-           "--bin-width", "5", "--min-bin-tokens", "1", "--out", str(out)]
+           "--bands", str(_bands_file(tmp_path)), "--bin-width", "5", "--min-bin-tokens", "1", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     df = pd.read_parquet(out)
@@ -235,8 +243,8 @@ def test_cli_writes_parquet_and_summary_with_ctpo_bands(tmp_path, run):
 
 def test_cli_reports_a_missing_dump_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "ctpo.diagnostics", "--dump", str(tmp_path / "step1.npz"), "--config",
-           str(_run_config(tmp_path, "toy_ctpo")), "--bin-width", "5", "--min-bin-tokens", "1",
-           "--out", str(tmp_path / "o.parquet")]
+           str(_run_config(tmp_path, "toy_ctpo")), "--bands", str(_bands_file(tmp_path)), "--bin-width", "5",
+           "--min-bin-tokens", "1", "--out", str(tmp_path / "o.parquet")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2
     assert "step1.npz: rollout dump not found" in res.stderr

@@ -17,7 +17,7 @@ import torch
 
 from ctpo import methods, tracking
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, load_experiment, load_run_config, method_loss, resolve_run
-from ctpo.diagnostics.run import REFERENCE, bands_for_run
+from ctpo.diagnostics.bands import plan_bands
 from ctpo.losses import compute_policy_loss, ctpo_loss, ctpo_token_losses
 
 NAME = "half_ctpo"
@@ -41,8 +41,7 @@ def throwaway(tmp_path):
         f"method: {NAME}\nloss_agg_mode: token-mean\n" + "".join(f"{k}: {v}\n" for k, v in KNOBS.items())
         + "dual_clip_c: null\n")
     methods.register(methods.Method(NAME, "Half-CTPO (test)", half_ctpo_token_losses,
-                                    ("eps_low", "eps_high", "power", "dual_clip_c"), optional=("dual_clip_c",),
-                                    band="adaptive"))
+                                    ("eps_low", "eps_high", "power", "dual_clip_c"), optional=("dual_clip_c",)))
     exp = load_experiment(CONFIG_DIR / "experiments" / "toy.yaml")
     exp["runs"]["toy_half"] = {"model": "toy", "method": NAME}
     yield config_dir, exp
@@ -67,8 +66,6 @@ def test_registered_methods_knobs_are_their_loss_functions_keyword_arguments():
         assert all(p.default is p.empty for p in params), f"{m.name}: a knob with a default"
         assert set(m.knobs) <= {f for f in LossConfig.__dataclass_fields__}, m.name
         method_loss(m.name)  # every method has a method file that passes its own checks
-    for band, name in REFERENCE.items():  # Figure 1's reference files clip with the band they stand for
-        assert methods.get(name).band == band
 
 
 def test_a_new_method_flows_through_config_losses_wandb_and_diagnostics(throwaway):
@@ -90,14 +87,11 @@ def test_a_new_method_flows_through_config_losses_wandb_and_diagnostics(throwawa
     assert metrics.keys() == ref_metrics.keys()
     # W&B logs this method's knobs only
     assert set(tracking.run_config_for_wandb(cfg_dict)["loss"]) == {"method", "loss_agg_mode", *KNOBS, "dual_clip_c"}
-    # Figure 1: an adaptive-band method draws its own adaptive band; the fixed band stays the ablation's file's
-    bands = bands_for_run(cfg, config_dir)
-    assert (bands.eps_low, bands.eps_high, bands.power) == (0.1, 0.2, 0.4)
-    assert [bands.fixed_lo, bands.fixed_hi] == method_loss("ctpo_fixed", config_dir).fixed_bounds
-    assert NAME in methods.with_band("adaptive")
-    # and a CTPO run keeps CTPO's band
-    ctpo_bands = bands_for_run(load_run_config(resolve_run(exp, "toy_ctpo", 0, config_dir)), config_dir)
-    assert (ctpo_bands.eps_low, ctpo_bands.power) == (method_loss("ctpo").eps_low, method_loss("ctpo").power)
+    # Figure 1: as the first of the ablation pair its run sets the adaptive band; the fixed band is the twin's
+    bands = plan_bands(dict(exp, evaluation=dict(exp["evaluation"], table3_runs=["toy_half", "toy_ctpo_fixed"])),
+                       config_dir)
+    assert bands["adaptive"] == KNOBS
+    assert bands["fixed_bounds"] == method_loss("ctpo_fixed", config_dir).fixed_bounds
 
 
 def test_a_new_methods_config_is_checked_against_its_entry(throwaway):

@@ -30,6 +30,7 @@ from hang import HANG_S  # noqa: E402
 
 from ctpo import schema  # noqa: E402
 from ctpo.config import load_experiment, resolve_run  # noqa: E402
+from ctpo.diagnostics.bands import plan_bands  # noqa: E402
 from ctpo.io import read_json  # noqa: E402
 from ctpo.train import verl_backend as vb  # noqa: E402
 
@@ -145,8 +146,10 @@ def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp
         assert set(schema.ROLLOUT_ARRAYS) <= set(z.files) and z["response_mask"].shape[0] == 4
         assert z["response_mask"].sum() > 0
     diag = tmp_path / "diag" / "step1.parquet"
+    bands = tmp_path / "figure1_bands.json"
+    bands.write_text(json.dumps(plan_bands(load_experiment(REPO / "configs/experiments/toy_verl.yaml"))))
     out = subprocess.run([sys.executable, "-m", "ctpo.diagnostics", "--dump", str(dump), "--config", str(cfg_path),
-                          "--bin-width", "8", "--min-bin-tokens", "1", "--out", str(diag)],
+                          "--bands", str(bands), "--bin-width", "8", "--min-bin-tokens", "1", "--out", str(diag)],
                          cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-3000:]
     assert read_json(diag.with_suffix(".json"))["n_sequences"] == 4

@@ -1,8 +1,9 @@
 """python -m ctpo.diagnostics --dump runs/{exp}/{run}/seed{s}/rollouts/step{N}.npz --config <run config .json>
-    --bin-width W --min-bin-tokens N --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
+    --bands results/{exp}/configs/figure1_bands.json --bin-width W --min-bin-tokens N
+    --out results/{exp}/diagnostics/{run}/seed{s}/step{N}.parquet
 
-The fixed band is Table 3's ablation's (configs/methods/ctpo_fixed.yaml), the adaptive band CTPO's
-(configs/methods/ctpo.yaml); a run of either method uses its own resolved loss (ctpo.diagnostics.run).
+--bands: Figure 1's two clip bands as the workflow planned them (ctpo.diagnostics.bands: the experiment's
+`diagnostics.bands`, else its ablation pair `evaluation.table3_runs`).
 
 Writes the per-bin parquet (ctpo.schema.DIAG_COLUMNS) and a .json beside it (same stem) with sigma_hat,
 r2, n_sequences, n_tokens, step, the bands used and the experiment label.
@@ -16,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from ctpo.config import ConfigError, load_run_config
-from ctpo.diagnostics.run import bands_for_run, diagnose
+from ctpo.diagnostics.bands import read_bands
+from ctpo.diagnostics.run import diagnose
 from ctpo.io import write_json, write_parquet
 
 
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ctpo.diagnostics", description=__doc__.splitlines()[0])
     ap.add_argument("--dump", required=True, help="rollout dump step<N>.npz")
     ap.add_argument("--config", required=True, help="the run's resolved config (.json)")
+    ap.add_argument("--bands", required=True, help="Figure 1's bands (.json, ctpo.diagnostics.bands)")
     ap.add_argument("--bin-width", type=int, required=True, help="positions per bin")
     ap.add_argument("--min-bin-tokens", type=int, required=True,
                     help="bins with fewer tokens are kept in the parquet but left out of the fit and Figure 1")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_run_config(args.config)
-        bands = bands_for_run(cfg)
+        bands = read_bands(args.bands)
         cols, summary = diagnose(args.dump, bands, args.bin_width, args.min_bin_tokens, args.chunk_rows)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

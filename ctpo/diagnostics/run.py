@@ -5,43 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctpo import methods
-from ctpo.config import CONFIG_DIR, LossConfig, RunConfig, method_loss
 from ctpo.diagnostics.dump import dump_step, iter_row_chunks
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
 from ctpo.schema import DIAG_COLUMNS
-
-# Figure 1 draws two bands; each comes from the run's own loss when its method clips with that band
-# (ctpo.methods: `band`), else from this method's file (Table 3's ablation and CTPO: what they train with)
-REFERENCE = {"fixed": "ctpo_fixed", "adaptive": "ctpo"}
-FIXED_METHOD, ADAPTIVE_METHOD = REFERENCE["fixed"], REFERENCE["adaptive"]
-
-
-def band_loss(loss: LossConfig, band: str, config_dir=CONFIG_DIR) -> LossConfig:
-    """The loss that sets Figure 1's `band` ("fixed" | "adaptive") for a run with `loss`."""
-    return loss if methods.get(loss.method).band == band else method_loss(REFERENCE[band], config_dir)
-
-
-def _bands(fixed: LossConfig, adaptive: LossConfig) -> ClipBands:
-    lo, hi = fixed.fixed_bounds
-    return ClipBands(lo, hi, adaptive.eps_low, adaptive.eps_high, adaptive.power)
-
-
-def bands_for_run(cfg: RunConfig, config_dir=CONFIG_DIR) -> ClipBands:
-    """Figure 1's two bands, each from the loss that applies it (`band_loss`)."""
-    return _bands(band_loss(cfg.loss, "fixed", config_dir), band_loss(cfg.loss, "adaptive", config_dir))
-
-
-def band_methods(method: str) -> list[str]:
-    """The methods whose files (configs/methods/<name>.yaml) `bands_for_run` reads for a run of `method`: those of
-    the bands its own loss does not set."""
-    own = methods.get(method).band
-    return [REFERENCE[b] for b in ("fixed", "adaptive") if b != own]
-
-
-def reference_bands(config_dir=CONFIG_DIR) -> ClipBands:
-    """Both bands from the reference methods' files (what a run of neither band is shown against)."""
-    return _bands(method_loss(FIXED_METHOD, config_dir), method_loss(ADAPTIVE_METHOD, config_dir))
 
 
 def diagnose(dump: str | Path, bands: ClipBands, bin_width: int, min_bin_tokens: int = 1,

@@ -26,7 +26,7 @@ from ctpo import schema
 from ctpo.config import experiment_grader
 from ctpo.grading import correct_column
 from ctpo.diagnostics.stream import ClipBands, PositionAccumulator, fit_sqrt_t
-from ctpo.diagnostics.run import reference_bands
+from ctpo.diagnostics.bands import clip_bands, plan_bands
 from ctpo.io import atomic_path, write_json, write_text
 from ctpo.layout import results, saved_steps
 from ctpo.reports.table1 import QUICK, run_study
@@ -137,7 +137,7 @@ def write_synthetic(exp: dict, out: str | Path, n_problems: int = 30, n_diag_seq
             rows = _metrics_rows(rng, spec["method"], total)
             write_text(tree.path("metrics", run=run, seed=s), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     diag = exp["diagnostics"]
-    bands = reference_bands()
+    bands = clip_bands(plan_bands(exp))  # Figure 1's bands as the workflow plans them (ctpo.diagnostics.bands)
     max_len = exp["defaults"]["rollout"]["max_response_tokens"]
     for s in seeds:
         for step in diag["steps"]:

@@ -21,7 +21,7 @@ from ctpo.configure import (
     resolve_runs,
     warmstart_config,
 )
-from ctpo.diagnostics.run import band_methods
+from ctpo.diagnostics.bands import experiment_bands
 from ctpo.slurm import check_request, query_sinfo
 
 
@@ -37,6 +37,7 @@ CONFIG_DIR = Path(workflow.basedir) / "configs"  # this checkout's models/ and m
 RESOLVED = resolve_runs(config, CONFIG_DIR)  # {(run, seed): RunConfig dict}; a bad key fails here, naming it
 check_experiment(config, RESOLVED, CONFIG_DIR)
 EVALS = eval_targets(config, RESOLVED)  # [(run, seed, step, bench)]
+FIGURE1_BANDS = experiment_bands(config, RESOLVED)  # diagnostics.bands, else the ablation pair's losses
 WANDB_ONLINE = resolve_mode(config["wandb"]["mode"]) == "online"  # from the environment only, no network
 # hub models (kind: hf) by model name: fetched by `prepare_model` on the login node, offline elsewhere
 def hub_key(name):
@@ -220,12 +221,12 @@ def get_eval_inputs(wildcards):
 
 
 def get_diag_inputs(wildcards):
-    """Run config, training marker and the method files Figure 1's two bands are read from (a changed band
-    reruns the diagnostics and so Figure 1)."""
+    """Run config, training marker and Figure 1's bands (rule bands_config: a changed band reruns the diagnostics
+    and so Figure 1)."""
     return {
         "config": P["run_config"].format(run=wildcards.run, seed=wildcards.seed),
         "train": P["train_done"].format(run=wildcards.run, seed=wildcards.seed),
-        "bands": [P["method_file"].format(method=m) for m in band_methods(run_cfg(wildcards)["loss"]["method"])],
+        "bands": P["bands_config"],
     }
 
 

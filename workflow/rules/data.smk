@@ -33,6 +33,21 @@ rule run_config:
         "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
+rule bands_config:
+    output:
+        P["bands_config"],
+    params:
+        cfg=canonical_json(FIGURE1_BANDS),
+    log:
+        LOG("bands_config"),
+    benchmark:
+        BENCH("bands_config")
+    conda:
+        ENV_CPU
+    shell:
+        "python -m ctpo.configure --json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule sft_config:
     output:
         P["sft_config"],

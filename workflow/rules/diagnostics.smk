@@ -20,5 +20,5 @@ rule diagnostics:
     resources:
         **get_resources("cpu"),
     shell:
-        "python -m ctpo.diagnostics --dump {params.dump:q} --config {input.config:q} --bin-width {params.bin_width:q} "
-        "--min-bin-tokens {params.min_tokens:q} --out {output.bins:q} > {log:q} 2>&1"
+        "python -m ctpo.diagnostics --dump {params.dump:q} --config {input.config:q} --bands {input.bands:q} "
+        "--bin-width {params.bin_width:q} --min-bin-tokens {params.min_tokens:q} --out {output.bins:q} > {log:q} 2>&1"
