@@ -11,7 +11,6 @@ Target: (a) / (c) >= 2x; (a) >= (b) when rows finish at different lengths.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -22,6 +21,7 @@ from ctpo.config import ModelConfig
 from ctpo.io import write_json
 from ctpo.tokenizer import CharTokenizer
 from ctpo.train.toy_model import build_toy_model
+from generation_timing import timed_generate, warm_up
 
 
 class NoCacheGenerator(HFGenerator):
@@ -67,14 +67,11 @@ def main() -> None:
     prompts = [tok.encode(render_prompt(f"Compute {i * 37 % 101}*{i + 3}.", "toy_tir")) for i in range(args.batch)]
     stop = list(load_template("toy_tir").stop) + ["="]  # "=" makes rows end at different lengths
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new, seed=123)
-    HFGenerator(model, tok).generate(prompts[:2], SamplingParams(max_new_tokens=8, seed=0), stop)  # warm-up
+    warm_up(HFGenerator(model, tok), prompts, stop)
     rows = {}
     for name, g in (("kv_pruned", HFGenerator(model, tok)), ("kv_unpruned", HFGenerator(model, tok, prune=False)),
                     ("no_cache", NoCacheGenerator(model, tok))):
-        t0 = time.perf_counter()
-        outs = g.generate(prompts, params, stop)
-        dt = time.perf_counter() - t0
-        n = sum(len(o.token_ids) for o in outs)
+        outs, dt, n = timed_generate(g, prompts, params, stop)
         rows[name] = {"seconds": dt, "tokens": n, "tokens_per_s": n / dt,
                       "lengths": sorted(len(o.token_ids) for o in outs)}
         print(f"{name:12s} {n:5d} tokens in {dt:6.2f} s = {n / dt:7.1f} tok/s")

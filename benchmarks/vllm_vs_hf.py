@@ -28,18 +28,17 @@ from ctpo.config import REPO_ROOT, ModelConfig  # noqa: E402
 from ctpo.io import write_json  # noqa: E402
 from ctpo.tokenizer import CharTokenizer  # noqa: E402
 from ctpo.train.toy_model import build_toy_model, save_policy  # noqa: E402
+from generation_timing import timed_generate, warm_up  # noqa: E402
 
 
 def rate(generator, prompts, params, repeats: int) -> tuple[float, int, float]:
     """(best tokens/s, tokens of that call, its seconds) over `repeats` calls after one warm-up call."""
-    generator.generate(prompts[:2], SamplingParams(max_new_tokens=8, seed=0), [])
+    warm_up(generator, prompts, [])
     best = (0.0, 0, 0.0)
     for r in range(repeats):
-        t0 = time.perf_counter()
-        outs = generator.generate(prompts, SamplingParams(params.temperature, params.top_p, params.max_new_tokens,
-                                                          seed=params.seed + 1000 * r), [])
-        dt = time.perf_counter() - t0
-        n = sum(len(o.token_ids) for o in outs)
+        _, dt, n = timed_generate(generator, prompts, SamplingParams(params.temperature, params.top_p,
+                                                                     params.max_new_tokens,
+                                                                     seed=params.seed + 1000 * r), [])
         best = max(best, (n / dt, n, dt))
     return best
 

@@ -86,6 +86,28 @@ def _wait_for_saved_step(proc: subprocess.Popen, workdir: Path, step: int, log: 
         time.sleep(0.5)
 
 
+def sigterm_after_first_save(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path) -> float:
+    """Launch, SIGTERM the launcher once step 1 is saved (forwarded to verl's process group; verl's save hook
+    pauses after saving step 1 until the launcher asks for a save: no race with verl's speed), and check the run
+    stopped undone with step 1 saved. Returns the seconds from launch to the saved step."""
+    t0 = time.monotonic()
+    proc = _launch(cfg_path, results, workdir, init, log, pause_after_step=1)
+    _wait_for_saved_step(proc, workdir, 1, log)
+    seconds = time.monotonic() - t0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=LAUNCH_TIMEOUT_S) != 0 and not (results / "done.json").exists()  # rerun resumes
+    assert vb.latest_step(workdir) == 1
+    return seconds
+
+
+def resume_to_the_end(cfg_path: Path, results: Path, workdir: Path, init: Path, log: Path) -> float:
+    """Relaunch the same command: it resumes after the saved step and finishes. Returns its seconds."""
+    t0 = time.monotonic()
+    proc = _launch(cfg_path, results, workdir, init, log)
+    assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, log.read_text()[-6000:]
+    return time.monotonic() - t0
+
+
 def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,23 +119,12 @@ def test_ctpo_through_verl_on_cpu_sigterm_resume_merge_eval_diagnostics(toy, tmp
     wd, res, log = tmp_path / "runs" / "toy_ctpo" / "seed0", tmp_path / "results", tmp_path / "verl.log"
     timings = {}
 
-    # attempt 1: run until step 1 is saved, then SIGTERM the launcher (forwarded to verl's process group)
-    t0 = time.monotonic()
-    # verl's save hook pauses after saving step 1 until the launcher asks for a save: no race with verl's speed
-    proc = _launch(cfg_path, res, wd, policy, log, pause_after_step=1)
-    _wait_for_saved_step(proc, wd, 1, log)
-    timings["to_first_saved_step_s"] = time.monotonic() - t0
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=HANG_S)
-    assert rc != 0 and not (res / "done.json").exists()  # interrupted: not done, rerun resumes
-    assert vb.latest_step(wd) == 1
+    # attempt 1: run until step 1 is saved, then SIGTERM the launcher
+    timings["to_first_saved_step_s"] = sigterm_after_first_save(cfg_path, res, wd, policy, log)
     run_id = (wd / "wandb_run_id").read_text().strip()
 
     # attempt 2: the same command resumes after the saved step and finishes
-    t1 = time.monotonic()
-    proc = _launch(cfg_path, res, wd, policy, log)
-    assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, log.read_text()[-6000:]
-    timings["resume_launch_s"] = time.monotonic() - t1
+    timings["resume_launch_s"] = resume_to_the_end(cfg_path, res, wd, policy, log)
     done = read_json(res / "done.json")
     assert done["final_step"] == 3 and done["saved_steps"] == [1, 2, 3] and done["attempts"] == 2
     assert done["wandb_run_id"] == run_id == (wd / "wandb_run_id").read_text().strip()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -179,7 +178,7 @@ def _shm() -> set[str]:
 
 
 def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warmstart, tmp_path):
-    from test_verl_e2e import _launch, _wait_for_saved_step
+    from test_verl_e2e import resume_to_the_end, sigterm_after_first_save
 
     from ctpo.train.verl_metrics import read_verl_log
 
@@ -200,17 +199,8 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     shm_before = _shm()
     timings = {}
 
-    t0 = time.monotonic()
-    proc = _launch(cfg_path, res, wd, policy, log, pause_after_step=1)
-    _wait_for_saved_step(proc, wd, 1, log)
-    timings["to_first_saved_step_s"] = time.monotonic() - t0
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=HANG_S) != 0 and not (res / "done.json").exists()
-    assert vb.latest_step(wd) == 1
-    t1 = time.monotonic()
-    proc = _launch(cfg_path, res, wd, policy, log)
-    assert proc.wait(timeout=HANG_S) == 0, log.read_text()[-6000:]
-    timings["resume_launch_s"] = time.monotonic() - t1
+    timings["to_first_saved_step_s"] = sigterm_after_first_save(cfg_path, res, wd, policy, log)
+    timings["resume_launch_s"] = resume_to_the_end(cfg_path, res, wd, policy, log)
     text = log.read_text()
     command = layout.workdir(wd).path("verl_cmd", attempt=1).read_text()
     assert "actor_rollout_ref.rollout.name=vllm" in command and "worker_extension_cls" in command
