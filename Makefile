@@ -27,8 +27,8 @@ demo: $(STAMP)
 demo-seeds: $(STAMP)
 	$(PY) -m ctpo.demo --jobs $(JOBS) --seeds 0 1 2
 
-# Two pytest-xdist workers (TEST_WORKERS=0 runs in one process); tests/conftest.py makes each test file one unit of
-# work (the files sharing the toy warm start one unit) and hands out the longest units first.
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in one process), each test file one unit of work handed out in
+# collection order; tests/conftest.py puts the slow files first and builds the shared toy warm start once (file lock).
 TEST_WORKERS ?= 2
 PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)

@@ -11,6 +11,8 @@ import yaml
 
 from test_dag import REPO, copy_workflow, kv, parse_jobs, snakemake
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 PAPER = yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())
 
 

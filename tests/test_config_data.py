@@ -25,6 +25,8 @@ from ctpo.config import ConfigError, hydra_quote, load_experiment, load_run_conf
 from hang import HANG_S
 from test_dag import REPO, copy_workflow, snakemake
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 SECRET = "hf_not_a_real_token_21"
 TOY = yaml.safe_load((REPO / "configs/experiments/toy.yaml").read_text())
 

@@ -14,6 +14,8 @@ import pytest
 from hang import HANG_S
 from test_dag import VENV_BIN, copy_workflow, count, kv, parse_jobs
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 RUN = "qwen3_4b_ctpo"
 
 

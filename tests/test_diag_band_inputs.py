@@ -18,6 +18,8 @@ import yaml
 
 from test_dag import REPO, copy_workflow, count, parse_jobs, snakemake
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 CONFIG_RULES = {"experiment_config", "run_config", "sft_config", "data_config", "bands_config"}
 FIXED = ("fixed_bounds: [0.5, 5.0]", "fixed_bounds: [0.4, 5.0]")  # configs/methods/ctpo_fixed.yaml
 

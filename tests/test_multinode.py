@@ -19,6 +19,8 @@ from ctpo.train import ray_cluster
 from ctpo.train import verl_backend as vb
 from hang import HANG_S
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCONTROL = '#!/bin/sh\necho "$*" >> "$FAKE_LOG/scontrol.args"\nhostname -s\necho fake-worker-1\n'

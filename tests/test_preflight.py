@@ -21,6 +21,8 @@ from ctpo.exitcodes import EXIT_PERMANENT
 from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 PAPER = load_experiment(REPO / "configs/experiments/paper.yaml")
 
 

@@ -32,6 +32,8 @@ import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo.config import CONFIG_DIR, load_experiment, method_loss, resolve_run  # noqa: E402
 from ctpo.losses import compute_policy_loss  # noqa: E402
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 VERL_CONFIG_DIR = os.path.abspath(os.path.join(os.path.dirname(core_algos.__file__), "..", "config"))
 METHODS = ("ctpo", "ctpo_fixed", "grpo")
 LENGTHS = [3, 180, 7, 60, 1, 240, 12, 95]  # response lengths (tokens), very different on purpose

@@ -17,6 +17,8 @@ from ctpo import release_reward as rr
 from ctpo.config import CONFIG_DIR, ConfigError, load_experiment, load_run_config, resolve_run
 from ctpo.workdir import run_identity
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 TOOL_CALL = ('<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(7*10)"}}\n</tool_call>\n'
              "<tool_response>\n70\n</tool_response>\n")
 FENCED = "Let me compute.\n```python\nprint(7*10)\n```\n```output\n70\n```\n"

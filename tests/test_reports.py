@@ -22,6 +22,8 @@ from ctpo.reports.load import ReportInputError, Results, read_experiment
 from ctpo.reports.synthetic import write_synthetic
 from ctpo.reports.table1 import QUICK, run_study
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

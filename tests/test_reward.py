@@ -15,6 +15,8 @@ from ctpo import reward
 from ctpo.reward import (GroundTruthError, RewardResult, compute_score, extraction_failure_rate, last_boxed,
                          names_answer, score, split_relations)
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (solution, ground truth, expected reason, expected extracted answer or None = don't check)

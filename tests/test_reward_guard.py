@@ -15,6 +15,8 @@ from ctpo import reward
 from ctpo.relations import UNICODE_RELATIONS, canonical, hidden_relations, negated, split_relations
 from hang import HANG_S
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # every one of these ends in (or reduces to) the ground truth 204 and was scored correct before

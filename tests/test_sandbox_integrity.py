@@ -26,6 +26,8 @@ from hang import HANG_S
 from ctpo.sandbox import SandboxLimits, SandboxPool, rootfs, run_many, runner
 from ctpo.sandbox import cgroup as cg
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 MARK = f"ctpoint{uuid.uuid4().hex[:10]}"
 NUM = f"{uuid.uuid4().int % 9000 + 1000}{os.getpid()}"  # `sleep NUM.x` is a valid, unique argv for hunting

@@ -21,6 +21,8 @@ import pytest
 from ctpo.sandbox import SandboxLimits, describe, run_code
 from hang import HANG_S
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

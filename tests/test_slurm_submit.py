@@ -19,11 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fake_slurm import make_conda
 from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow
+
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
 
 FAKE = {
     # sbatch --parsable prints the job id (a distinct one per call); each call's argv, NUL-separated, to its

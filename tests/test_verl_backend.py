@@ -23,6 +23,8 @@ from ctpo.diagnostics.verl_dumps import DumpError, DumpWriter, convert_dumps, wr
 from ctpo.train.verl_metrics import convert_logs
 from hang import HANG_S
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = load_experiment(ROOT / "configs" / "experiments" / "paper.yaml")
 RUNS = {"grpo": "qwen3_4b_grpo", "gspo": "qwen3_4b_gspo", "ctpo": "qwen3_4b_ctpo", "ctpo_fixed": "qwen3_14b_ctpo_fixed"}

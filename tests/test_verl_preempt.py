@@ -24,6 +24,8 @@ from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
 from ctpo.train import verl_preempt as vp
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "fixtures" / "verl_standin.py"
 TOTAL = 5

@@ -13,6 +13,8 @@ from ctpo.config import ConfigError, load_experiment, resolve_run
 from ctpo.configure import warmstart_config
 from ctpo.exitcodes import EXIT_PERMANENT
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

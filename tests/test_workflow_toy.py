@@ -23,6 +23,8 @@ from ctpo.train.local import PAUSE_ENV
 from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow, count, kv, parse_jobs, snakemake
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 EXP = "tiny"
 CFG = "tiny.yaml"
 
