@@ -2,9 +2,9 @@
 
 Figure 1 (paper Sec. 4.3): experiment.diagnostics.run at diagnostics.steps, first seed. Top row: empirical
   std of log rho_cum vs model-token position t with the fit sigma_hat * sqrt(t); bottom row: clip rate vs t
-  under the fixed band [lo, hi] (Table 3's ablation, configs/methods/ctpo_fixed.yaml) and the position-adaptive
-  band, and (grey, right axis) the tokens in each bin. Only bins holding >= diagnostics.min_bin_tokens tokens
-  are drawn (the fit uses the same bins).
+  under the fixed band [lo, hi] and the position-adaptive band (ctpo.diagnostics.bands: the experiment's
+  diagnostics.bands, else its Table 3 ablation pair), and (grey, right axis) the tokens in each bin. Only bins
+  holding >= diagnostics.min_bin_tokens tokens are drawn (the fit uses the same bins).
 Figure 2 (paper Sec. 4.5): one line per run in evaluation.figure2_runs, four panels. (a) avg@k on
   figure2_benchmark at every evaluated checkpoint with a 95% CI band (bootstrap over problems, or over seeds
   then problems); (b) the clip-active fraction per step (ctpo.schema.CLIP_FRAC_ACTIVE): what the release logs as
