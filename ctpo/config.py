@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -39,28 +39,20 @@ class ConfigError(ValueError):
     """A bad config: the message names the file / key and what was expected."""
 
 
-@dataclass
-class LossConfig:
-    """The policy loss (paper Sec. 2-3): `method` (one of `ctpo.methods`) and every method's knobs.
-
-    The values are in the method file, configs/methods/<method>.yaml, and only there: a knob another method
-    reads stays null (`ctpo.methods.check_loss`)."""
-
-    method: Optional[str] = MISSING  # a registered method (ctpo.methods); null: no policy loss (the SFT warm start)
+# The policy loss (paper Sec. 2-3): `method` (one of `ctpo.methods`), the aggregation, and one nullable field per
+# loss knob of `ctpo.methods.KNOBS` (declared there once, with its type and meaning). The knob values are in the
+# method file, configs/methods/<method>.yaml, and only there: a knob another method reads stays null
+# (`ctpo.methods.check_loss`).
+LossConfig = make_dataclass("LossConfig", [
+    # a registered method (ctpo.methods); null: no policy loss (the SFT warm start)
+    ("method", Optional[str], field(default=MISSING)),
     # seq-mean-token-mean: mean over responses of each response's token mean (the release's effective objective, the
     # paper's 1/|o_i|); token-mean: over all tokens of the mini-batch (verl 0.9.1's, not the release's); seq-mean-token-sum
-    loss_agg_mode: Optional[str] = MISSING
-    # token / sequence ratios (GRPO, GSPO, full_seq): ratio clipped to [1 - low, 1 + high]
-    clip_ratio_low: Optional[float] = None
-    clip_ratio_high: Optional[float] = None
-    clip_ratio_c: Optional[float] = None  # PPO dual clip for A < 0 (verl's clip_ratio_c); None = off
-    # CTPO (Sec. 3.3): log rho_cum clipped to [-eps_low * t^power, eps_high * t^power]
-    eps_low: Optional[float] = None
-    eps_high: Optional[float] = None
-    power: Optional[float] = None
-    dual_clip_c: Optional[float] = None  # CTPO log-space dual clip: loss of A<0 tokens <= -A * exp(c * t^power)
-    fixed_bounds: Optional[List[float]] = None  # ctpo_fixed: rho_cum clipped to [lo, hi]
-    fixed_dual_clip: Optional[float] = None  # ctpo_fixed: loss of A<0 tokens <= -A * c at every position (c >= hi)
+    ("loss_agg_mode", Optional[str], field(default=MISSING)),
+    *((k.name, Optional[k.type], field(default=None)) for k in methods.KNOBS.values()),
+])
+LossConfig.__module__ = __name__
+LossConfig.__doc__ = "The policy loss: method, loss_agg_mode and the knobs of ctpo.methods.KNOBS (null = unset)."
 
 
 @dataclass

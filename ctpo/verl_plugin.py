@@ -9,7 +9,8 @@ metrics, so every method reports one clip fraction (below).
 
 Hyperparameters. A method's knobs that verl's actor config has (`ACTOR_KNOBS`: the ratio clip range and
 dual clip, as for `vanilla`) are set there; the others live on a `PolicyLossConfig` subclass (verl's config
-dataclasses are frozen and have no such fields), selected by overriding the node's `_target_`:
+dataclasses are frozen and have no such fields), selected by overriding the node's `_target_`. Both are
+derived from `ctpo.methods.KNOBS` (each knob's `verl` says where it sits):
 
     actor_rollout_ref.actor.policy_loss._target_=ctpo.verl_plugin.CTPOPolicyLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=ctpo
@@ -17,8 +18,8 @@ dataclasses are frozen and have no such fields), selected by overriding the node
 
 `verl_overrides(loss_cfg)` produces these strings from our `LossConfig`; `_loss_config` reads them back.
 
-Per-token losses come from `ctpo.losses`; rollout IS weights multiply them and verl's own `agg_loss`
-aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
+Losses come from `ctpo.losses.compute_policy_loss`: rollout IS weights multiply the per-token loss and verl's
+own `agg_loss` aggregates with `config.global_batch_info`, exactly as verl's built-in losses do. Metrics: verl's
 `actor/pg_clipfrac` (clipped branch active), `actor/pg_clipfrac_lower` (dual clip active), `actor/ppo_kl`,
 plus the `ctpo/*` names of `ctpo.schema` (verl logs them as `actor/ctpo/*`) and per-micro-batch token sums
 `ctpo/sum/*` from which `ctpo.train.verl_metrics` recovers exact step statistics; the std and max of a
@@ -32,7 +33,7 @@ unless the launcher set CTPO_DUMP_DIR; see that module for the step counting).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import field, make_dataclass
 from typing import Any, Optional
 
 import torch
@@ -42,39 +43,25 @@ from verl.workers.config import PolicyLossConfig
 from ctpo import methods, schema
 from ctpo.config import LossConfig
 from ctpo.diagnostics import verl_dumps
-from ctpo.losses import policy_token_losses
+from ctpo.losses import compute_policy_loss
 from ctpo.metric_sums import NOT_AVERAGEABLE, loss_metric_sums
 
-ACTOR_KNOBS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")  # knobs verl's ActorConfig holds itself
+ACTOR_KNOBS = tuple(k.name for k in methods.KNOBS.values() if k.verl == "actor")  # knobs verl's ActorConfig holds
+_NODE_KNOBS = tuple(k.name for k in methods.KNOBS.values() if k.verl == "policy_loss")  # on CTPOPolicyLossConfig
 _PREFIX = "actor_rollout_ref.actor"
 _LOSS_MODES: dict[str, methods.Method] = {}  # verl loss_mode -> our method, filled by register()
 
-
-@dataclass
-class CTPOPolicyLossConfig(PolicyLossConfig):
-    """verl's PolicyLossConfig plus the knobs of our methods that verl's actor config lacks (meanings:
-    ctpo.config.LossConfig; values: configs/methods/). Null = not set; a method's own checks apply."""
-
-    eps_low: Optional[float] = None
-    eps_high: Optional[float] = None
-    power: Optional[float] = None
-    fixed_bounds: Optional[list[float]] = None
-    dual_clip_c: Optional[float] = None
-    fixed_dual_clip: Optional[float] = None
-
-
-_NODE_KNOBS = tuple(f.name for f in fields(CTPOPolicyLossConfig) if f.name not in
-                    {g.name for g in fields(PolicyLossConfig)})
+# verl's PolicyLossConfig plus the knobs of our methods that verl's actor config lacks (declared in
+# ctpo.methods.KNOBS; values: configs/methods/). Null = not set; a method's own checks apply.
+CTPOPolicyLossConfig = make_dataclass(
+    "CTPOPolicyLossConfig", [(k, Optional[methods.KNOBS[k].type], field(default=None)) for k in _NODE_KNOBS],
+    bases=(PolicyLossConfig,))
+CTPOPolicyLossConfig.__module__ = __name__
 
 
 def _node_knobs(method: methods.Method) -> tuple[str, ...]:
-    """The method's knobs that sit on the policy_loss node (a knob neither there nor on the actor config fails)."""
-    node = tuple(k for k in method.knobs if k not in ACTOR_KNOBS)
-    missing = [k for k in node if k not in _NODE_KNOBS]
-    if missing:
-        raise ValueError(f"method {method.name}: knobs {missing} are neither on verl's actor config nor fields of "
-                         f"{__name__}.CTPOPolicyLossConfig; add them there")
-    return node
+    """The method's knobs that sit on the policy_loss node."""
+    return tuple(k for k in method.knobs if k in _NODE_KNOBS)
 
 
 def _plain(x: Any) -> Any:
@@ -128,11 +115,8 @@ def _verl_loss(loss_mode: str):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = _loss_config(loss_mode, loss_agg_mode, config)
         verl_dumps.record(old_log_prob, log_prob, response_mask, advantages)  # no-op unless CTPO_DUMP_DIR is set
-        loss_mat, metrics = policy_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg)
-        if rollout_is_weights is not None:
-            loss_mat = loss_mat * rollout_is_weights
-        loss = core_algos.agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
-                                   **config.global_batch_info)
+        loss, metrics = compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cfg,
+                                            rollout_is_weights=rollout_is_weights, **config.global_batch_info)
         out = {
             "actor/pg_clipfrac": metrics[schema.CLIP_FRAC_LOW] + metrics[schema.CLIP_FRAC_HIGH],
             "actor/pg_clipfrac_lower": metrics[schema.DUAL_CLIP_FRAC],
@@ -141,7 +125,7 @@ def _verl_loss(loss_mode: str):
         return loss, {**out, **_logged_metrics(metrics, response_mask)}
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"ctpo_policy_loss_{loss_mode}"
-    loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={loss_mode} (ctpo.losses.policy_token_losses + verl agg_loss)."
+    loss_fn.__doc__ = f"verl PolicyLossFn for loss_mode={loss_mode} (ctpo.losses.compute_policy_loss, verl agg_loss)."
     return loss_fn
 
 
@@ -165,7 +149,7 @@ def _verl_wrapped(name: str):
                             response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config,
                             rollout_is_weights=rollout_is_weights)
         with torch.no_grad():
-            _, metrics = policy_token_losses(old_log_prob.detach(), log_prob.detach(), advantages, response_mask, cfg)
+            _, metrics = compute_policy_loss(old_log_prob.detach(), log_prob.detach(), advantages, response_mask, cfg)
             logged = _logged_metrics(metrics, response_mask)  # as for our own losses: exact step statistics
         return loss, {**out, **logged}
 
@@ -186,7 +170,6 @@ def register() -> None:
         if owner != __name__:
             raise RuntimeError(f"verl POLICY_LOSS_REGISTRY: '{name}' is already registered by {owner}."
                                f"{getattr(registry[name], '__qualname__', '?')}")
-        _node_knobs(method)  # fails here, at import, for a knob verl's config cannot carry
         fn = _verl_wrapped(name) if method.verl_wraps else _verl_loss(name)
         core_algos.register_policy_loss(name)(fn)  # replaces our own entry on re-import
 

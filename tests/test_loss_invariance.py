@@ -48,7 +48,8 @@ def test_micro_batches_with_global_denominators_equal_one_pass(method):
                                       batch_num_tokens=n_tokens, global_batch_size=n_seqs)
         part.backward()
         total = total + part.detach()
-    assert total.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-8)
+    # fp32: the parts (up to ~1.6 here) cancel to ~0.19, so allow a few ulps of the parts, not of the total
+    assert total.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-6)
     torch.testing.assert_close(acc_lp.grad, full_lp.grad, rtol=1e-6, atol=1e-9)
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ctpo import methods, tracking
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, load_experiment, load_run_config, method_loss, resolve_run
 from ctpo.diagnostics.bands import plan_bands
-from ctpo.losses import compute_policy_loss, ctpo_loss, ctpo_token_losses
+from ctpo.losses import compute_policy_loss, ctpo_token_losses
 
 NAME = "half_ctpo"
 KNOBS = dict(eps_low=0.1, eps_high=0.2, power=0.4)  # not CTPO's: the band must come from this file
@@ -41,7 +42,7 @@ def throwaway(tmp_path):
         f"method: {NAME}\nloss_agg_mode: token-mean\n" + "".join(f"{k}: {v}\n" for k, v in KNOBS.items())
         + "dual_clip_c: null\n")
     methods.register(methods.Method(NAME, "Half-CTPO (test)", half_ctpo_token_losses,
-                                    ("eps_low", "eps_high", "power", "dual_clip_c"), optional=("dual_clip_c",)))
+                                    ("eps_low", "eps_high", "power", "dual_clip_c")))
     exp = load_experiment(CONFIG_DIR / "experiments" / "toy.yaml")
     exp["runs"]["toy_half"] = {"model": "toy", "method": NAME}
     yield config_dir, exp
@@ -59,13 +60,44 @@ def batch(seed, B=5, T=40):
 
 
 def test_registered_methods_knobs_are_their_loss_functions_keyword_arguments():
+    # a method's knobs are declared knobs (Method checks that) and are what its token loss reads: the function
+    # is called with exactly these keywords, so a mismatch fails on the first call; this checks it without one
     for m in methods.all_methods():
         params = inspect.signature(m.loss_fn()).parameters.values()
-        kw_only = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
-        assert kw_only == m.knobs, m.name
-        assert all(p.default is p.empty for p in params), f"{m.name}: a knob with a default"
-        assert set(m.knobs) <= {f for f in LossConfig.__dataclass_fields__}, m.name
+        assert tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY) == m.knobs, m.name
         method_loss(m.name)  # every method has a method file that passes its own checks
+
+
+def test_a_knob_is_declared_once_and_its_copies_are_derived():
+    import dataclasses
+
+    declared = list(methods.KNOBS)
+    assert [f.name for f in dataclasses.fields(LossConfig)] == ["method", "loss_agg_mode", *declared]
+    with pytest.raises(ValueError, match=r"knobs \['eps_wide'\] are not declared in ctpo.methods.KNOBS"):
+        methods.Method("wide", "Wide", half_ctpo_token_losses, ("eps_low", "eps_wide"))
+    pytest.importorskip("verl")
+    import ctpo.verl_plugin as plugin
+
+    node = {f.name for f in dataclasses.fields(plugin.CTPOPolicyLossConfig)}
+    for k in methods.KNOBS.values():  # each knob sits once in verl's config: the actor's field or our node's
+        assert (k.name in plugin.ACTOR_KNOBS) == (k.verl == "actor") == (k.name not in node - {"loss_mode"}), k.name
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("fixed_bounds", [2.0, 5.0], r"loss.fixed_bounds: expected \[lo, hi\] with 0 < lo < 1 < hi, got \[2.0, 5.0\]"),
+    ("clip_ratio_c", 0.5, r"loss.clip_ratio_c: expected > 1"),
+    ("eps_wide", 0.1, r"eps_wide"),
+])
+def test_a_bad_knob_value_or_unknown_knob_fails_in_one_line_naming_file_and_key(tmp_path, key, value, match):
+    config_dir = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, config_dir)
+    method = {"fixed_bounds": "ctpo_fixed", "clip_ratio_c": "grpo", "eps_wide": "ctpo"}[key]
+    path = config_dir / "methods" / f"{method}.yaml"
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, key: value}))
+    with pytest.raises(ConfigError, match=match) as e:
+        method_loss(method, config_dir)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_new_method_flows_through_config_losses_wandb_and_diagnostics(throwaway):
@@ -80,7 +112,8 @@ def test_a_new_method_flows_through_config_losses_wandb_and_diagnostics(throwawa
     loss, metrics = compute_policy_loss(olp, x, adv, mask, cfg.loss)
     loss.backward()
     y = lp.clone().requires_grad_()
-    ref, ref_metrics = ctpo_loss(olp, y, adv, mask, **KNOBS, dual_clip_c=None, loss_agg_mode="token-mean")
+    ref, ref_metrics = compute_policy_loss(olp, y, adv, mask, LossConfig(method="ctpo", loss_agg_mode="token-mean",
+                                                                         **KNOBS, dual_clip_c=None))
     ref.backward()
     assert loss.item() == pytest.approx(0.5 * ref.item(), rel=1e-6)
     torch.testing.assert_close(x.grad, 0.5 * y.grad)

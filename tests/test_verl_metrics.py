@@ -24,7 +24,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo import schema  # noqa: E402
 from ctpo.config import method_loss  # noqa: E402
-from ctpo.losses import policy_token_losses  # noqa: E402
+from ctpo.losses import compute_policy_loss  # noqa: E402
 from ctpo.train.verl_metrics import convert_logs  # noqa: E402
 
 P, R = 3, 12  # prompt and response lengths
@@ -100,7 +100,7 @@ def test_converted_metrics_are_the_steps_token_statistics(tmp_path, method):
     mb_std = []
     for lp, olp, m, adv in (mb for mi in steps for mb in mi):
         t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-        _, mm = policy_token_losses(t(olp), t(lp), t(adv), t(m).bool(), cfg)
+        _, mm = compute_policy_loss(t(olp), t(lp), t(adv), t(m).bool(), cfg)
         for k in counts:
             counts[k] += mm[k].item() * max(m.sum(), 1)
         mb_std.append(mm[schema.LOG_RHO_CUM_STD].item())

@@ -1,6 +1,7 @@
 """The verl plugin: registration, verl's real Hydra config, and parity with verl's own losses (CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -18,7 +19,7 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 import ctpo.verl_plugin as plugin  # noqa: E402
 from ctpo import schema  # noqa: E402
 from ctpo.config import LossConfig, method_loss  # noqa: E402
-from ctpo.losses import compute_policy_loss, ctpo_fixed_loss, ctpo_loss  # noqa: E402
+from ctpo.losses import compute_policy_loss  # noqa: E402
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(core_algos.__file__), "..", "config")
 
@@ -98,14 +99,9 @@ def test_composed_verl_config_runs_our_loss_like_the_direct_call(method):
         assert actor.policy_loss.eps_low == cfg.eps_low and actor.policy_loss.dual_clip_c == cfg.dual_clip_c
         assert actor.policy_loss.fixed_dual_clip == cfg.fixed_dual_clip
         assert v_m["actor/pg_clipfrac_lower"] == d_m[schema.DUAL_CLIP_FRAC]
-        # and the plain ctpo_loss / ctpo_fixed_loss call with the same knobs
-        if method == "ctpo":
-            c_loss, c_grad, _ = loss_and_grad(ctpo_loss, olp, lp, adv, mask, eps_low=cfg.eps_low,
-                                              eps_high=cfg.eps_high, power=cfg.power, dual_clip_c=cfg.dual_clip_c,
-                                              loss_agg_mode="token-mean")
-        else:
-            c_loss, c_grad, _ = loss_and_grad(ctpo_fixed_loss, olp, lp, adv, mask, fixed_bounds=cfg.fixed_bounds,
-                                              fixed_dual_clip=cfg.fixed_dual_clip, loss_agg_mode="token-mean")
+        # and the direct call with the same knobs and another aggregation
+        c_loss, c_grad, _ = loss_and_grad(compute_policy_loss, olp, lp, adv, mask,
+                                          cfg=dataclasses.replace(cfg, loss_agg_mode="token-mean"))
         v_loss, v_grad, _ = loss_and_grad(fn, olp, lp, adv, mask, loss_agg_mode="token-mean", config=actor)
         torch.testing.assert_close(v_loss, c_loss, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(v_grad, c_grad, rtol=1e-6, atol=1e-9)

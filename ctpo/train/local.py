@@ -5,12 +5,13 @@ One RL step (`train_step` -> `rl_step`):
      checkpointed) and run `rollout.n` episodes per prompt through the real agent loop and sandbox
      (`sample_episodes`), sampling with a per-step seed;
   2. reward each episode (`score_episodes`); void-turn / infra episodes are masked out (`pack_kept`);
-     group-relative advantages (`step_advantages`);
+     group-relative advantages (`step_advantages`: verl's compute_grpo_outcome_advantage);
   3. old_log_prob: one no-grad forward of the behaviour policy over the whole batch (as verl recomputes it);
-     rollout-vs-trainer IS weights from the generator's log-probs (`rollout_is_weights`, `train.rollout_is`);
+     rollout-vs-trainer IS weights from the generator's log-probs (`rollout_is_weights`, `train.rollout_is`:
+     verl's compute_rollout_correction_weights);
   4. `prompts_per_step / mini_batch_prompts` AdamW mini-batch updates (grad clip `train.grad_clip`) with
-     `ctpo.losses.compute_policy_loss` (the method is `loss.method`), so from the second mini-batch on the
-     policy has moved and the ratios differ from 1 (`update_policy`); the row (`metrics_row`).
+     `ctpo.losses.compute_policy_loss` (the method is `loss.method`; verl's agg_loss), so from the second
+     mini-batch on the policy has moved and the ratios differ from 1 (`update_policy`); the row (`metrics_row`).
 
 Outputs: `<results>/metrics.jsonl` (ctpo.schema.TRAIN_KEYS per step, val/<bench>/avg_at_k at test_freq and
 the final step), `<results>/provenance.json`, `<workdir>/checkpoints/step{N}/` (step 0 = the init policy,
@@ -24,7 +25,6 @@ preempt it at a known step on a machine of any speed (`pause_after_step`).
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -85,15 +85,16 @@ def draw_prompts(n_prompts: int, consumed: int, count: int, seed: int) -> list[i
 
 
 def rollout_is_weights(old_log_prob, rollout_log_prob, mask, mode: str | None, threshold: float):
-    """Truncated rollout-vs-trainer IS weights (B, T) (verl rollout_correction): per token
-    min(exp(old - rollout), thr) or per sequence min(exp(sum_t (old - rollout)), thr); None when off."""
+    """Truncated rollout-vs-trainer IS weights (B, T), verl's `compute_rollout_correction_weights` (per token
+    min(exp(old - rollout), thr), or per sequence min(exp(sum_t (old - rollout)), thr); log ratios clamped to
+    +-20 first); None when off. old_log_prob, rollout_log_prob, mask: (B, T)."""
     if mode is None:
         return None
-    diff = (old_log_prob - rollout_log_prob) * mask  # (B, T)
-    if mode == "token":
-        return torch.exp(diff.clamp(max=math.log(threshold))) * mask
-    seq = diff.sum(-1, keepdim=True).clamp(max=math.log(threshold))  # (B, 1)
-    return torch.exp(seq).expand_as(mask) * mask
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    weights, _ = compute_rollout_correction_weights(old_log_prob - rollout_log_prob, mask, rollout_is=mode,
+                                                    rollout_is_threshold=threshold)
+    return weights
 
 
 @dataclass
@@ -158,12 +159,18 @@ def pack_kept(episodes, pad_id: int):
 
 
 def step_advantages(rewards, episodes, mask, n: int, norm_by_std: bool) -> torch.Tensor:
-    """(B, T) group-relative advantages: rows i*n .. i*n+n-1 form a group; an infra episode is a group of
-    its own (the sandbox failed, so it says nothing about the prompt)."""
-    from ctpo.losses import group_advantages
+    """(B, T) group-relative advantages, verl's `compute_grpo_outcome_advantage` (A_i = (R_i - mean) / (std + 1e-6)
+    over the group, unbiased std; a group of one gets A = R), on model tokens. Rows i*n .. i*n+n-1 form a group;
+    an infra episode is a group of its own (the sandbox failed, so it says nothing about the prompt).
+    rewards (B,); mask (B, T)."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-    groups = [i // n if e.finish_reason != "infra" else f"infra{i}" for i, e in enumerate(episodes)]
-    return group_advantages(rewards, groups, mask, norm_by_std=norm_by_std)
+    groups = np.array([str(i // n) if e.finish_reason != "infra" else f"infra{i}" for i, e in enumerate(episodes)],
+                      dtype=object)
+    # one scalar reward per response: verl sums token_level_rewards over its last dim, (B, 1) here
+    adv, _ = compute_grpo_outcome_advantage(rewards.float()[:, None], mask.float(), groups,
+                                            norm_adv_by_std_in_grpo=norm_by_std)
+    return adv  # (B, T)
 
 
 @dataclass
