@@ -60,7 +60,7 @@ def candidates():
     wrapped_fn = get_policy_loss_fn("verl_vanilla")  # verl's vanilla + our clip-fraction metrics (GRPO runs)
     return {
         "verl vanilla": lambda o, l, a, m: compute_policy_loss_vanilla(o, l, a, m, "token-mean", actor)[0],
-        "ctpo_loss (dual clip)": lambda o, l, a, m: compute_policy_loss(o, l, a, m, ctpo_cfg)[0],
+        "ctpo compute_policy_loss (dual clip)": lambda o, l, a, m: compute_policy_loss(o, l, a, m, ctpo_cfg)[0],
         "ctpo via verl plugin": lambda o, l, a, m: plugin_fn(o, l, a, m, "token-mean", plugin_actor)[0],
         "ours grpo": lambda o, l, a, m: compute_policy_loss(o, l, a, m, grpo_cfg)[0],
         "verl_vanilla via plugin (+ metrics)": lambda o, l, a, m: wrapped_fn(o, l, a, m, "token-mean", actor)[0],
