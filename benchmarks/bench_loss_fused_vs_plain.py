@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
           "step peak (MiB) | step peak vs fused | loss peak (KiB) | loss peak vs fused |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {r['step_median_s']:.2f} | {1e3 * r['loss_median_s']:.2f} | {100 * r['loss_share_of_step']:.2f}% "
+        print(f"| {k} | {r['step_median_s']:.2f} | {1e3 * r['loss_median_s']:.2f} | {100 * r['loss_share_of_step']:.4f}% "
               f"| {r['step_time_vs_fused']:.3f} | {r['step_peak_bytes'] / 2**20:.0f} | {r['step_peak_vs_fused']:.4f} "
               f"| {r['loss_peak_bytes'] / 2**10:.0f} | {r['loss_peak_vs_fused']:.2f} |")
     if args.json:
