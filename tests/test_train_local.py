@@ -103,8 +103,10 @@ def test_method_trains_and_writes_the_contract_outputs(toy, tmp_path, run):
     reward = [r[schema.REWARD_MEAN] for r in rows]
     first, last = float(np.mean(reward[:5])), float(np.mean(reward[-5:]))
     print(f"{run}: reward first5 {first:.3f} last5 {last:.3f}")
-    if run in ("toy_grpo", "toy_ctpo"):
-        assert last > first + 0.05, reward  # measured: GRPO +0.08, CTPO +0.07 over 12 steps (seed 0)
+    # 12 steps of 32 binary rewards are too few to assert a rise (measured on the lr-3e-3 warm start: first 5 /
+    # last 5 steps CTPO 0.156 / 0.181, GRPO 0.169 / 0.188, GSPO 0.181 / 0.212); that updates follow the rewards is
+    # test_one_update_raises_the_rewarded_responses_likelihood's. Here: the policy still earns reward.
+    assert last > 0.05, reward
     # a done run returns at once: it opens nothing and rewrites nothing
     from ctpo.train import trainer_setup
 
@@ -134,6 +136,48 @@ def test_log_ratios_move_off_zero_after_the_first_minibatch(toy):
     lr = (res.log_prob - res.old_log_prob) * res.response_mask
     rows = cfg.train.mini_batch_prompts * cfg.rollout.n
     assert lr[rows:].abs().max() > 1e-3 and lr[:rows].abs().max() < 1e-4
+
+
+# one update moves the policy the way its rewards point, for every method; deterministic (fixed seeds), unlike a
+# reward curve over a few steps (12 steps of 32 binary rewards: one step's mean has a standard error of ~0.07)
+@pytest.mark.parametrize("run", ["toy_ctpo", *(pytest.param(r, marks=pytest.mark.variant)
+                                              for r in ("toy_grpo", "toy_gspo", "toy_ctpo_fixed"))])
+def test_one_update_raises_the_rewarded_responses_likelihood(toy, run):
+    from ctpo.agent import load_policy
+    from ctpo.data.problems import read_questions
+    from ctpo.sandbox import SandboxLimits, SandboxPool
+    from ctpo.train.rollout_batch import response_log_probs
+
+    data, policy, _ = toy
+    cfg = load_run_config(_cfg_dict(data, run))
+    n = cfg.rollout.n
+    model, tok = load_policy(str(policy))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    qs, gts = read_questions(cfg.data.train)
+    idx = [i for i in range(cfg.train.prompts_per_step) for _ in range(n)]
+    with SandboxPool(concurrency=2, limits=SandboxLimits(timeout_s=30.0)) as pool:
+        episodes = local.sample_episodes(model, tok, cfg, [qs[i] for i in idx], step=1, sandbox=pool)
+    rewards = local.score_episodes(episodes, [gts[i] for i in idx], cfg.reward.grader)
+    batch, keep = local.pack_kept(episodes, tok.pad_token_id)
+    mask = batch.response_mask
+    adv = local.step_advantages(rewards, episodes, mask, n, cfg.train.norm_adv_by_std)
+
+    def log_prob():  # (B, T) under the current weights
+        with torch.no_grad():
+            return response_log_probs(model, batch, cfg.rollout.temperature, with_entropy=False)[0]
+
+    old_log_prob = log_prob()
+    local.update_policy(model, opt, batch, old_log_prob, adv, None, cfg)  # 4 mini-batch AdamW steps
+    gain = ((log_prob() - old_log_prob) * mask).sum(-1)  # (B,) change in each response's log-likelihood
+    # the sign of each response's advantage, computed here: reward above / below its group's mean
+    r = rewards.view(-1, n)
+    above = (r > r.mean(-1, keepdim=True)).flatten() & (keep > 0)
+    below = (r < r.mean(-1, keepdim=True)).flatten() & (keep > 0)
+    assert above.sum() >= 3 and below.sum() >= 3, rewards  # the warm start earns rewards in some groups
+    print(f"{run}: log-likelihood change above {gain[above].mean():.3f}, below {gain[below].mean():.3f}")
+    # measured (lr-3e-3 warm start, seed 0): above - below = 2.15 (CTPO), 2.31 (GRPO), 2.46 (GSPO), 2.32 nats
+    # (CTPO-fixed); every response's likelihood may fall (the batch's log-probs sharpen elsewhere)
+    assert gain[above].mean() > gain[below].mean() + 1.0, (gain[above], gain[below])
 
 
 def _cli(cfg_path, res, wd, policy):
