@@ -16,6 +16,8 @@ from ctpo.configure import warmstart_config
 from ctpo.workdir import run_identity
 from test_dag import REPO, copy_workflow, count, parse_jobs, snakemake
 
+pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+
 CONFIG_RULES = ("experiment_config", "run_config", "sft_config")  # cheap: `python -m ctpo.configure`
 
 
@@ -28,7 +30,7 @@ def up_to_date_tree(tmp_path, experiment: str):
     for m in (wf / "configs").rglob("*.yaml"):  # every source older than every output
         os.utime(m, (now - 7200, now - 7200))
     targets = [o for j in jobs if j["rule"] in CONFIG_RULES for o in j["output"].split(", ")]
-    snakemake(wf, "--cores", "2", *cf, *targets)  # records their params in .snakemake/metadata
+    snakemake(wf, *targets, "--cores", "2", *cf)  # records their params in .snakemake/metadata
     for i, j in enumerate(jobs):
         if j["rule"] in CONFIG_RULES:
             continue
@@ -65,6 +67,7 @@ def test_a_template_edit_reruns_every_toy_training_and_evaluation_and_a_verl_too
     assert not {"prepare_toy_data", "experiment_config"} & again.keys(), again
 
 
+@pytest.mark.variant  # the same mechanism as the toy's test above, for the verl files (about 50 s)
 def test_verl_runs_rerun_on_their_protocols_files_only(tmp_path):
     wf, cf, full = up_to_date_tree(tmp_path, "toy_verl")
     edit(wf / "configs/verl/release_tool_config.yaml", "default_timeout_s: 30", "default_timeout_s: 31")
