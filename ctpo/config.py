@@ -343,20 +343,25 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def template_file(template: str, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """{configs/tir/<template>.yaml: sha256}: the TIR template's system prompt and chat format (`run_files`; the
+    toy warm start reads only this)."""
+    name = f"{TIR_TEMPLATES}/{template}.yaml"
+    path = config_dir / name
+    if not path.is_file():
+        raise ConfigError(f"rollout.template '{template}': {path} not found (configs/tir/ has "
+                          f"{sorted(p.stem for p in (config_dir / TIR_TEMPLATES).glob('*.yaml'))})")
+    return {f"{CONFIG_DIR.name}/{name}": _sha256(path.read_bytes())}
+
+
 def run_files(cfg: dict, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
     """{path under the repository: sha256} of what a run reads from configs/ at run time, besides its resolved
     config: the ctpo_tir protocol's template (configs/tir/<rollout.template>.yaml; local and verl trainers, the
     warm start, evaluation), and for train.backend verl the protocol's agent loop entry (its canonical JSON)
     and tool config file (`PROTOCOLS`). A missing file is a ConfigError naming it."""
-    rollout, out = cfg["rollout"], {}
+    rollout = cfg["rollout"]
     rel = lambda p: f"{CONFIG_DIR.name}/{p}"  # noqa: E731
-    if rollout["protocol"] == "ctpo_tir":
-        name = f"{TIR_TEMPLATES}/{rollout['template']}.yaml"
-        path = config_dir / name
-        if not path.is_file():
-            raise ConfigError(f"rollout.template '{rollout['template']}': {path} not found (configs/tir/ has "
-                              f"{sorted(p.stem for p in (config_dir / TIR_TEMPLATES).glob('*.yaml'))})")
-        out[rel(name)] = _sha256(path.read_bytes())
+    out = template_file(rollout["template"], config_dir) if rollout["protocol"] == "ctpo_tir" else {}
     if cfg["train"]["backend"] == "verl":
         entry, tools = PROTOCOLS[rollout["protocol"]]
         if not (config_dir / AGENT_LOOPS).is_file():

@@ -142,7 +142,7 @@ def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR)
     cfg["model"] = local[first]["model"]
     cfg["loss"] = asdict(LossConfig(method=None, loss_agg_mode=None))
     # it reads the TIR template only (its demonstrations), not the verl agent loop or tool config of its runs
-    cfg["files"] = {k: v for k, v in cfg["files"].items() if k.startswith(f"{CONFIG_DIR.name}/{config.TIR_TEMPLATES}/")}
+    cfg["files"] = config.template_file(cfg["rollout"]["template"], config_dir)
     return cfg
 
 
