@@ -339,43 +339,39 @@ def resolve_run(experiment: dict, run: str, seed: int, config_dir: Path = CONFIG
     return out
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _file_hash(key: str, config_dir: Path) -> str:
+    """sha256 of `configs/<path>`, or of the canonical JSON of the entry `<name>` in `configs/<path>#<name>` (a
+    list of named entries: configs/verl/agent_loop.yaml). A missing file or entry is a ConfigError naming it."""
+    rel, _, entry = key.removeprefix(f"{CONFIG_DIR.name}/").partition("#")
+    path = config_dir / rel
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (a run with this config reads it while it runs)")
+    if not entry:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    items = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    found = [e for e in items if isinstance(e, dict) and e.get("name") == entry] if isinstance(items, list) else []
+    if len(found) != 1:
+        raise ConfigError(f"{path}: expected a list holding one entry named '{entry}'")
+    return hashlib.sha256(canonical_json(found[0]).encode()).hexdigest()
 
 
 def template_file(template: str, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
     """{configs/tir/<template>.yaml: sha256}: the TIR template's system prompt and chat format (`run_files`; the
     toy warm start reads only this)."""
-    name = f"{TIR_TEMPLATES}/{template}.yaml"
-    path = config_dir / name
-    if not path.is_file():
-        raise ConfigError(f"rollout.template '{template}': {path} not found (configs/tir/ has "
-                          f"{sorted(p.stem for p in (config_dir / TIR_TEMPLATES).glob('*.yaml'))})")
-    return {f"{CONFIG_DIR.name}/{name}": _sha256(path.read_bytes())}
+    key = f"{CONFIG_DIR.name}/{TIR_TEMPLATES}/{template}.yaml"
+    return {key: _file_hash(key, config_dir)}
 
 
 def run_files(cfg: dict, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
     """{path under the repository: sha256} of what a run reads from configs/ at run time, besides its resolved
-    config: the ctpo_tir protocol's template (configs/tir/<rollout.template>.yaml; local and verl trainers, the
-    warm start, evaluation), and for train.backend verl the protocol's agent loop entry (its canonical JSON)
-    and tool config file (`PROTOCOLS`). A missing file is a ConfigError naming it."""
+    config: the ctpo_tir protocol's template (configs/tir/<rollout.template>.yaml; local and verl trainers,
+    evaluation), and for train.backend verl its protocol's agent loop entry and tool config file (`PROTOCOLS`)."""
     rollout = cfg["rollout"]
-    rel = lambda p: f"{CONFIG_DIR.name}/{p}"  # noqa: E731
     out = template_file(rollout["template"], config_dir) if rollout["protocol"] == "ctpo_tir" else {}
     if cfg["train"]["backend"] == "verl":
         entry, tools = PROTOCOLS[rollout["protocol"]]
-        if not (config_dir / AGENT_LOOPS).is_file():
-            raise ConfigError(f"{config_dir / AGENT_LOOPS}: the verl agent loops: file not found")
-        loops = OmegaConf.to_container(OmegaConf.load(config_dir / AGENT_LOOPS), resolve=False)
-        found = [e for e in loops if isinstance(e, dict) and e.get("name") == entry] if isinstance(loops, list) else []
-        if len(found) != 1:
-            raise ConfigError(f"{config_dir / AGENT_LOOPS}: expected a list holding one agent loop named '{entry}' "
-                              f"(rollout.protocol {rollout['protocol']})")
-        out[rel(f"{AGENT_LOOPS}#{entry}")] = _sha256(canonical_json(found[0]).encode())
-        if not (config_dir / tools).is_file():
-            raise ConfigError(f"{config_dir / tools}: the tool config of rollout.protocol {rollout['protocol']}: "
-                              "file not found")
-        out[rel(tools)] = _sha256((config_dir / tools).read_bytes())
+        for key in (f"{CONFIG_DIR.name}/{AGENT_LOOPS}#{entry}", f"{CONFIG_DIR.name}/{tools}"):
+            out[key] = _file_hash(key, config_dir)
     return out
 
 
@@ -391,9 +387,13 @@ def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
         else:
             data = OmegaConf.to_container(_load_yaml(p), resolve=False)
     cfg = _merge(OmegaConf.structured(RunConfig), data, source)
-    validate_run_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), source)
-    obj = OmegaConf.to_object(cfg)
-    return obj
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    validate_run_config(plain, source)
+    changed = sorted(k for k, h in plain["files"].items() if _file_hash(k, CONFIG_DIR) != h)
+    if changed:  # the run would read other text than its identity says
+        raise ConfigError(f"{source}: files: {', '.join(changed)} changed since this run config was resolved; "
+                          "resolve it again (Snakemake reruns its run_config job)")
+    return OmegaConf.to_object(cfg)
 
 
 def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> LossConfig:

@@ -113,3 +113,23 @@ def test_the_hashes_are_of_the_files_read(tmp_path):
         "configs/verl/tool_config.yaml": sha((REPO / "configs/verl/tool_config.yaml").read_bytes()),
     }
     assert warmstart_config(toy_verl, 0)["files"] == {"configs/tir/toy_tir.yaml": d["files"]["configs/tir/toy_tir.yaml"]}
+
+
+def test_a_run_config_resolved_before_an_edit_fails_to_load_naming_the_file(tmp_path, monkeypatch):
+    """A run never reads other text than its identity says: loading a run config whose `files` no longer match
+    configs/ (edited after it was resolved, the workflow not rerun) fails in one line naming the file."""
+    import shutil
+
+    from ctpo import config
+    from ctpo.config import ConfigError, load_run_config
+
+    d = resolve_run(load_experiment(REPO / "configs/experiments/toy_verl.yaml"), "toy_ctpo", 0)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path / "configs")  # what the run reads at run time
+    assert load_run_config(d).files == d["files"]
+    edit(tmp_path / "configs/verl/agent_loop.yaml", "Solve the following problem", "Solve this problem")
+    assert load_run_config(d).files == d["files"]  # the release's entry: this run does not read it
+    edit(tmp_path / "configs/tir/toy_tir.yaml", 'system_prompt: "Use', 'system_prompt: "Now use')
+    with pytest.raises(ConfigError, match=r"^run config: files: configs/tir/toy_tir\.yaml changed since this run "
+                                          r"config was resolved; resolve it again"):
+        load_run_config(d)
