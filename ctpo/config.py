@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,7 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"  # the experiment schema; $defs shared here
 
-PROTOCOLS = ("ctpo_tir", "release")  # rollout.protocol: see RolloutConfig and docs/TOOL_PROTOCOL.md
+# rollout.protocol (RolloutConfig, docs/TOOL_PROTOCOL.md) -> (its entry in configs/verl/agent_loop.yaml, its verl
+# tool config under configs/): what a verl run of that protocol reads at run time (`run_files`, ctpo.agent.protocols)
+PROTOCOLS = {"ctpo_tir": ("ctpo_tir", "verl/tool_config.yaml"), "release": ("ctpo_release", "verl/release_tool_config.yaml")}
+AGENT_LOOPS = "verl/agent_loop.yaml"  # under configs/: every agent loop entry; a verl run gets a copy
+TIR_TEMPLATES = "tir"  # configs/tir/<rollout.template>.yaml: the ctpo_tir protocol's system prompt and chat format
+BACKENDS = ("local", "verl")
+VERL_DEVICES = ("gpu", "cpu")  # train.verl_device
+VERL_CPU_ROLLOUTS = ("hf", "vllm")  # train.verl_cpu_rollout; the first is the default (gpu runs: always vLLM)
+ROLLOUT_IS_MODES = (None, "sequence", "token")  # train.rollout_is
+# The `cpu` device profile (ctpo.train.verl_cpu) runs these train.verl values only (a CPU has no flash-attn varlen
+# kernels and nothing to offload to); the experiment states them (configs/experiments/toy_verl.yaml).
+CPU_PROFILE_VERL = {"use_remove_padding": False, "gradient_checkpointing": False, "param_offload": False,
+                    "optimizer_offload": False}
+CPU_VLLM_BUCKET_MB = 64  # verl_cpu_rollout vllm: the weight-sync bucket is a /dev/shm segment on CPU (no CUDA IPC)
 
 
 class ConfigError(ValueError):
@@ -121,8 +134,8 @@ class VerlConfig:
     """Every setting the verl launcher (ctpo.train.verl_backend) passes to verl that is not derived from
     another key. No defaults here: an experiment using train.backend verl states them all (the release's
     values are in configs/experiments/paper.yaml), so each is hashed into the run identity, printed by
-    --print-command, and a change reruns the job. Device-specific keys are not here: the `cpu` device
-    profile (ctpo.train.verl_cpu) replaces those on a CPU machine."""
+    --print-command, and a change reruns the job. The `cpu` device profile (ctpo.train.verl_cpu) needs some of
+    them at given values (CPU_PROFILE_VERL): a config stating others fails, naming the key."""
 
     ppo_epochs: int = MISSING  # actor.ppo_epochs: passes over each rollout batch
     lr_scheduler: str = MISSING  # actor.optim.lr_scheduler_type: constant | cosine
@@ -224,6 +237,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Not set by any file: `resolve_run` fills it. What the run reads from configs/ while it runs besides this
+    # config (`run_files`: the TIR template, the verl agent loop entry and tool config), path -> sha256, so an
+    # edit there changes the resolved config and the run identity, and Snakemake reruns what reads it.
+    files: Dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -307,7 +324,46 @@ def resolve_run(experiment: dict, run: str, seed: int, config_dir: Path = CONFIG
     if "wandb" in experiment:
         cfg = _merge(cfg, {"wandb": experiment["wandb"]}, "experiment.wandb")
     out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if out["files"]:
+        raise ConfigError(f"experiment runs.{run}: files: computed from configs/ (ctpo.config.run_files), not set")
     validate_run_config(out)
+    out["files"] = run_files(out, config_dir)
+    return out
+
+
+def _file_hash(key: str, config_dir: Path) -> str:
+    """sha256 of `configs/<path>`, or of the canonical JSON of the entry `<name>` in `configs/<path>#<name>` (a
+    list of named entries: configs/verl/agent_loop.yaml). A missing file or entry is a ConfigError naming it."""
+    rel, _, entry = key.removeprefix(f"{CONFIG_DIR.name}/").partition("#")
+    path = config_dir / rel
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (a run with this config reads it while it runs)")
+    if not entry:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    items = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    found = [e for e in items if isinstance(e, dict) and e.get("name") == entry] if isinstance(items, list) else []
+    if len(found) != 1:
+        raise ConfigError(f"{path}: expected a list holding one entry named '{entry}'")
+    return hashlib.sha256(canonical_json(found[0]).encode()).hexdigest()
+
+
+def template_file(template: str, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """{configs/tir/<template>.yaml: sha256}: the TIR template's system prompt and chat format (`run_files`; the
+    toy warm start reads only this)."""
+    key = f"{CONFIG_DIR.name}/{TIR_TEMPLATES}/{template}.yaml"
+    return {key: _file_hash(key, config_dir)}
+
+
+def run_files(cfg: dict, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """{path under the repository: sha256} of what a run reads from configs/ at run time, besides its resolved
+    config: the ctpo_tir protocol's template (configs/tir/<rollout.template>.yaml; local and verl trainers,
+    evaluation), and for train.backend verl its protocol's agent loop entry and tool config file (`PROTOCOLS`)."""
+    rollout = cfg["rollout"]
+    out = template_file(rollout["template"], config_dir) if rollout["protocol"] == "ctpo_tir" else {}
+    if cfg["train"]["backend"] == "verl":
+        entry, tools = PROTOCOLS[rollout["protocol"]]
+        for key in (f"{CONFIG_DIR.name}/{AGENT_LOOPS}#{entry}", f"{CONFIG_DIR.name}/{tools}"):
+            out[key] = _file_hash(key, config_dir)
     return out
 
 
@@ -323,9 +379,13 @@ def load_run_config(path_or_dict: str | Path | dict) -> RunConfig:
         else:
             data = OmegaConf.to_container(_load_yaml(p), resolve=False)
     cfg = _merge(OmegaConf.structured(RunConfig), data, source)
-    validate_run_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), source)
-    obj = OmegaConf.to_object(cfg)
-    return obj
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    validate_run_config(plain, source)
+    changed = sorted(k for k, h in plain["files"].items() if _file_hash(k, CONFIG_DIR) != h)
+    if changed:  # the run would read other text than its identity says
+        raise ConfigError(f"{source}: files: {', '.join(changed)} changed since this run config was resolved; "
+                          "resolve it again (Snakemake reruns its run_config job)")
+    return OmegaConf.to_object(cfg)
 
 
 def method_loss(method: str, config_dir: Path = CONFIG_DIR, **overrides) -> LossConfig:
@@ -353,49 +413,122 @@ def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def validate_run_config(cfg: dict, source: str = "run config") -> None:
-    """Checks that span keys; raises ConfigError naming the key."""
+    """Every check that spans keys, once (the schema checks the experiment file's names and patterns, the
+    dataclasses the types); raises ConfigError naming the key and what was expected."""
     loss, train, rollout, model = cfg["loss"], cfg["train"], cfg["rollout"], cfg["model"]
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{source}: {msg}")
+
+    if train["backend"] not in BACKENDS:
+        raise bad(f"train.backend must be one of {BACKENDS}, got '{train['backend']}'")
     if train["backend"] == "verl" and train.get("verl") is None:
-        raise ConfigError(f"{source}: train.verl (the verl launcher's settings, ctpo.config.VerlConfig) is required "
-                          f"for train.backend verl; configs/experiments/paper.yaml has the release's values")
+        raise bad("train.verl (the verl launcher's settings, ctpo.config.VerlConfig) is required for train.backend "
+                  "verl; configs/experiments/paper.yaml has the release's values")
     missing = [k for k in missing_keys(cfg) if not k.startswith("loss.")]  # loss: ctpo.methods.check_loss
     if missing:
-        raise ConfigError(f"{source}: {', '.join(missing)}: required, no default (set in the experiment file's "
-                          f"defaults; configs/experiments/paper.yaml has the paper's values)")
+        raise bad(f"{', '.join(missing)}: required, no default (set in the experiment file's defaults; "
+                  f"configs/experiments/paper.yaml has the paper's values)")
     try:
         methods.check_loss(loss, allow_none=True)
     except ValueError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise bad(str(e)) from None
+    for key in ("total_steps", "save_freq", "test_freq", "prompts_per_step", "mini_batch_prompts",
+                "micro_batch_size_per_gpu", "n_gpus", "n_nodes"):
+        if train[key] < 1:
+            raise bad(f"train.{key} must be >= 1, got {train[key]}")
     if train["prompts_per_step"] % train["mini_batch_prompts"] != 0:
-        raise ConfigError(
-            f"{source}: train.prompts_per_step ({train['prompts_per_step']}) must be divisible by "
-            f"train.mini_batch_prompts ({train['mini_batch_prompts']})"
-        )
-    if train["backend"] not in ("local", "verl"):
-        raise ConfigError(f"{source}: train.backend must be 'local' or 'verl', got '{train['backend']}'")
+        raise bad(f"train.prompts_per_step ({train['prompts_per_step']}) must be divisible by train.mini_batch_prompts "
+                  f"({train['mini_batch_prompts']})")
+    outside = [s for s in train["dump_steps"] if not 1 <= s <= train["total_steps"]]
+    if outside:
+        raise bad(f"train.dump_steps {outside} outside [1, train.total_steps={train['total_steps']}]")
+    if train["rollout_is"] not in ROLLOUT_IS_MODES:
+        raise bad(f"train.rollout_is must be one of {ROLLOUT_IS_MODES}, got '{train['rollout_is']}'")
+    if train["rollout_is"] is not None and train["rollout_is_threshold"] <= 1.0:
+        raise bad(f"train.rollout_is_threshold must be > 1, got {train['rollout_is_threshold']}")
+    if rollout["n"] < 2:
+        raise bad(f"rollout.n must be >= 2 for group-relative advantages, got {rollout['n']}")
+    if cfg["eval"]["k"] < 1:
+        raise bad(f"eval.k must be >= 1, got {cfg['eval']['k']}")
     if cfg.get("reward", {}).get("grader") not in grading.GRADERS:
-        raise ConfigError(f"{source}: reward.grader must be one of {grading.GRADERS}, "
-                          f"got {cfg.get('reward', {}).get('grader')!r}")
+        raise bad(f"reward.grader must be one of {grading.GRADERS}, got {cfg.get('reward', {}).get('grader')!r}")
     if rollout["protocol"] not in PROTOCOLS:
-        raise ConfigError(f"{source}: rollout.protocol must be one of {PROTOCOLS}, got '{rollout['protocol']}'")
+        raise bad(f"rollout.protocol must be one of {tuple(PROTOCOLS)}, got '{rollout['protocol']}'")
     if rollout["protocol"] == "release" and train["backend"] != "verl":
-        raise ConfigError(
-            f"{source}: rollout.protocol 'release' (chat messages through a Hugging Face chat template) needs "
-            f"train.backend 'verl'; the local toy backend uses rollout.protocol 'ctpo_tir'"
-        )
+        raise bad("rollout.protocol 'release' (chat messages through a Hugging Face chat template) needs "
+                  "train.backend 'verl'; the local toy backend uses rollout.protocol 'ctpo_tir'")
     revision = model["revision"]
     if revision is not None and not re.search(_revision_pattern(), str(revision)):
-        raise ConfigError(f"{source}: model.revision: {revision!r} is not a hub revision (commit hash, tag or "
-                          f"branch: letters, digits, '_', '-', '.' and '/', no '..'; {SCHEMA.name} $defs.revision)")
+        raise bad(f"model.revision: {revision!r} is not a hub revision (commit hash, tag or branch: letters, digits, "
+                  f"'_', '-', '.' and '/', no '..'; {SCHEMA.name} $defs.revision)")
     band = cfg["sft"]["accuracy_band"]
     if len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0:
-        raise ConfigError(f"{source}: sft.accuracy_band must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}")
+        raise bad(f"sft.accuracy_band must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}")
     total = rollout["max_prompt_tokens"] + rollout["max_response_tokens"]
     if total > model["context_length"]:
-        raise ConfigError(
-            f"{source}: rollout.max_prompt_tokens + rollout.max_response_tokens = {total} exceeds "
-            f"model.context_length ({model['context_length']})"
-        )
+        raise bad(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {total} exceeds model.context_length "
+                  f"({model['context_length']})")
+    if train["backend"] == "verl":
+        _validate_verl(cfg, bad)
+
+
+def _validate_verl(cfg: dict, bad) -> None:
+    """The cross-key checks of train.backend verl: the device profile, the data and policy verl needs, and a
+    batch that splits evenly over the GPUs (ctpo.verl_plugin counts loss calls per step from it)."""
+    train, rollout, verl = cfg["train"], cfg["rollout"], cfg["train"]["verl"]
+    dev, engine = train["verl_device"], train["verl_cpu_rollout"]
+    if dev not in VERL_DEVICES:
+        raise bad(f"train.verl_device: expected one of {VERL_DEVICES}, got '{dev}'")
+    if engine not in VERL_CPU_ROLLOUTS:
+        raise bad(f"train.verl_cpu_rollout: expected one of {VERL_CPU_ROLLOUTS}, got '{engine}'")
+    if dev == "gpu" and engine != VERL_CPU_ROLLOUTS[0]:
+        raise bad(f"train.verl_cpu_rollout '{engine}' applies to train.verl_device cpu only (the gpu run always "
+                  "uses vLLM)")
+    if dev == "cpu":
+        for key, want in CPU_PROFILE_VERL.items():
+            if verl[key] != want:
+                raise bad(f"train.verl.{key}: the cpu device profile (train.verl_device cpu) needs "
+                          f"{str(want).lower()}, got {str(verl[key]).lower()}")
+        if engine == "vllm" and verl["weight_sync_bucket_mb"] > CPU_VLLM_BUCKET_MB:
+            raise bad(f"train.verl.weight_sync_bucket_mb: the cpu device profile with train.verl_cpu_rollout vllm "
+                      f"needs <= {CPU_VLLM_BUCKET_MB} (a /dev/shm segment on CPU), got {verl['weight_sync_bucket_mb']}")
+    if cfg["model"]["kind"] == "hf" and not cfg["model"]["path"]:
+        raise bad("model.path must name the policy (a hub id or a local dir) for model.kind hf")
+    if not cfg["data"]["val"]:
+        raise bad("data.val must name at least one validation parquet for train.backend verl")
+    world = train["n_gpus"] * train["n_nodes"]
+    responses = train["prompts_per_step"] * rollout["n"]
+    if responses % (world * train["micro_batch_size_per_gpu"]) or (train["mini_batch_prompts"] * rollout["n"]) % world:
+        raise bad(f"train.prompts_per_step * rollout.n ({responses}) and train.mini_batch_prompts * rollout.n must "
+                  f"split evenly over {world} GPUs x train.micro_batch_size_per_gpu "
+                  f"({train['micro_batch_size_per_gpu']})")
+
+
+def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict]) -> None:
+    """The experiment's cross-key checks: names in `evaluation:` and `diagnostics:` exist, Table 3 is a pair, the
+    diagnostics steps are dumped by training. `resolved`: {(run, seed): resolved run config}."""
+    runs = set(experiment["runs"])
+    benchmarks = set(experiment["data"]["benchmarks"])
+    ev = experiment["evaluation"]
+    for key in ("table2_runs", "table3_runs", "figure2_runs"):
+        for run in ev[key]:
+            if run not in runs:
+                raise ConfigError(f"experiment evaluation.{key}: unknown run '{run}' (have: {sorted(runs)})")
+    if len(ev["table3_runs"]) != 2:  # Table 3 is the ablation pair; the tables job would fail after all training
+        raise ConfigError(f"experiment evaluation.table3_runs: expected [adaptive_run, fixed_run], got {ev['table3_runs']}")
+    for bench in list(ev["table2_benchmarks"]) + [ev["figure2_benchmark"]]:
+        if bench not in benchmarks:
+            raise ConfigError(f"experiment evaluation: benchmark '{bench}' is not in data.benchmarks ({sorted(benchmarks)})")
+    diag = experiment["diagnostics"]
+    if diag["run"] not in runs:
+        raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
+    for seed in experiment["seeds"]:
+        dumped = set(resolved[(diag["run"], int(seed))]["train"]["dump_steps"])
+        missing = sorted(set(diag["steps"]) - dumped)
+        if missing:
+            raise ConfigError(f"experiment diagnostics.steps: steps {missing} are not in train.dump_steps "
+                              f"{sorted(dumped)} of run '{diag['run']}'")
 
 
 def _revision_pattern() -> str:

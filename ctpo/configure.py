@@ -5,7 +5,7 @@ Snakemake, so the plan is testable on its own:
 
 - `check_schema(experiment, schema)` the JSON schema (workflow/schemas), its first violation as one line
 - `resolve_runs(experiment)`        every (run, seed) -> resolved RunConfig dict (`ctpo.config.resolve_run`)
-- `check_experiment(experiment)`    cross-key checks the JSON schema cannot express (names, steps)
+- `check_experiment(experiment)`    `ctpo.config.check_experiment` (names, steps) and Figure 1's bands (ctpo.diagnostics.bands)
 - `eval_targets(experiment, runs)`  the (run, seed, step, benchmark) evaluations the tables and figures need
 - `warmstart_config(experiment, seed)`  the toy SFT's config, independent of any method's loss
 - `on_gpu(run)`, `eval_backend(run)`, `keep_steps(...)`  what a run's GPU jobs need and what its training keeps
@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ctpo import config
 from ctpo.config import CONFIG_DIR, ConfigError, LossConfig, resolve_run
 from ctpo.diagnostics.bands import experiment_bands
 from ctpo.io import sha256_file, write_json
@@ -72,34 +73,10 @@ def final_step(run_cfg: dict) -> int:
 
 
 def check_experiment(experiment: dict, resolved: dict[tuple[str, int], dict], config_dir: Path = CONFIG_DIR) -> None:
-    """Names in `evaluation:` and `diagnostics:` must exist; diagnostics steps must be dumped by training; Figure 1's
-    bands resolve (`ctpo.diagnostics.bands.experiment_bands`)."""
-    runs = set(experiment["runs"])
-    benchmarks = set(experiment["data"]["benchmarks"])
-    ev = experiment["evaluation"]
-    for key in ("table2_runs", "table3_runs", "figure2_runs"):
-        for run in ev[key]:
-            if run not in runs:
-                raise ConfigError(f"experiment evaluation.{key}: unknown run '{run}' (have: {sorted(runs)})")
-    if len(ev["table3_runs"]) != 2:  # Table 3 is the ablation pair; the tables job would fail after all training
-        raise ConfigError(f"experiment evaluation.table3_runs: expected [adaptive_run, fixed_run], got {ev['table3_runs']}")
-    for bench in list(ev["table2_benchmarks"]) + [ev["figure2_benchmark"]]:
-        if bench not in benchmarks:
-            raise ConfigError(
-                f"experiment evaluation: benchmark '{bench}' is not in data.benchmarks ({sorted(benchmarks)})"
-            )
-    diag = experiment["diagnostics"]
-    if diag["run"] not in runs:
-        raise ConfigError(f"experiment diagnostics.run: unknown run '{diag['run']}' (have: {sorted(runs)})")
+    """The experiment's cross-key checks (`ctpo.config.check_experiment`: names, Table 3's pair, dumped diagnostics
+    steps), and Figure 1's bands resolve (`ctpo.diagnostics.bands.experiment_bands`)."""
+    config.check_experiment(experiment, resolved)
     experiment_bands(experiment, resolved)
-    for seed in experiment["seeds"]:
-        dumped = set(resolved[(diag["run"], int(seed))]["train"]["dump_steps"])
-        missing = sorted(set(diag["steps"]) - dumped)
-        if missing:
-            raise ConfigError(
-                f"experiment diagnostics.steps: steps {missing} are not in train.dump_steps {sorted(dumped)} "
-                f"of run '{diag['run']}'"
-            )
 
 
 def eval_targets(experiment: dict, resolved: dict[tuple[str, int], dict]) -> list[tuple[str, int, int, str]]:
@@ -164,6 +141,8 @@ def warmstart_config(experiment: dict, seed: int, config_dir: Path = CONFIG_DIR)
     cfg = resolve_run(dict(experiment, runs={WARMSTART_RUN: spec}), WARMSTART_RUN, seed, config_dir)
     cfg["model"] = local[first]["model"]
     cfg["loss"] = asdict(LossConfig(method=None, loss_agg_mode=None))
+    # it reads the TIR template only (its demonstrations), not the verl agent loop or tool config of its runs
+    cfg["files"] = config.template_file(cfg["rollout"]["template"], config_dir)
     return cfg
 
 

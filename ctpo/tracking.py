@@ -200,9 +200,9 @@ class Tracker:
         self.run = None
 
 
-def wandb_run_id(cfg_dict: dict, workdir: str | Path) -> str:
+def wandb_run_id(cfg_dict: dict, workdir: str | Path, store: bool = True) -> str:
     """The run's W&B id, the one both trainers use: read from `<workdir>/wandb_run_id`, else (absent or
-    empty) derived from (experiment, run, seed, run identity) and stored there."""
+    empty) derived from (experiment, run, seed, run identity) and stored there (unless `store` is false)."""
     from ctpo.io import write_text
     from ctpo.workdir import run_identity
 
@@ -212,7 +212,8 @@ def wandb_run_id(cfg_dict: dict, workdir: str | Path) -> str:
         if run_id:
             return run_id
     run_id = run_id_for(cfg_dict["experiment"], cfg_dict["run"], cfg_dict["seed"], run_identity(cfg_dict)[0])
-    write_text(id_file, run_id + "\n")
+    if store:
+        write_text(id_file, run_id + "\n")
     return run_id
 
 

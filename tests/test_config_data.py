@@ -125,7 +125,7 @@ def test_config_values_with_interpolations_stay_text(monkeypatch, tmp_path):
     """`${oc.env:HF_TOKEN}` in the experiment, a model file or a run config file is kept as that text."""
     monkeypatch.setenv("HF_TOKEN", SECRET)
     cfg_dir = tmp_path / "configs"
-    for sub in ("models", "methods"):
+    for sub in ("models", "methods", "tir", "verl"):  # tir, verl: what runs read at run time (hashed)
         (cfg_dir / sub).mkdir(parents=True)
         for f in (REPO / "configs" / sub).glob("*.yaml"):
             (cfg_dir / sub / f.name).write_text(f.read_text())
@@ -184,8 +184,7 @@ def test_verl_overrides_keep_interpolations_as_text(monkeypatch, tmp_path):
     OmegaConf.resolve) as the literal text; the secret appears nowhere in it."""
     from omegaconf import OmegaConf
 
-    from ctpo.train import verl_backend as vb
-    from test_verl_backend import _cfg, _compose
+    from test_verl_backend import _cfg, _compose, verl_argv
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     cfg = _cfg("grpo")
@@ -195,8 +194,8 @@ def test_verl_overrides_keep_interpolations_as_text(monkeypatch, tmp_path):
         wandb=dataclasses.replace(cfg.wandb, project="${oc.env:HF_TOKEN}"),
     )
     with pytest.raises(ValueError, match=r"a path holding '\$\{' cannot be verl's"):
-        vb.build_command(cfg, tmp_path / "results", tmp_path / "w${x}")
-    argv = vb.build_command(cfg, tmp_path / "results", tmp_path / "w$d 'q'")
+        verl_argv(cfg, tmp_path / "w${x}")
+    argv = verl_argv(cfg, tmp_path / "w$d 'q'")
     c = _compose(argv[3:])
     OmegaConf.resolve(c)  # verl.trainer.main_ppo TaskRunner.run, before anything reads the config
     assert c.trainer.project_name == "${oc.env:HF_TOKEN}"

@@ -70,8 +70,8 @@ def _train(mods) -> list[str]:
 
 
 def test_the_scanner_sees_lazy_and_package_imports():
-    # verl_backend imports the plugin inside a function; the plugin imports `from ctpo.diagnostics import verl_dumps`
-    assert "ctpo.verl_plugin" in direct_imports("ctpo.train.verl_backend")
+    # verl_command imports the plugin inside a function; the plugin imports `from ctpo.diagnostics import verl_dumps`
+    assert "ctpo.verl_plugin" in direct_imports("ctpo.train.verl_command")
     assert {"ctpo.diagnostics", "ctpo.diagnostics.verl_dumps"} <= direct_imports("ctpo.verl_plugin")
     assert "ctpo.workdir" in direct_imports("ctpo.tracking")  # lazy, inside wandb_run_id
     assert "ctpo.tracking" in reachable("ctpo.reports.__main__")

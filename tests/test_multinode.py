@@ -16,7 +16,8 @@ import pytest
 
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import ray_cluster
-from ctpo.train import verl_backend as vb
+from ctpo.train import verl_command
+from test_verl_backend import verl_argv
 from hang import HANG_S
 
 pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
@@ -56,7 +57,7 @@ def test_two_raylets_form_one_cluster_that_a_driver_joins_and_both_stop(tmp_path
     monkeypatch.setattr(ray_cluster, "JOIN_TIMEOUT_S", HANG_S)
     env = fake_slurm(tmp_path)
     said = []
-    cluster = ray_cluster.for_run(two_node_cfg(), vb.ray_temp_dir(tmp_path), env, log=said.append)
+    cluster = ray_cluster.for_run(two_node_cfg(), verl_command.ray_temp_dir(tmp_path), env, log=said.append)
     assert isinstance(cluster, ray_cluster.RayCluster)
     with cluster as address:
         seen = subprocess.run([sys.executable, "-c", NODES], env=dict(env, **ray_cluster.driver_env(address)), capture_output=True,
@@ -94,14 +95,14 @@ def test_cluster_refuses_outside_a_multinode_job(tmp_path):
 
 def test_verl_command_joins_the_cluster_and_one_node_is_unchanged(tmp_path):
     multi = two_node_cfg()
-    argv = vb.build_command(multi, tmp_path / "r", tmp_path / "w", init=tmp_path / "policy")
+    argv = verl_argv(multi, tmp_path / "w", init=tmp_path / "policy")
     keys = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv[3:]}
     assert keys["trainer.nnodes"] == "2" and keys["trainer.n_gpus_per_node"] == "1"
     assert not set(ray_cluster.CLUSTER_KEYS) & set(keys)  # ray.init refuses them when it connects
     single = load_run_config(resolve_run(load_experiment(REPO / "configs/experiments/toy_verl.yaml"),
                                          multi.run, 0))
     keys1 = {a.split("=", 1)[0].lstrip("+")
-             for a in vb.build_command(single, tmp_path / "r", tmp_path / "w", init=tmp_path / "policy")[3:]}
+             for a in verl_argv(single, tmp_path / "w", init=tmp_path / "policy")[3:]}
     assert set(ray_cluster.CLUSTER_KEYS) <= keys1  # one node: verl's own private Ray, as before
     with ray_cluster.for_run(single, tmp_path / "ray", {}) as address:
         assert address is None

@@ -19,7 +19,7 @@ from verl.tools.tool_registry import initialize_tools_from_config  # noqa: E402
 from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
 from ctpo.agent.generation import GenOutput  # noqa: E402
-from ctpo.agent.protocols import RELEASE_TOOL_CONFIG, release_system_prompt, verl_protocol_overrides  # noqa: E402
+from ctpo.agent.protocols import RELEASE_TOOL_CONFIG, release_system_prompt  # noqa: E402
 from ctpo.agent.release_episodes import run_release_episodes, trainer_config  # noqa: E402
 from ctpo.agent.release_protocol import (  # noqa: E402
     INFRA_TEXT, CodeInterpreterTool, ReleaseToolAgentLoop, fallback_calls, load_tool_config, parse_timeout,
@@ -143,7 +143,10 @@ def test_protocol_is_a_config_choice():
     t["rollout"]["protocol"] = "release"
     with pytest.raises(ConfigError, match="needs train.backend 'verl'"):
         load_run_config(t)
-    tir = verl_protocol_overrides("ctpo_tir", "/x/agent_loop.yaml")
+    from test_verl_backend import verl_argv
+
+    tir = verl_argv(load_run_config(resolve_run(load_experiment("configs/experiments/toy_verl.yaml"), "toy_ctpo", 0)),
+                    "/x/w", init="/x/policy")
     assert "actor_rollout_ref.rollout.agent.default_agent_loop=ctpo_tir" in tir
     assert not any("multi_turn.format" in o for o in tir)  # verl's default hermes; the loop ignores it
 

@@ -126,7 +126,7 @@ def test_paper_runs_reward_loaded_by_verls_get_custom_reward_fn(paper, tmp_path)
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
     import verl
-    from ctpo.train import verl_backend as vb
+    from test_verl_backend import verl_argv
 
     config_dir = str(__import__("pathlib").Path(verl.__file__).parent / "trainer" / "config")
     fns = {}
@@ -134,7 +134,7 @@ def test_paper_runs_reward_loaded_by_verls_get_custom_reward_fn(paper, tmp_path)
         exp = copy.deepcopy(paper)
         exp["defaults"]["reward"]["grader"] = grader
         cfg = load_run_config(resolve_run(exp, "qwen3_14b_ctpo", 0))
-        argv = vb.build_command(cfg, tmp_path / grader / "results", tmp_path / grader / "wd")
+        argv = verl_argv(cfg, tmp_path / grader / "wd")
         assert argv[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             fns[grader] = get_custom_reward_fn(compose("ppo_trainer", overrides=argv[3:]))

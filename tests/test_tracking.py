@@ -150,9 +150,11 @@ def test_groups_separate_model_sizes():
 def test_verl_job_env_goes_offline_when_the_server_is_unreachable(online_env, tmp_path, capsys):
     from ctpo.config import load_run_config
     from ctpo.train import verl_backend as vb
+    from ctpo.train.verl_command import verl_command
 
     online_env(None)
     paper = load_experiment(REPO_ROOT / "configs" / "experiments" / "paper.yaml")
-    env = vb.run_env(load_run_config(resolve_run(paper, "qwen3_4b_ctpo", 0)), tmp_path / "w", attempt=1, base={})
+    cfg = load_run_config(resolve_run(paper, "qwen3_4b_ctpo", 0))
+    _, env = verl_command(cfg, tmp_path / "w", vb.launch_state(cfg, tmp_path / "w"))
     assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str((tmp_path / "w").resolve())
     assert capsys.readouterr().err.count("wandb: online logging unavailable") == 1

@@ -13,7 +13,7 @@ import torch
 from ctpo.config import ConfigError, ModelConfig, load_experiment, load_run_config, resolve_run
 from ctpo.tokenizer import CharTokenizer
 from ctpo.train import checkpoint as ckpt
-from ctpo.train.local import check_local_config, draw_prompts, rollout_is_weights
+from ctpo.train.local import draw_prompts, rollout_is_weights
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 from ctpo.train.toy_model import build_toy_model
 
@@ -193,7 +193,7 @@ def test_local_config_rejects_inconsistent_values(train, rollout, message):
     d["train"].update(train)
     d["rollout"].update(rollout)
     with pytest.raises(ConfigError, match=message):
-        check_local_config(load_run_config(d))
+        load_run_config(d)  # ctpo.config.validate_run_config: every cross-key check, once
 
 
 def test_cli_rejects_bad_batch_arithmetic_before_starting(tmp_path):

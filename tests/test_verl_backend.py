@@ -19,6 +19,7 @@ import pytest
 from ctpo import schema
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
+from ctpo.train import verl_command as vc
 from ctpo.diagnostics.verl_dumps import DumpError, DumpWriter, convert_dumps, writer_from_env
 from ctpo.train.verl_metrics import convert_logs
 from hang import HANG_S
@@ -32,6 +33,11 @@ RUNS = {"grpo": "qwen3_4b_grpo", "gspo": "qwen3_4b_gspo", "ctpo": "qwen3_4b_ctpo
 
 def _cfg(method: str, seed: int = 0):
     return load_run_config(resolve_run(PAPER, RUNS[method], seed))
+
+
+def verl_argv(cfg, workdir, init=None) -> list[str]:
+    """argv of the run's next verl launch, as `--print-command` shows it (ctpo.train.verl_command)."""
+    return vc.verl_command(cfg, workdir, vb.launch_state(cfg, workdir, record=False), init)[0]
 
 
 def _compose(overrides: list[str]):
@@ -50,7 +56,7 @@ def composed(tmp_path_factory):
     for method in RUNS:
         cfg = _cfg(method)
         wd = tmp_path_factory.mktemp(method) / "runs" / "paper" / RUNS[method] / "seed0"
-        argv = vb.build_command(cfg, tmp_path_factory.mktemp("results"), wd)
+        argv = verl_argv(cfg, wd)
         assert argv[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
         out[method] = (cfg, _compose(argv[3:]), wd)
     return out
@@ -140,7 +146,7 @@ def test_composed_config_passes_verl_validation(composed, method):
 def test_typo_in_an_override_fails_composition():
     from hydra.errors import ConfigCompositionException
 
-    argv = vb.build_command(_cfg("ctpo"), "/tmp/r", "/tmp/w")
+    argv = verl_argv(_cfg("ctpo"), "/tmp/w")
     with pytest.raises(ConfigCompositionException):
         _compose([*argv[3:], "actor_rollout_ref.actor.ppo_mini_batchsize=32"])
 
@@ -148,7 +154,7 @@ def test_typo_in_an_override_fails_composition():
 def test_seed_and_norm_adv_follow_the_run_config():
     d = resolve_run(PAPER, "qwen3_4b_grpo", 3)
     d["train"]["norm_adv_by_std"] = False
-    c = _compose(vb.build_command(load_run_config(d), "/tmp/r", "/tmp/w")[3:])
+    c = _compose(verl_argv(load_run_config(d), "/tmp/w")[3:])
     assert c.data.seed == 3 and c.actor_rollout_ref.rollout.seed == 3
     assert c.algorithm.norm_adv_by_std_in_grpo is False
 
@@ -158,24 +164,29 @@ def test_print_command_is_one_override_per_line_and_round_trips(capsys, tmp_path
     assert vb.main(cfg, tmp_path / "r", tmp_path / "w", print_command=True) == 0
     out = capsys.readouterr().out
     lines = out.rstrip("\n").split(" \\\n    ")
-    argv = vb.build_command(cfg, tmp_path / "r", tmp_path / "w")
-    assert len(lines) == len(argv) - 2  # the first line holds python -m verl.trainer.main_ppo
-    assert shlex.split(out.replace("\\\n", " ")) == argv
+    argv, env = vc.verl_command(cfg, tmp_path / "w", vb.launch_state(cfg, tmp_path / "w", record=False))
+    assert len(lines) == len(env) + len(argv) - 2  # VAR=value lines, then python -m verl.trainer.main_ppo, overrides
+    words = shlex.split(out.replace("\\\n", " "))
+    assert words[:len(env)] == [f"{k}={v}" for k, v in sorted(env.items())] and words[len(env):] == argv
+    assert env["CTPO_DUMP_CALLS_PER_STEP"] == str(512 * 8 // 8) and env["HF_HUB_OFFLINE"] == "1"
     assert not (tmp_path / "w").exists()  # printing creates nothing
 
 
-def test_command_cli_prints_the_same_command(tmp_path):
+def test_train_cli_prints_the_same_command(tmp_path):
+    """`python -m ctpo.train --print-command`: the one CLI that prints the verl command."""
     cfg_path = tmp_path / "run.json"
     cfg_path.write_text(json.dumps(resolve_run(PAPER, "qwen3_4b_gspo", 0)))
     res = subprocess.run(
-        [sys.executable, "-m", "ctpo.train.verl_backend", "command", "--config", str(cfg_path),
-         "--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "ctpo.train", "--print-command", "--config", str(cfg_path),
+         "--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "w"), "--keep-steps", "300", "305"],
         capture_output=True, text=True, cwd=ROOT, timeout=HANG_S, env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert res.returncode == 0, res.stderr
-    argv = shlex.split(res.stdout.replace("\\\n", " "))
-    assert argv[1:3] == ["-m", "verl.trainer.main_ppo"]
+    words = shlex.split(res.stdout.replace("\\\n", " "))
+    argv = words[words.index(sys.executable):]
+    assert argv == verl_argv(load_run_config(str(cfg_path)), tmp_path / "w")
     assert "actor_rollout_ref.actor.policy_loss.loss_mode=verl_gspo" in argv
+    assert "CTPO_KEEP_STEPS=300,305" in words[:words.index(sys.executable)]
 
 
 def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
@@ -189,8 +200,9 @@ def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == want
     assert wandb_run_id(dataclasses.asdict(cfg), tmp_path / "b") == want  # a fresh workdir derives the same id
     (tmp_path / "a" / "wandb_run_id").write_text("kept-from-before\n")  # a stored id always wins
-    env = vb.run_env(cfg, tmp_path / "a", attempt=2, base={"RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline",
-                                                           "WANDB_SERVICE": "2-123-unix-/tmp/parent.sock"})
+    launch = dataclasses.replace(vb.launch_state(cfg, tmp_path / "a"), attempt=2)
+    _, env = vc.verl_command(cfg, tmp_path / "a", launch, base_env={
+        "RAY_ADDRESS": "10.0.0.1:6379", "WANDB_MODE": "offline", "WANDB_SERVICE": "2-123-unix-/tmp/parent.sock"})
     assert env["WANDB_RUN_ID"] == "kept-from-before" and env["WANDB_RESUME"] == "allow"
     assert env["WANDB_RUN_GROUP"] == f"paper/{cfg.model.name}/ctpo" and "RAY_ADDRESS" not in env
     assert "WANDB_SERVICE" not in env  # verl starts its own W&B service, never the launcher's parent's
@@ -198,7 +210,7 @@ def test_wandb_run_id_is_deterministic_stored_and_reused(tmp_path):
     assert env["CTPO_DUMP_STEPS"] == "50,100,150"
     assert env["CTPO_DUMP_START_STEP"] == "1" and env["CTPO_DUMP_CALLS_PER_STEP"] == str(512 * 8 // 8)
     _fake_checkpoints(tmp_path / "a", [40], latest=40)
-    assert vb.run_env(cfg, tmp_path / "a", attempt=3, base={})["CTPO_DUMP_START_STEP"] == "41"
+    assert vc.verl_command(cfg, tmp_path / "a", vb.launch_state(cfg, tmp_path / "a"))[1]["CTPO_DUMP_START_STEP"] == "41"
 
 
 # train.verl key -> (a changed value, where it lands in the composed verl config)
@@ -236,14 +248,14 @@ def test_every_verl_setting_is_a_config_key_in_the_run_identity_and_the_command(
         "entropy_coeff": 0.0, "param_offload": True, "optimizer_offload": True, "use_remove_padding": True,
         "gradient_checkpointing": True, "rollout_tp": 1, "gpu_memory_utilization": 0.6, "weight_sync_bucket_mb": 4096,
         "filter_overlong_prompts": True, "truncation": "error", "val_before_train": False}
-    base_argv = vb.build_command(load_run_config(base), "/tmp/r", "/tmp/w")
+    base_argv = verl_argv(load_run_config(base), "/tmp/w")
     changed = {}
     for key, (value, _) in VERL_KEYS.items():
         d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
         d["train"]["verl"][key] = value
         cfg = load_run_config(d)
         assert run_identity(d)[0] != run_identity(base)[0], key
-        argv = vb.build_command(cfg, "/tmp/r", "/tmp/w")
+        argv = verl_argv(cfg, "/tmp/w")
         assert len(argv) == len(base_argv) and argv != base_argv, key
         changed.update(a.split("=", 1) for a in set(argv) - set(base_argv))
     c = _compose([f"{k}={v}" if k not in changed else f"{k}={changed[k]}" for k, v in
@@ -258,7 +270,7 @@ def test_every_verl_setting_is_a_config_key_in_the_run_identity_and_the_command(
     validate_config(c, use_reference_policy=True, use_critic=need_critic(c))
     d = resolve_run(PAPER, "qwen3_4b_ctpo", 0)
     d["train"]["verl"].update(ppo_epochs=2)
-    assert vb.loss_calls_per_step(load_run_config(d)) == 2 * vb.loss_calls_per_step(load_run_config(base))
+    assert vc.loss_calls_per_step(load_run_config(d)) == 2 * vc.loss_calls_per_step(load_run_config(base))
 
 
 def test_verl_settings_have_no_defaults_and_fail_in_one_line(tmp_path, capsys):
@@ -271,7 +283,7 @@ def test_verl_settings_have_no_defaults_and_fail_in_one_line(tmp_path, capsys):
         load_run_config(d)
     d["train"]["verl"] = None
     (tmp_path / "c.json").write_text(json.dumps(d))
-    assert vb.cli(["command", "--config", str(tmp_path / "c.json"), "--results", "r", "--workdir", "w"]) == EXIT_PERMANENT
+    assert vb.cli(["run", "--config", str(tmp_path / "c.json"), "--results", "r", "--workdir", "w"]) == EXIT_PERMANENT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.verl (the verl launcher's settings" in err[0] and "required" in err[0]
 
@@ -297,7 +309,7 @@ def test_hydra_writes_into_the_workdir_not_the_cwd(tmp_path):
     """verl's main_ppo is a @hydra.main app (version_base=None): with the launcher's hydra.* overrides a Hydra
     app of the same kind writes its .hydra/ config and log under <workdir>/hydra and nothing into the cwd."""
     wd = tmp_path / "runs" / "x y" / "seed0"
-    argv = vb.build_command(_cfg("ctpo"), tmp_path / "r", wd)
+    argv = verl_argv(_cfg("ctpo"), wd)
     hydra_args = [a for a in argv if a.startswith("hydra.")]
     assert hydra_args == [f"hydra.run.dir='{wd.resolve() / 'hydra'}'"]
     app = tmp_path / "main_ppo.py"
@@ -468,9 +480,9 @@ def test_merge_runs_with_the_hubs_offline(tmp_path, monkeypatch):
 
 def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):
     deep = tmp_path / ("x" * 80) / "runs" / "paper" / "qwen3_14b_ctpo_fixed" / "seed0"
-    p = vb.ray_temp_dir(deep)
-    assert len(str(p)) <= 32 and p == vb.ray_temp_dir(deep)  # stable per workdir
-    assert p != vb.ray_temp_dir(deep.parent / "seed1")  # distinct per job
+    p = vc.ray_temp_dir(deep)
+    assert len(str(p)) <= 32 and p == vc.ray_temp_dir(deep)  # stable per workdir
+    assert p != vc.ray_temp_dir(deep.parent / "seed1")  # distinct per job
 
 
 def _tiny_fsdp_checkpoint(actor: Path):

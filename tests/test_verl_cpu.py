@@ -14,6 +14,8 @@ pytest.importorskip("verl")
 from ctpo.config import ModelConfig, load_experiment, load_run_config, resolve_run  # noqa: E402
 from ctpo.tokenizer import CharTokenizer  # noqa: E402
 from ctpo.train import verl_backend as vb  # noqa: E402
+from ctpo.train import verl_command as vc  # noqa: E402
+from test_verl_backend import verl_argv  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,17 +36,39 @@ def _compose(argv):
         return compose("ppo_trainer", overrides=argv)
 
 
+# the cpu profile's device keys, written out here (ctpo.train.verl_command builds them after the paper run's keys)
+CPU_DEVICE_KEYS = {
+    "actor_rollout_ref.model.override_config.attn_implementation", "actor_rollout_ref.actor.strategy",
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile", "actor_rollout_ref.actor.use_torch_compile",
+    "actor_rollout_ref.actor.fsdp_config.dtype", "actor_rollout_ref.actor.fsdp_config.mixed_precision",
+    "actor_rollout_ref.rollout.free_cache_engine", "trainer.device", "ray_kwargs.ray_init.num_gpus",
+    "ray_kwargs.ray_init.num_cpus", "transfer_queue.backend.SimpleStorage.num_data_storage_units",
+    "actor_rollout_ref.rollout.agent.num_workers", "reward.num_workers", "data.dataloader_num_workers",
+}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+")
+
+
 @pytest.mark.parametrize("run", ["toy_ctpo", "toy_grpo"])
-def test_cpu_profile_changes_only_device_keys_and_passes_verl_validation(tmp_path, run):
+def test_cpu_profile_adds_only_device_keys_and_passes_verl_validation(tmp_path, run):
+    """The same run on the gpu device: the cpu command is the gpu command with the rollout engine named `hf` and
+    the device keys appended; every train.verl value is the config's (the profile asserts, never overwrites)."""
+    import dataclasses
+
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
     cfg = _toy_cfg(run)
-    argv = vb.build_command(cfg, tmp_path / "r", tmp_path / "w", init=tmp_path / "policy")[3:]
-    keys = [a.split("=", 1)[0].lstrip("+") for a in argv]
+    argv = verl_argv(cfg, tmp_path / "w", init=tmp_path / "policy")[3:]
+    keys = [_key(a) for a in argv]
     dupes = {k for k in keys if keys.count(k) > 1} - {"actor_rollout_ref.model.external_lib"}
-    assert not dupes, dupes  # one value per key: the profile replaced, never appended a second value
-    gpu = vb.apply_profile(argv, {})  # the same run on the gpu profile differs exactly in the profile's keys
+    assert not dupes, dupes  # one value per key
+    on_gpu = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, verl_device="gpu"))
+    gpu = verl_argv(on_gpu, tmp_path / "w", init=tmp_path / "policy")[3:]
+    assert argv[:len(gpu)] == [a.replace("rollout.name=vllm", "rollout.name=hf") for a in gpu]
+    assert {_key(a) for a in argv[len(gpu):]} == CPU_DEVICE_KEYS
     c = _compose(argv)
     assert c.actor_rollout_ref.rollout.name == "hf" and c.actor_rollout_ref.actor.strategy == "fsdp2"
     assert c.actor_rollout_ref.model.use_remove_padding is False and c.trainer.device == "cpu"
@@ -54,20 +78,28 @@ def test_cpu_profile_changes_only_device_keys_and_passes_verl_validation(tmp_pat
     assert c.reward.custom_reward_function.path == "pkg://ctpo.reward"
     assert c.algorithm.rollout_correction.rollout_is == "sequence" and c.actor_rollout_ref.rollout.n == 4
     validate_config(config=c, use_reference_policy=need_reference_policy(c), use_critic=need_critic(c))
-    from ctpo.train import verl_cpu
 
-    changed = {a.split("=", 1)[0].lstrip("+") for a in argv} ^ {a.split("=", 1)[0].lstrip("+") for a in gpu}
-    assert changed == set()  # same keys
-    profile_keys = {k.lstrip("+") for k in verl_cpu.overrides(1)}
-    diff = {a.split("=", 1)[0].lstrip("+") for a in set(argv) - set(gpu)}
-    assert diff <= profile_keys
+
+@pytest.mark.parametrize("key, value", [("param_offload", True), ("optimizer_offload", True),
+                                        ("use_remove_padding", True), ("gradient_checkpointing", True)])
+def test_cpu_profile_asserts_its_verl_values_naming_the_key(key, value):
+    from ctpo.config import ConfigError
+
+    d = resolve_run(load_experiment(REPO / "configs/experiments/toy_verl.yaml"), "toy_ctpo", 0)
+    assert d["train"]["verl"][key] is False  # toy_verl states the profile's value
+    d["train"]["verl"][key] = value
+    with pytest.raises(ConfigError, match=rf"^run config: train\.verl\.{key}: the cpu device profile "
+                                          rf"\(train\.verl_device cpu\) needs false, got true$"):
+        load_run_config(d)
+    d["train"]["verl_device"] = "gpu"  # the paper's device takes it
+    assert getattr(load_run_config(d).train.verl, key) is True
 
 
 def test_gpu_profile_is_the_paper_command(tmp_path):
     cfg = load_run_config(resolve_run(load_experiment(REPO / "configs/experiments/paper.yaml"), "qwen3_4b_ctpo", 0))
-    assert vb.device_profile(cfg) == ({}, {})
-    argv = vb.build_command(cfg, tmp_path / "r", tmp_path / "w")
+    argv, env = vc.verl_command(cfg, tmp_path / "w", vb.launch_state(cfg, tmp_path / "w", record=False))
     assert "actor_rollout_ref.rollout.name=vllm" in argv and not any(a.startswith("trainer.device=") for a in argv)
+    assert not {_key(a) for a in argv} & CPU_DEVICE_KEYS and "VERL_PLATFORM" not in env
 
 
 def test_cpu_profile_needs_the_pinned_verl(monkeypatch, tmp_path, capsys):
@@ -75,16 +107,17 @@ def test_cpu_profile_needs_the_pinned_verl(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(verl, "__version__", "0.9.2")
     with pytest.raises(vb.VerlRunError, match=r"needs verl 0\.9\.1 .* found verl 0\.9\.2"):
-        vb.device_profile(_toy_cfg())
+        vb.require_device(_toy_cfg())
     bad = tmp_path / "c.json"
     import json
     from dataclasses import asdict
 
     bad.write_text(json.dumps(asdict(_toy_cfg())))
-    assert vb.cli(["command", "--config", str(bad), "--results", str(tmp_path), "--workdir", str(tmp_path),
+    assert vb.cli(["run", "--config", str(bad), "--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "w"),
                    "--init", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "verl 0.9.1" in err[0]
+    assert not (tmp_path / "w").exists()  # checked before the run claims its workdir
 
 
 def test_toy_policy_dir_carries_an_identical_hf_tokenizer(tmp_path):

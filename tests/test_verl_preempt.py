@@ -22,6 +22,7 @@ from hang import HANG_S
 
 from ctpo.config import load_experiment, load_run_config, resolve_run
 from ctpo.train import verl_backend as vb
+from test_verl_backend import verl_argv
 from ctpo.train import verl_preempt as vp
 
 pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
@@ -50,7 +51,7 @@ def launch(tmp_path, monkeypatch):
     def run(hold: int = 0, on_step=None) -> int:
         monkeypatch.setenv("STANDIN_DIR", str(out))
         monkeypatch.setenv("STANDIN_HOLD_STEP", str(hold))
-        command = [sys.executable, str(STANDIN), *vb.build_command(cfg, res, wd)[3:]]
+        command = [sys.executable, str(STANDIN), *verl_argv(cfg, wd)[3:]]
         if on_step is not None:
             threading.Thread(target=on_step, daemon=True).start()
         return vb.main(cfg, res, wd, command=command)
@@ -158,7 +159,7 @@ def test_composed_verl_config_loads_the_hook_through_verls_builder():
 
     from ctpo.train.verl_save_hook import SaveOnRequest
 
-    composed = _compose(vb.build_command(small_cfg(), "/tmp/r", "/tmp/w")[3:])
+    composed = _compose(verl_argv(small_cfg(), "/tmp/w")[3:])
     assert composed.trainer.checkpoint_callback_class == vp.HOOK_CLASS
     assert isinstance(build_checkpoint_callback(composed), SaveOnRequest)
 

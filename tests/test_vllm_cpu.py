@@ -34,6 +34,7 @@ from ctpo.agent.vllm_generator import cpu_platform  # noqa: E402
 from ctpo.config import load_experiment, resolve_run  # noqa: E402
 from ctpo.io import read_json  # noqa: E402
 from ctpo.train import verl_backend as vb  # noqa: E402
+from test_verl_backend import verl_argv  # noqa: E402
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not cpu_platform(), reason="the installed vLLM is not its CPU build")]
@@ -185,6 +186,7 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     data, policy = warmstart
     d = toy_vllm_run("toy_verl", "toy_ctpo")
     d["train"]["verl_cpu_rollout"] = "vllm"
+    d["train"]["verl"]["weight_sync_bucket_mb"] = 64  # the profile's ceiling on CPU (ctpo.config.CPU_VLLM_BUCKET_MB)
     d["data"]["train"] = str(data / "train.parquet")
     d["data"]["val"] = [str(data / "toy_arith.parquet")]
     d["eval"].update(k=2, max_problems=2)
@@ -251,6 +253,7 @@ def test_a_failed_weight_sync_inside_vllm_ends_the_launch_with_its_error(warmsta
     data, policy = warmstart
     d = toy_vllm_run("toy_verl", "toy_ctpo")
     d["train"]["verl_cpu_rollout"] = "vllm"
+    d["train"]["verl"]["weight_sync_bucket_mb"] = 64  # the profile's ceiling on CPU (ctpo.config.CPU_VLLM_BUCKET_MB)
     d["data"]["train"] = str(data / "train.parquet")
     d["data"]["val"] = [str(data / "toy_arith.parquet")]
     d["rollout"].update(n=2)
@@ -259,7 +262,7 @@ def test_a_failed_weight_sync_inside_vllm_ends_the_launch_with_its_error(warmsta
     cfg = load_run_config(d)
     wd, res = tmp_path / "runs" / "fail" / "seed0", tmp_path / "results"
     stock = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
-    argv = [a.replace(verl_cpu.VLLM_WORKER_EXTENSION, stock) for a in vb.build_command(cfg, res, wd, init=policy)]
+    argv = [a.replace(verl_cpu.VLLM_WORKER_EXTENSION, stock) for a in verl_argv(cfg, wd, init=policy)]
     assert any(a.endswith("worker_extension_cls=" + stock) for a in argv)
     shm_before = _shm()
     rc = vb.main(cfg, res, wd, command=argv, error_grace_s=120.0)

@@ -31,7 +31,7 @@ def test_saved_steps_every_save_freq_plus_the_final_step(total, freq, expected):
 def test_eval_targets_match_a_hand_enumeration(toy):
     exp = copy.deepcopy(toy)
     exp["seeds"] = [0, 3]
-    exp["runs"]["toy_gspo"]["overrides"] = {"train": {"total_steps": 25}}  # a run with its own schedule
+    exp["runs"]["toy_gspo"]["overrides"] = {"train": {"total_steps": 25, "dump_steps": [10, 20]}}  # its own schedule
     resolved = resolve_runs(exp)
     got = eval_targets(exp, resolved)
     want = set()

@@ -1,4 +1,5 @@
-"""Which tool protocol a run uses (`rollout.protocol`) and the verl settings that select it. No verl import.
+"""Which tool protocol a run uses (`rollout.protocol`): its names and config files. No verl import. The verl
+overrides that select it are built with the rest of the command (`ctpo.train.verl_command`).
 
     ctpo_tir  our SimpleTIR-style loop (`ctpo.agent.verl_loop`, agent loop `ctpo_tir`): a turn stops at
               the closing code fence, the output is inlined as "Code execution result: ..." (mask 0),
@@ -15,43 +16,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctpo.config import CONFIG_DIR, ConfigError, hydra_quote
+from ctpo.config import AGENT_LOOPS, CONFIG_DIR, PROTOCOLS, ConfigError
 
-AGENT_LOOP_CONFIG = CONFIG_DIR / "verl" / "agent_loop.yaml"
-TIR_TOOL_CONFIG = CONFIG_DIR / "verl" / "tool_config.yaml"
-RELEASE_TOOL_CONFIG = CONFIG_DIR / "verl" / "release_tool_config.yaml"
-TIR_LOOP = "ctpo_tir"
-RELEASE_LOOP = "ctpo_release"
+AGENT_LOOP_CONFIG = CONFIG_DIR / AGENT_LOOPS
+TIR_LOOP, _tir_tools = PROTOCOLS["ctpo_tir"]
+RELEASE_LOOP, _release_tools = PROTOCOLS["release"]
+TIR_TOOL_CONFIG = CONFIG_DIR / _tir_tools
+RELEASE_TOOL_CONFIG = CONFIG_DIR / _release_tools
 RELEASE_PARSER = "hermes_fallback"
 RELEASE_MAX_PARALLEL_CALLS = 1  # verl's default and the release's: one call runs per assistant turn
 RELEASE_TRUNCATE_SIDE = "middle"  # verl's default and the release's for max_tool_response_length
-
-
-def _q(path: str | Path) -> str:
-    """A Hydra-quoted absolute path (`ctpo.config.hydra_quote`: '=', ',', spaces, quotes and `${..}` stay text)."""
-    return hydra_quote(str(Path(path).resolve()))
-
-
-def verl_protocol_overrides(protocol: str, agent_loop_path: str | Path, prefix: str = "actor_rollout_ref.rollout") -> list[str]:
-    """Hydra overrides selecting the agent loop, tool parser and tool config of `protocol`.
-
-    agent_loop_path: the run's copy of configs/verl/agent_loop.yaml (it holds both loops)."""
-    ro = prefix
-    common = [f"{ro}.agent.agent_loop_config_path={_q(agent_loop_path)}"]
-    if protocol == "ctpo_tir":
-        return common + [
-            f"{ro}.multi_turn.tool_config_path={_q(TIR_TOOL_CONFIG)}",
-            f"{ro}.agent.default_agent_loop={TIR_LOOP}",
-        ]
-    if protocol == "release":
-        return common + [
-            f"{ro}.multi_turn.tool_config_path={_q(RELEASE_TOOL_CONFIG)}",
-            f"{ro}.agent.default_agent_loop={RELEASE_LOOP}",
-            f"{ro}.multi_turn.format={RELEASE_PARSER}",
-            f"{ro}.multi_turn.max_parallel_calls={RELEASE_MAX_PARALLEL_CALLS}",
-            f"{ro}.multi_turn.tool_response_truncate_side={RELEASE_TRUNCATE_SIDE}",
-        ]
-    raise ConfigError(f"rollout.protocol must be 'ctpo_tir' or 'release', got '{protocol}'")
 
 
 def release_system_prompt(path: str | Path = AGENT_LOOP_CONFIG) -> str:

@@ -6,7 +6,7 @@ package for it (tests/test_import_arrows.py).
 
 verl's own `trainer.rollout_data_dir` writes decoded text, scores and ground truths per step (JSONL),
 not log-probs, so the diagnostics cannot use it. The log-probs come from our loss instead: with
-CTPO_DUMP_DIR and CTPO_DUMP_STEPS set (by `ctpo.train.verl_backend.run_env`), `ctpo.verl_plugin` writes, at each
+CTPO_DUMP_DIR and CTPO_DUMP_STEPS set (by `ctpo.train.verl_command.verl_command`), `ctpo.verl_plugin` writes, at each
 dump step, one or more shards per rank
 
     $CTPO_DUMP_DIR/step{N}/<any name>.npz   arrays ROLLOUT_ARRAYS:

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", required=True, help="results dir, e.g. results/toy/train/toy_grpo/seed0")
     ap.add_argument("--workdir", required=True, help="checkpoints / rollouts dir, e.g. runs/toy/toy_grpo/seed0")
     ap.add_argument("--init", default=None, help="init policy dir (local: the SFT warm start's policy/)")
-    ap.add_argument("--print-command", action="store_true", help="verl: print the training command and exit")
+    ap.add_argument("--print-command", action="store_true",
+                    help="verl: print the training command (its environment, then argv) and exit")
     ap.add_argument("--keep-steps", type=int, nargs="*", default=None,
                     help="verl: checkpoint steps evaluation reads; the others are deleted as training goes (the "
                          "latest is always kept); omitted: keep every checkpoint")
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command and cfg.train.backend == "verl":
         from ctpo.train import verl_backend
 
-        return verl_backend.main(cfg, args.results, args.workdir, print_command=True, init=args.init)
+        return verl_backend.main(cfg, args.results, args.workdir, print_command=True, init=args.init,
+                                 keep=args.keep_steps)
     if args.print_command:
         print(f"error: --print-command is for train.backend=verl ({args.config} has '{cfg.train.backend}')",
               file=sys.stderr)

@@ -36,35 +36,13 @@ import numpy as np
 import torch
 
 from ctpo import layout, schema
-from ctpo.config import ConfigError, RunConfig, effective_batch_sizes
+from ctpo.config import RunConfig, effective_batch_sizes
 from ctpo.exitcodes import EXIT_PREEMPTED  # 75: checkpoint saved on SIGTERM / SIGUSR1, run not done; rerun resumes
 from ctpo.io import write_text
 from ctpo.progress import Progress
 from ctpo.train.rollout_batch import pack_episodes, response_log_probs
 
 PAUSE_ENV = "CTPO_PAUSE_AFTER_STEP"
-ROLLOUT_IS_MODES = (None, "sequence", "token")
-
-
-def check_local_config(cfg: RunConfig) -> None:
-    """What the local trainer needs beyond `validate_run_config`; raises ConfigError naming the key."""
-    t, r = cfg.train, cfg.rollout
-    if r.n < 2:
-        raise ConfigError(f"rollout.n must be >= 2 for group-relative advantages, got {r.n}")
-    for key in ("total_steps", "save_freq", "test_freq", "prompts_per_step", "mini_batch_prompts"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    bad = [s for s in t.dump_steps if not 1 <= s <= t.total_steps]
-    if bad:
-        raise ConfigError(f"train.dump_steps {bad} outside [1, train.total_steps={t.total_steps}]")
-    if t.rollout_is not in ROLLOUT_IS_MODES:
-        raise ConfigError(f"train.rollout_is must be one of {ROLLOUT_IS_MODES}, got '{t.rollout_is}'")
-    if t.rollout_is is not None and t.rollout_is_threshold <= 1.0:
-        raise ConfigError(f"train.rollout_is_threshold must be > 1, got {t.rollout_is_threshold}")
-    if cfg.eval.k < 1:
-        raise ConfigError(f"eval.k must be >= 1, got {cfg.eval.k}")
-
-
 def step_seed(seed: int, step: int) -> int:
     """The sampling seed of RL step `step` (a resumed run samples exactly what it would have)."""
     return (seed * 1_000_003 + step) % (2**31 - 1)
@@ -336,7 +314,6 @@ def main(cfg: RunConfig, results_dir: str | Path, workdir: str | Path, init: str
     if done_path.is_file() and layout.read_done(done_path).final_step == cfg.train.total_steps:
         print(f"train: {done_path} says the run is done ({cfg.train.total_steps} steps); nothing to do")
         return 0
-    check_local_config(cfg)
     sizes = effective_batch_sizes(cfg)
     print("train: effective batch sizes " + ", ".join(f"{k}={v}" for k, v in sizes.items()), flush=True)
     run = Run.open(cfg, results_dir, workdir, init)

@@ -122,7 +122,7 @@ class RayCluster:
                  cpus_per_node: int | None = None, log=print):
         self.n, self.gpus, self.cpus = n_nodes, gpus_per_node, cpus_per_node
         # Ray's socket paths (<temp_dir>/session_*/sockets/...) must stay under 108 characters: callers pass
-        # ctpo.train.verl_backend.ray_temp_dir(workdir)
+        # ctpo.train.verl_command.ray_temp_dir(workdir)
         self.temp_dir, self.env, self.log = Path(temp_dir), {**env, **AUTH_ENV}, log
         self.procs: list[subprocess.Popen] = []
         self.address = None
