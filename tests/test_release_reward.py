@@ -153,6 +153,7 @@ def test_table2_names_its_grader_and_gives_the_other_graders_average(tmp_path):
 
     exp = load_experiment(CONFIG_DIR / "experiments" / "toy.yaml")
     exp["defaults"]["train"]["total_steps"] = exp["defaults"]["train"]["save_freq"]  # one evaluated step
+    exp["defaults"]["train"]["dump_steps"] = [exp["defaults"]["train"]["save_freq"]]  # dumps within the run
     exp["defaults"]["reward"] = {"grader": "release"}
     exp["paper_reference"] = {}
     root = write_synthetic(exp, tmp_path / "toy_synthetic", n_problems=8, n_diag_sequences=16)
