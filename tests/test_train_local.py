@@ -51,7 +51,9 @@ def test_sft_warm_start_is_partially_correct_and_idempotent(toy, tmp_path):
     from ctpo.train import sft
 
     data, policy, rec = toy
-    assert 0.15 <= rec["accuracy"] <= 0.60, rec
+    # 10 seeds of this recipe solved 40.6-57.8% of 64 held-out problems (BENCHMARKS.md); this one, 32 problems
+    # on 200 training problems, measured 0.5625: the range allows for the sampling of 32 problems
+    assert 0.30 <= rec["accuracy"] <= 0.75, rec
     assert rec["accuracy_n"] == 32 and rec["loss_last"] < rec["loss_first"] / 10
     model, tok = load_policy(str(policy))
     assert model.config.model_type == "qwen3" and model.config.vocab_size == tok.vocab_size
@@ -175,9 +177,10 @@ def test_one_update_raises_the_rewarded_responses_likelihood(toy, run):
     below = (r < r.mean(-1, keepdim=True)).flatten() & (keep > 0)
     assert above.sum() >= 3 and below.sum() >= 3, rewards  # the warm start earns rewards in some groups
     print(f"{run}: log-likelihood change above {gain[above].mean():.3f}, below {gain[below].mean():.3f}")
-    # measured (lr-3e-3 warm start, seed 0): above - below = 2.15 (CTPO), 2.31 (GRPO), 2.46 (GSPO), 2.32 nats
-    # (CTPO-fixed); every response's likelihood may fall (the batch's log-probs sharpen elsewhere)
-    assert gain[above].mean() > gain[below].mean() + 1.0, (gain[above], gain[below])
+    # measured on the session's warm start (seed 0), above / below: CTPO +0.12 / -0.43, GRPO +0.13 / -0.46, GSPO
+    # +0.08 / -0.34, CTPO-fixed +0.13 / -0.47 nats; on a less confident warm start (500 steps) every response's
+    # likelihood fell, the rewarded ones 2.2-2.5 nats less, so only the difference is asserted
+    assert gain[above].mean() > gain[below].mean() + 0.2, (gain[above], gain[below])
 
 
 def _cli(cfg_path, res, wd, policy):
