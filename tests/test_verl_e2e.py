@@ -39,6 +39,12 @@ LAUNCH_TIMEOUT_S = HANG_S  # a hang guard only (one launch took ~4 min at load a
 pytestmark = [pytest.mark.verl_e2e]
 
 
+# An entropy term (the paper's is 0) gives every mini-batch a gradient, so the second mini-batch of each step sees
+# a moved policy whatever was sampled: a group of 2 with equal rewards has zero advantages, and a step whose first
+# group agrees would not move the policy (CI saw it: all three first groups agreed, log_rho_cum std exactly 0).
+MOVE_EVERY_MINI_BATCH = 1e-3
+
+
 def _run_config(root: Path, run: str) -> dict:
     d = resolve_run(load_experiment(REPO / "configs/experiments/toy_verl.yaml"), run, 0)
     d["data"]["train"] = str(root / "data/train.parquet")
@@ -51,6 +57,7 @@ def _run_config(root: Path, run: str) -> dict:
     d["rollout"].update(n=2)
     d["train"].update(prompts_per_step=2, mini_batch_prompts=1, micro_batch_size_per_gpu=2, total_steps=3,
                       save_freq=1, test_freq=2, dump_steps=[1])
+    d["train"]["verl"]["entropy_coeff"] = MOVE_EVERY_MINI_BATCH
     return d
 
 

@@ -179,7 +179,7 @@ def _shm() -> set[str]:
 
 
 def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warmstart, tmp_path):
-    from test_verl_e2e import resume_to_the_end, sigterm_after_first_save
+    from test_verl_e2e import MOVE_EVERY_MINI_BATCH, resume_to_the_end, sigterm_after_first_save
 
     from ctpo.train.verl_metrics import read_verl_log
 
@@ -195,6 +195,7 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     d["rollout"].update(n=2)
     d["train"].update(prompts_per_step=2, mini_batch_prompts=1, micro_batch_size_per_gpu=2, total_steps=3,
                       save_freq=1, test_freq=2, dump_steps=[1])
+    d["train"]["verl"]["entropy_coeff"] = MOVE_EVERY_MINI_BATCH  # every mini-batch moves the policy (its comment)
     cfg_path = tmp_path / "toy_ctpo.json"
     cfg_path.write_text(json.dumps(d))
     wd, res, log = tmp_path / "runs" / "toy_ctpo" / "seed0", tmp_path / "results", tmp_path / "verl.log"
@@ -265,7 +266,7 @@ def test_a_failed_weight_sync_inside_vllm_ends_the_launch_with_its_error(warmsta
     argv = [a.replace(verl_cpu.VLLM_WORKER_EXTENSION, stock) for a in verl_argv(cfg, wd, init=policy)]
     assert any(a.endswith("worker_extension_cls=" + stock) for a in argv)
     shm_before = _shm()
-    rc = vb.main(cfg, res, wd, command=argv, error_grace_s=120.0)
+    rc = vb.main(cfg, res, wd, init=policy, command=argv, error_grace_s=120.0)
     captured = capsys.readouterr()
     assert rc != 0 and not (res / "done.json").exists()
     failed = [line for line in captured.err.splitlines() if line.startswith("[ctpo] verl failed")]
