@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo demo-seeds test test-variants venv venv-vllm test-vllm slurm-profile bench clean-demo pins resolve-gpu
+.PHONY: demo demo-seeds test test-e2e test-variants venv venv-vllm test-vllm slurm-profile bench clean-demo pins resolve-gpu
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ TEST_WORKERS ?= 2
 PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) tests
+
+# The end-to-end paths, once each (marker `e2e`): verl's own trainer on CPU (SIGTERM, resume, merge, eval), the
+# tiny toy DAG and what users do with it, the DAG on a fake SLURM cluster with scrubbed nodes, kill-and-resume of
+# the local trainer, a Ray cluster of two raylets. CI runs it after `make test`.
+test-e2e: $(STAMP)
+	$(PYTEST) -m e2e tests
 
 # The other methods and signals of the end-to-end paths `make test` runs once (marker `variant`): GRPO, GSPO and
 # CTPO-fixed through the local trainer and through verl's own trainer on CPU, SIGUSR1 preemption. CI runs it

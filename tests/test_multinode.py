@@ -53,6 +53,7 @@ def two_node_cfg():
     return load_run_config(d)
 
 
+@pytest.mark.e2e  # two Ray raylets (about a minute): `make test-e2e` (CI)
 def test_two_raylets_form_one_cluster_that_a_driver_joins_and_both_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_cluster, "JOIN_TIMEOUT_S", HANG_S)
     env = fake_slurm(tmp_path)

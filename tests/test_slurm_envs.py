@@ -34,7 +34,7 @@ from hang import HANG_S
 from test_dag import VENV_BIN, copy_workflow
 from test_slurm_submit import ACCOUNT, CPU_PART, GPU_PART, PREFLIGHT_INPUTS, SINFO, install
 
-pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a DAG run on a fake cluster (minutes): `make test-e2e` (CI)
 
 EXP = "paper"
 TRAIN, EVAL_RUN, MERGE_RUN, DIAG_RUN, STEP, BENCH = "qwen3_4b_grpo", "qwen3_14b_ctpo", "qwen3_14b_gspo", \

@@ -202,6 +202,7 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
 
 
+@pytest.mark.e2e  # two training launches (minutes): `make test-e2e` (CI)
 def test_sigkill_and_restart_ends_like_an_uninterrupted_run(toy, tmp_path):
     data, policy, _ = toy
     cfg_path = tmp_path / "cfg.json"
@@ -277,6 +278,7 @@ def test_changed_config_retrains_from_scratch_and_keeps_the_old_run(toy, tmp_pat
     assert json.loads((res / "provenance.json").read_text())["resumed_from_step"] is None
 
 
+@pytest.mark.e2e  # two training launches (minutes): `make test-e2e` (CI)
 def test_sigterm_checkpoints_and_exits_for_requeue(toy, tmp_path):
     data, policy, _ = toy
     cfg_path = tmp_path / "cfg.json"

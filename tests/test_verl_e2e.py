@@ -36,7 +36,7 @@ from ctpo.train import verl_backend as vb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = HANG_S  # a hang guard only (one launch took ~4 min at load average 15 on 2 cores)
-pytestmark = [pytest.mark.verl_e2e]
+pytestmark = [pytest.mark.verl_e2e, pytest.mark.e2e]  # verl launches (minutes): `make test-e2e` (CI)
 
 
 # An entropy term (the paper's is 0) gives every mini-batch a gradient, so the second mini-batch of each step sees

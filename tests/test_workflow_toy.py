@@ -23,7 +23,7 @@ from ctpo.train.local import PAUSE_ENV
 from hang import HANG_S
 from test_dag import REPO, VENV_BIN, copy_workflow, count, kv, parse_jobs, snakemake
 
-pytestmark = pytest.mark.slow  # > ~10 s: `make test` starts it first (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a whole DAG run (minutes): `make test-e2e` (CI)
 
 EXP = "tiny"
 CFG = "tiny.yaml"
