@@ -187,7 +187,7 @@ def verl_overrides(loss_cfg: LossConfig) -> list[str]:
     method = methods.check_loss(loss_cfg)
     pl = f"{_PREFIX}.policy_loss"
     node = _node_knobs(method)
-    out = ["actor_rollout_ref.model.external_lib=ctpo.verl_plugin"]
+    out = [f"actor_rollout_ref.model.external_lib={__name__}"]  # every verl worker imports this module: the losses register
     if node:
         out.append(f"{pl}._target_={__name__}.{CTPOPolicyLossConfig.__name__}")
     out.append(f"{pl}.loss_mode={method.loss_mode}")

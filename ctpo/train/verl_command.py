@@ -25,7 +25,6 @@ from ctpo import layout
 from ctpo.config import CONFIG_DIR, PROTOCOLS, REPO_ROOT, RunConfig, hydra_quote
 
 VERL_MAIN = "verl.trainer.main_ppo"
-PLUGIN_MODULE = "ctpo.verl_plugin"
 REWARD_FN = "compute_score"
 HYDRA_DIR = "hydra"  # <workdir>/hydra: Hydra's run dir for verl's main_ppo (its .hydra/ config and log)
 _RAY_TMP_MAX = 32  # Ray's unix socket paths (<tmp>/session_<date>_<pid>/sockets/...) must stay < 108 chars
@@ -176,9 +175,8 @@ def _overrides(cfg: RunConfig, workdir: Path, init: str | Path | None, loggers: 
         "data.return_raw_chat=true",
         f"data.seed={cfg.seed}",
         f"+data.apply_chat_template_kwargs.enable_thinking={_b(r.enable_thinking)}",
-        # model + our plugin (registers the ctpo losses in every worker at import)
+        # model (our plugin, `external_lib`, comes with the loss keys: ctpo.verl_plugin.verl_overrides)
         f"actor_rollout_ref.model.path={hydra_quote(model_path)}",
-        f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
         f"actor_rollout_ref.model.use_remove_padding={_b(v.use_remove_padding)}",
         f"actor_rollout_ref.model.enable_gradient_checkpointing={_b(v.gradient_checkpointing)}",
         # actor: PPO batch sizes in prompts (verl multiplies by rollout.n), schedule, KL / entropy
