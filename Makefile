@@ -40,9 +40,9 @@ test: $(STAMP)
 test-e2e: $(STAMP)
 	$(PYTEST) -m e2e tests
 
-# The other methods and signals of the end-to-end paths `make test` runs once (marker `variant`): GRPO, GSPO and
-# CTPO-fixed through the local trainer and through verl's own trainer on CPU, SIGUSR1 preemption. CI runs it
-# after `make test`.
+# The other methods and signals of the paths `make test` and `make test-e2e` run once (marker `variant`): GRPO,
+# GSPO and CTPO-fixed through the local trainer and through verl's own trainer on CPU, SIGUSR1 preemption. CI runs
+# it after `make test-e2e`.
 test-variants: $(STAMP)
 	$(PYTEST) -m variant tests
 

@@ -195,7 +195,7 @@ def test_ctpo_through_verl_with_the_vllm_rollout_sigterm_resume_merge_eval(warms
     d["rollout"].update(n=2)
     d["train"].update(prompts_per_step=2, mini_batch_prompts=1, micro_batch_size_per_gpu=2, total_steps=3,
                       save_freq=1, test_freq=2, dump_steps=[1])
-    d["train"]["verl"]["entropy_coeff"] = MOVE_EVERY_MINI_BATCH  # every mini-batch moves the policy (its comment)
+    d["train"]["verl"]["entropy_coeff"] = MOVE_EVERY_MINI_BATCH  # every mini-batch moves the policy (test_verl_e2e.py says why)
     cfg_path = tmp_path / "toy_ctpo.json"
     cfg_path.write_text(json.dumps(d))
     wd, res, log = tmp_path / "runs" / "toy_ctpo" / "seed0", tmp_path / "results", tmp_path / "verl.log"
